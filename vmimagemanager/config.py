@@ -1,0 +1,367 @@
+"""Configuration: one YAML file turned into validated, frozen dataclasses.
+
+Validation happens once, on load, so that every later layer can trust the values. Every problem
+is reported as one line naming the file, the key and what was expected: the admin fixes the file
+without reading code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/vmimagemanager/vmimagemanager.yaml"
+
+# Slot and image names become parts of file names and libvirt domain names.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+
+
+def valid_name(name: str) -> bool:
+    """True for a slot or image name that is safe as a file-name component (no '/', no '..')."""
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class UserNetwork:
+    """QEMU user-mode networking with one ssh port forwarded on a loopback address (tests, demo)."""
+
+    ssh_port: int
+    listen: str = "127.0.0.1"
+    kind: str = "user"
+
+
+@dataclass(frozen=True)
+class BridgeNetwork:
+    """A site bridge: the guest has a fixed MAC and a host name that resolves to its address."""
+
+    bridge: str
+    mac: str
+    hostname: str
+    ssh_port: int = 22
+    kind: str = "bridge"
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    vcpus: int
+    memory_mib: int
+    network: UserNetwork | BridgeNetwork
+
+    @property
+    def domain_name(self) -> str:
+        """libvirt domain name: carries the slot name so `virsh list` makes sense to an admin."""
+        return f"vmim-{self.name}"
+
+    @property
+    def ssh_address(self) -> tuple[str, int]:
+        if isinstance(self.network, UserNetwork):
+            return self.network.listen, self.network.ssh_port
+        return self.network.hostname, self.network.ssh_port
+
+    @property
+    def guest_hostname(self) -> str:
+        if isinstance(self.network, BridgeNetwork):
+            return self.network.hostname
+        return self.name.replace("_", "-").replace(".", "-")
+
+
+@dataclass(frozen=True)
+class SharedPath:
+    """A host directory the guest must see at the same path (home, work: the site's Lustre/NFS)."""
+
+    path: str
+    mode: str  # "hypervisor": libvirt <filesystem> 9p share; "guest": the image mounts it itself
+    accessmode: str = "squash"
+
+
+@dataclass(frozen=True)
+class VoRule:
+    """How a job is recognised as belonging to a VO, and which image that VO's jobs boot."""
+
+    name: str
+    image: str
+    groups: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    libvirt_uri: str
+    domain_type: str
+    image_dir: Path
+    overlay_dir: Path
+    state_dir: Path
+    run_dir: Path
+    boot_timeout: float
+    shutdown_timeout: float
+    max_boot_attempts: int
+    slots: tuple[Slot, ...]
+    vos: tuple[VoRule, ...]
+    unmatched: str
+    shared_paths: tuple[SharedPath, ...] = ()
+    site_root_key: Path | None = None
+    scratch_dir: str = "/tmp"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def slot(self, name: str) -> Slot:
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        known = ", ".join(s.name for s in self.slots) or "none"
+        raise ConfigError(f"{self.path}: no slot named {name!r} (configured slots: {known})")
+
+    @property
+    def leases_db(self) -> Path:
+        return self.state_dir / "leases.sqlite"
+
+
+TOP_KEYS = {
+    "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
+    "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
+    "unmatched", "shared_paths", "site_root_key", "scratch_dir",
+}
+
+
+class _Checker:
+    """Small helpers that turn a wrong value into a ConfigError naming file and key."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def fail(self, key: str, expected: str, got: Any = None) -> ConfigError:
+        suffix = "" if got is None else f", got {got!r}"
+        return ConfigError(f"{self.path}: {key}: expected {expected}{suffix}")
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "a mapping", value)
+        for k in value:
+            if k not in allowed:
+                raise ConfigError(f"{self.path}: {key}.{k}: unknown key "
+                                  f"(allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    def typed(self, value: Any, key: str, kind: type, what: str,
+              check: Callable[[Any], bool] | None = None) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise self.fail(key, what, value)
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind) or (check is not None and not check(value)):
+            raise self.fail(key, what, value)
+        return value
+
+    def string_list(self, value: Any, key: str, check: Callable[[str], bool] | None = None,
+                    what: str = "a list of strings") -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise self.fail(key, what, value)
+        return tuple(self.typed(v, f"{key}[{i}]", str, what, check) for i, v in enumerate(value))
+
+    def directory(self, value: Any, key: str) -> Path:
+        text = self.typed(value, key, str, "an absolute directory path", os.path.isabs)
+        return Path(text)
+
+
+def _parse_network(c: _Checker, raw: Any, key: str) -> UserNetwork | BridgeNetwork:
+    if not isinstance(raw, dict) or "type" not in raw:
+        raise c.fail(key, "a mapping with type: user or type: bridge", raw)
+    kind = raw["type"]
+    port_ok = lambda p: 1 <= p <= 65535  # noqa: E731
+    if kind == "user":
+        c.mapping(raw, key, {"type", "ssh_port", "listen"})
+        port = c.typed(raw.get("ssh_port"), f"{key}.ssh_port", int, "a TCP port 1-65535", port_ok)
+        listen = c.typed(raw.get("listen", "127.0.0.1"), f"{key}.listen", str,
+                         "a loopback IPv4 address (127.0.0.0/8)", _is_loopback)
+        return UserNetwork(ssh_port=port, listen=listen)
+    if kind == "bridge":
+        c.mapping(raw, key, {"type", "bridge", "mac", "hostname", "ssh_port"})
+        bridge = c.typed(raw.get("bridge"), f"{key}.bridge", str, "a bridge device name",
+                         lambda b: bool(re.match(r"^[A-Za-z0-9_.-]{1,15}$", b)))
+        mac = c.typed(raw.get("mac"), f"{key}.mac", str, "a MAC like 52:54:00:12:34:56",
+                      lambda m: bool(MAC_RE.match(m.lower())))
+        host = c.typed(raw.get("hostname"), f"{key}.hostname", str, "a DNS host name",
+                       lambda h: bool(HOSTNAME_RE.match(h)))
+        port = c.typed(raw.get("ssh_port", 22), f"{key}.ssh_port", int, "a TCP port", port_ok)
+        return BridgeNetwork(bridge=bridge, mac=mac.lower(), hostname=host, ssh_port=port)
+    raise c.fail(f"{key}.type", "user or bridge", kind)
+
+
+def _is_loopback(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_slots(c: _Checker, raw: Any, defaults: dict[str, Any]) -> tuple[Slot, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise c.fail("slots", "a non-empty list of slots", raw)
+    slots: list[Slot] = []
+    seen: dict[str, str] = {}
+    for i, item in enumerate(raw):
+        key = f"slots[{i}]"
+        c.mapping(item, key, {"name", "vcpus", "memory_mib", "network"})
+        name = c.typed(item.get("name"), f"{key}.name", str,
+                       "a name of letters, digits, '_', '.', '-'", valid_name)
+        vcpus = c.typed(item.get("vcpus", defaults.get("vcpus", 1)), f"{key}.vcpus", int,
+                        "a positive integer", lambda v: v > 0)
+        memory = c.typed(item.get("memory_mib", defaults.get("memory_mib", 512)),
+                         f"{key}.memory_mib", int, "an integer >= 64", lambda v: v >= 64)
+        network = _parse_network(c, item.get("network"), f"{key}.network")
+        for what, value in (("name", name), ("ssh port", _port_key(network)),
+                            ("mac", getattr(network, "mac", None))):
+            if value is None:
+                continue
+            tag = f"{what}:{value}"
+            if tag in seen:
+                raise ConfigError(f"{c.path}: {key}: duplicate slot {what} {value!r} "
+                                  f"(also used by {seen[tag]}); each slot needs its own")
+            seen[tag] = key
+        slots.append(Slot(name=name, vcpus=vcpus, memory_mib=memory, network=network))
+    return tuple(slots)
+
+
+def _port_key(network: UserNetwork | BridgeNetwork) -> str | None:
+    if isinstance(network, UserNetwork):
+        return f"{network.listen}:{network.ssh_port}"
+    return None
+
+
+def _parse_vos(c: _Checker, raw: Any) -> tuple[VoRule, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise c.fail("vos", "a mapping of VO name to {image, groups, users, queues}", raw)
+    rules = []
+    for vo, item in raw.items():
+        key = f"vos.{vo}"
+        if not isinstance(vo, str) or not valid_name(vo):
+            raise c.fail("vos", "VO names made of letters, digits, '_', '.', '-'", vo)
+        c.mapping(item, key, {"image", "groups", "users", "queues"})
+        image = c.typed(item.get("image"), f"{key}.image", str, "an image name", valid_name)
+        rule = VoRule(
+            name=vo, image=image,
+            groups=c.string_list(item.get("groups"), f"{key}.groups"),
+            users=c.string_list(item.get("users"), f"{key}.users"),
+            queues=c.string_list(item.get("queues"), f"{key}.queues"),
+        )
+        if not (rule.groups or rule.users or rule.queues):
+            raise c.fail(key, "at least one of groups, users, queues to recognise the VO's jobs")
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _parse_shared(c: _Checker, raw: Any) -> tuple[SharedPath, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise c.fail("shared_paths", "a list of {path, mode}", raw)
+    result = []
+    for i, item in enumerate(raw):
+        key = f"shared_paths[{i}]"
+        c.mapping(item, key, {"path", "mode", "accessmode"})
+        path = c.typed(item.get("path"), f"{key}.path", str, "an absolute path",
+                       lambda p: os.path.isabs(p) and ".." not in p.split("/") and p != "/")
+        mode = c.typed(item.get("mode", "guest"), f"{key}.mode", str, "hypervisor or guest",
+                       lambda m: m in ("hypervisor", "guest"))
+        access = c.typed(item.get("accessmode", "squash"), f"{key}.accessmode", str,
+                         "passthrough, mapped or squash",
+                         lambda a: a in ("passthrough", "mapped", "squash"))
+        if mode == "hypervisor" and not os.path.isdir(path):
+            raise c.fail(f"{key}.path", "an existing directory on this host", path)
+        result.append(SharedPath(path=path.rstrip("/"), mode=mode, accessmode=access))
+    return tuple(result)
+
+
+def parse_config(data: Any, path: str) -> Config:
+    """Validate the parsed YAML document `data` (from file `path`) and build a Config."""
+    c = _Checker(path)
+    data = c.mapping(data if data is not None else {}, "(top level)", TOP_KEYS)
+    defaults = c.mapping(data.get("slot_defaults") or {}, "slot_defaults",
+                         {"vcpus", "memory_mib"})
+    domain_type = c.typed(data.get("domain_type", "auto"), "domain_type", str,
+                          "auto, kvm or qemu", lambda v: v in ("auto", "kvm", "qemu"))
+    unmatched = c.typed(data.get("unmatched", "reject"), "unmatched", str, "native or reject",
+                        lambda v: v in ("native", "reject"))
+    positive = lambda v: v > 0  # noqa: E731
+    root_key = data.get("site_root_key")
+    if root_key is not None:
+        root_key = Path(c.typed(root_key, "site_root_key", str, "an absolute file path",
+                                os.path.isabs))
+        if not root_key.is_file():
+            raise c.fail("site_root_key", "an existing private key file", str(root_key))
+    vos = _parse_vos(c, data.get("vos"))
+    return Config(
+        path=path,
+        libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,
+                            "a libvirt URI such as qemu:///system", lambda u: ":" in u),
+        domain_type=domain_type,
+        image_dir=c.directory(data.get("image_dir", "/var/lib/vmimagemanager/images"),
+                              "image_dir"),
+        overlay_dir=c.directory(data.get("overlay_dir", "/var/lib/vmimagemanager/overlays"),
+                                "overlay_dir"),
+        state_dir=c.directory(data.get("state_dir", "/var/lib/vmimagemanager/state"),
+                              "state_dir"),
+        run_dir=c.directory(data.get("run_dir", "/run/vmimagemanager"), "run_dir"),
+        boot_timeout=c.typed(data.get("boot_timeout", 180), "boot_timeout", float,
+                             "seconds > 0", positive),
+        shutdown_timeout=c.typed(data.get("shutdown_timeout", 30), "shutdown_timeout", float,
+                                 "seconds > 0", positive),
+        max_boot_attempts=c.typed(data.get("max_boot_attempts", 3), "max_boot_attempts", int,
+                                  "an integer >= 1", lambda v: v >= 1),
+        slots=_parse_slots(c, data.get("slots"), defaults),
+        vos=vos,
+        unmatched=unmatched,
+        shared_paths=_parse_shared(c, data.get("shared_paths")),
+        site_root_key=root_key,
+        scratch_dir=c.typed(data.get("scratch_dir", "/tmp"), "scratch_dir", str,
+                            "an absolute path in the guest", os.path.isabs),
+    )
+
+
+def config_path(explicit: str | None = None, *, trust_environment: bool = True) -> str:
+    """Which file to load: --config, then $VMIM_CONFIG, then the default.
+
+    Root hooks run with the job's (user-controlled) environment, so they pass
+    trust_environment=False: a job must never choose the configuration root acts on.
+    """
+    if explicit:
+        return explicit
+    if trust_environment and os.environ.get("VMIM_CONFIG"):
+        return os.environ["VMIM_CONFIG"]
+    return DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found; create it (see "
+                          "examples/) or pass --config") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
+    return parse_config(data, path)

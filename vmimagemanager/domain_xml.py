@@ -1,0 +1,140 @@
+"""libvirt domain XML, built with lxml from a slot, an image and a lease's files.
+
+Built from data, never from string templates: values such as paths and host names are escaped by
+lxml, so a strange file name can never inject XML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+
+from .config import BridgeNetwork, SharedPath, Slot, UserNetwork
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+VMIM_NS = "https://vmimagemanager.example.org/xmlns/lease/1.0"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """How the guest boots: from its disk, or a kernel/initrd given directly (test images)."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
+
+
+@dataclass(frozen=True)
+class DomainSpec:
+    slot: Slot
+    domain_type: str  # kvm or qemu
+    overlay: Path
+    seed: Path | None
+    console_log: Path
+    boot: BootSpec
+    job_label: str
+    image: str
+    owner: str
+    shared_paths: tuple[SharedPath, ...] = ()
+
+
+def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    element = etree.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+def _disk(devices: etree._Element, path: Path, fmt: str, target: str, readonly: bool) -> None:
+    disk = _sub(devices, "disk", type="file", device="disk")
+    _sub(disk, "driver", name="qemu", type=fmt)
+    _sub(disk, "source", file=str(path))
+    _sub(disk, "target", dev=target, bus="virtio")
+    if readonly:
+        _sub(disk, "readonly")
+
+
+def _user_network(root: etree._Element, net: UserNetwork) -> None:
+    """QEMU user networking passed on the command line (libvirt 9.0 has no passt backend).
+
+    restrict=on keeps the guest from reaching anything but the forwarded ssh port; the device sits
+    at an explicit PCI address because the default slot 2 collides with other devices.
+    """
+    cmdline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
+    netdev = (f"user,id=vmimnet0,restrict=on,"
+              f"hostfwd=tcp:{net.listen}:{net.ssh_port}-:22")
+    for value in ("-netdev", netdev, "-device",
+                  "virtio-net-pci,netdev=vmimnet0,bus=pci.0,addr=0x10"):
+        etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
+
+
+def _bridge_network(devices: etree._Element, net: BridgeNetwork) -> None:
+    iface = _sub(devices, "interface", type="bridge")
+    _sub(iface, "source", bridge=net.bridge)
+    _sub(iface, "mac", address=net.mac)
+    _sub(iface, "model", type="virtio")
+
+
+def share_tag(path: str) -> str:
+    """9p mount tag for a shared path: '/home' -> 'home', '/work/atlas' -> 'work_atlas'."""
+    return path.strip("/").replace("/", "_")[:31]
+
+
+def build_domain_xml(spec: DomainSpec) -> str:
+    root = etree.Element("domain", {"type": spec.domain_type}, nsmap={"qemu": QEMU_NS})
+    _sub(root, "name", spec.slot.domain_name)
+    metadata = _sub(root, "metadata")
+    etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", nsmap={"vmim": VMIM_NS},
+                     job=spec.job_label, image=spec.image, owner=spec.owner,
+                     slot=spec.slot.name)
+    _sub(root, "memory", str(spec.slot.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.slot.vcpus))
+
+    os_el = _sub(root, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    if spec.boot.kernel is not None:
+        _sub(os_el, "kernel", str(spec.boot.kernel))
+        if spec.boot.initrd is not None:
+            _sub(os_el, "initrd", str(spec.boot.initrd))
+        if spec.boot.cmdline:
+            _sub(os_el, "cmdline", spec.boot.cmdline)
+    else:
+        _sub(os_el, "boot", dev="hd")
+    features = _sub(root, "features")
+    _sub(features, "acpi")
+    if spec.domain_type == "kvm":
+        _sub(root, "cpu", mode="host-passthrough")
+    # A guest that powers off, reboots or crashes is gone: the job's VM is never reused.
+    for event in ("on_poweroff", "on_reboot", "on_crash"):
+        _sub(root, event, "destroy")
+
+    devices = _sub(root, "devices")
+    _disk(devices, spec.overlay, "qcow2", "vda", readonly=False)
+    if spec.seed is not None:
+        _disk(devices, spec.seed, "raw", "vdb", readonly=True)
+    for shared in spec.shared_paths:
+        if shared.mode != "hypervisor":
+            continue
+        fs = _sub(devices, "filesystem", type="mount", accessmode=shared.accessmode)
+        _sub(fs, "source", dir=shared.path)
+        _sub(fs, "target", dir=share_tag(shared.path))
+    if isinstance(spec.slot.network, BridgeNetwork):
+        _bridge_network(devices, spec.slot.network)
+    serial = _sub(devices, "serial", type="file")
+    _sub(serial, "source", path=str(spec.console_log))
+    _sub(serial, "target", port="0")
+    rng = _sub(devices, "rng", model="virtio")
+    _sub(rng, "backend", "/dev/urandom", model="random")
+    _sub(devices, "memballoon", model="none")
+    if isinstance(spec.slot.network, UserNetwork):
+        _user_network(root, spec.slot.network)
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def lease_metadata(domain_xml: str) -> dict[str, str]:
+    """The vmimagemanager lease attributes stored in a running domain's XML (empty if none)."""
+    root = etree.fromstring(domain_xml.encode())
+    found = root.find(f"metadata/{{{VMIM_NS}}}lease")
+    return dict(found.attrib) if found is not None else {}

@@ -1,0 +1,171 @@
+"""The hypervisor behind a narrow interface, and its libvirt implementation.
+
+libvirt is the source of truth for what runs: nothing here caches domain state. Domains are
+transient (createXML): once destroyed they leave no definition behind, so a crashed node never
+accumulates stale domains.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import time
+
+from .errors import BootError, VmimError
+
+log = logging.getLogger("vmimagemanager.hypervisor")
+
+DOMAIN_PREFIX = "vmim-"
+
+
+def kvm_usable(cpuinfo: str = "/proc/cpuinfo", device: str = "/dev/kvm") -> bool:
+    """True only where KVM can really run guests.
+
+    A /dev/kvm node is no proof: on nested or emulated hosts it exists while the CPU offers no
+    virtualisation extensions, and QEMU with -enable-kvm then hangs.
+    """
+    if not os.path.exists(device) or not os.access(device, os.R_OK | os.W_OK):
+        return False
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "vmx" in flags or "svm" in flags
+    except OSError:
+        return False
+    return False
+
+
+def resolve_domain_type(setting: str) -> str:
+    """'auto' -> 'kvm' where KVM works, else 'qemu' (TCG); explicit settings win."""
+    if setting != "auto":
+        return setting
+    return "kvm" if kvm_usable() else "qemu"
+
+
+class Hypervisor(abc.ABC):
+    """What the life cycle needs from a hypervisor; every call reads live state."""
+
+    @abc.abstractmethod
+    def start(self, domain_xml: str) -> None: ...
+
+    @abc.abstractmethod
+    def destroy(self, name: str) -> bool:
+        """Stop a domain at once; False if it was not running (not an error)."""
+
+    @abc.abstractmethod
+    def shutdown(self, name: str, timeout: float) -> bool:
+        """Ask the guest to power off; destroy it after `timeout`. True if it shut down itself."""
+
+    @abc.abstractmethod
+    def is_running(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    def domain_names(self) -> list[str]:
+        """Names of running vmimagemanager domains (prefix vmim-)."""
+
+    @abc.abstractmethod
+    def domain_xml(self, name: str) -> str: ...
+
+    @abc.abstractmethod
+    def suspend(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def resume(self, name: str) -> None: ...
+
+
+class LibvirtHypervisor(Hypervisor):
+    def __init__(self, uri: str):
+        import libvirt  # imported here: the starter path never needs it
+
+        self._libvirt = libvirt
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+        try:
+            self._conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            raise VmimError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; "
+                            "is libvirtd running? (harness/libvirt-up.sh starts it)") from None
+        self.uri = uri
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _lookup(self, name: str):
+        try:
+            return self._conn.lookupByName(name)
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def start(self, domain_xml: str) -> None:
+        try:
+            self._conn.createXML(domain_xml, 0)
+        except self._libvirt.libvirtError as exc:
+            raise BootError(f"libvirt refused to start the domain: "
+                            f"{exc.get_error_message()}") from None
+
+    def destroy(self, name: str) -> bool:
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        try:
+            dom.destroy()
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() in (self._libvirt.VIR_ERR_NO_DOMAIN,
+                                        self._libvirt.VIR_ERR_OPERATION_INVALID):
+                return False
+            raise
+        log.info("domain %s destroyed", name)
+        return True
+
+    def shutdown(self, name: str, timeout: float) -> bool:
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        try:
+            dom.shutdown()
+        except self._libvirt.libvirtError:
+            pass  # guest without ACPI support: fall through to destroy
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.is_running(name):
+                return True
+            time.sleep(0.5)
+        log.warning("domain %s did not shut down within %.0f s; destroying it", name, timeout)
+        self.destroy(name)
+        return False
+
+    def is_running(self, name: str) -> bool:
+        dom = self._lookup(name)
+        if dom is None:
+            return False
+        try:
+            return bool(dom.isActive())
+        except self._libvirt.libvirtError:
+            return False
+
+    def domain_names(self) -> list[str]:
+        names = []
+        for dom in self._conn.listAllDomains(self._libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            if dom.name().startswith(DOMAIN_PREFIX):
+                names.append(dom.name())
+        return sorted(names)
+
+    def domain_xml(self, name: str) -> str:
+        dom = self._lookup(name)
+        if dom is None:
+            raise VmimError(f"domain {name} is not running")
+        return dom.XMLDesc(0)
+
+    def suspend(self, name: str) -> None:
+        dom = self._lookup(name)
+        if dom is not None:
+            dom.suspend()
+
+    def resume(self, name: str) -> None:
+        dom = self._lookup(name)
+        if dom is not None:
+            dom.resume()

@@ -1,0 +1,168 @@
+"""Leases in SQLite: who holds which slot, in which life-cycle state.
+
+SQLite (WAL) is the source of truth for ownership; libvirt is the source of truth for what runs.
+Allocation happens inside one BEGIN IMMEDIATE transaction, which takes the database's write lock
+before reading, so two prologs racing for the last slot can never both get it. Each lease records
+the pid of the process working on it, so `reconcile` can find leases whose process died mid-way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import LeaseError, NoFreeSlot
+from .states import LeaseState, check_transition
+
+log = logging.getLogger("vmimagemanager.leases")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS leases (
+    slot TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    image TEXT NOT NULL,
+    vo TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE (job_id, task_id)
+);
+CREATE TABLE IF NOT EXISTS boot_failures (
+    job_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    last_error TEXT NOT NULL,
+    PRIMARY KEY (job_id, task_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Lease:
+    slot: str
+    job_id: str
+    task_id: str
+    owner: str
+    image: str
+    vo: str
+    state: LeaseState
+    pid: int
+    created: float
+    updated: float
+
+    @property
+    def job_label(self) -> str:
+        return f"{self.job_id}.{self.task_id}"
+
+
+class LeaseStore:
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(db_path), timeout=60, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=60000")
+        self._conn.executescript(SCHEMA)
+        os.chmod(db_path, 0o600)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    @staticmethod
+    def _lease(row: sqlite3.Row) -> Lease:
+        data = dict(row)
+        data["state"] = LeaseState(data["state"])
+        return Lease(**data)
+
+    def allocate(self, slots: Sequence[str], job_id: str, task_id: str, owner: str,
+                 image: str, vo: str = "", pid: int | None = None) -> tuple[Lease, bool]:
+        """Take a free slot for the job; returns (lease, created).
+
+        A job that already holds a lease gets it back with created=False: running the prolog
+        twice for one job is harmless.
+        """
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM leases WHERE job_id=? AND task_id=?",
+                             (job_id, task_id)).fetchone()
+            if row is not None:
+                return self._lease(row), False
+            taken = {r["slot"] for r in db.execute("SELECT slot FROM leases")}
+            free = [s for s in slots if s not in taken]
+            if not free:
+                raise NoFreeSlot(f"job {job_id}.{task_id}: all {len(slots)} VM slots on this "
+                                 "node are in use; the job will be retried")
+            db.execute(
+                "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
+                "created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (free[0], job_id, task_id, owner, image, vo, LeaseState.PREPARING.value,
+                 pid if pid is not None else os.getpid(), now, now))
+            row = db.execute("SELECT * FROM leases WHERE slot=?", (free[0],)).fetchone()
+        lease = self._lease(row)
+        log.info("job %s slot %s: free -> preparing (image %s, owner %s)", lease.job_label,
+                 lease.slot, image, owner)
+        return lease, True
+
+    def transition(self, slot: str, target: LeaseState) -> Lease:
+        with self._write() as db:
+            row = db.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
+            if row is None:
+                raise LeaseError(f"slot {slot}: no lease to move to {target}")
+            lease = self._lease(row)
+            check_transition(lease.state, target, f"job {lease.job_label} slot {slot}")
+            if target is LeaseState.FREE:
+                db.execute("DELETE FROM leases WHERE slot=?", (slot,))
+            else:
+                db.execute("UPDATE leases SET state=?, pid=?, updated=? WHERE slot=?",
+                           (target.value, os.getpid(), time.time(), slot))
+        log.info("job %s slot %s: %s -> %s", lease.job_label, slot, lease.state, target)
+        return lease
+
+    def get(self, slot: str) -> Lease | None:
+        row = self._conn.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
+        return self._lease(row) if row else None
+
+    def find_job(self, job_id: str, task_id: str) -> Lease | None:
+        row = self._conn.execute("SELECT * FROM leases WHERE job_id=? AND task_id=?",
+                                 (job_id, task_id)).fetchone()
+        return self._lease(row) if row else None
+
+    def all(self) -> list[Lease]:
+        return [self._lease(r) for r in
+                self._conn.execute("SELECT * FROM leases ORDER BY slot")]
+
+    def record_boot_failure(self, job_id: str, task_id: str, error: str) -> int:
+        """Count a failed boot for a job (kept across reschedules); returns the new count."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO boot_failures (job_id, task_id, count, last_error) "
+                "VALUES (?,?,1,?) ON CONFLICT(job_id, task_id) DO UPDATE SET "
+                "count=count+1, last_error=excluded.last_error", (job_id, task_id, error))
+            row = db.execute("SELECT count FROM boot_failures WHERE job_id=? AND task_id=?",
+                             (job_id, task_id)).fetchone()
+        return int(row["count"])
+
+    def forget_boot_failures(self, job_id: str, task_id: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM boot_failures WHERE job_id=? AND task_id=?",
+                       (job_id, task_id))

@@ -1,0 +1,96 @@
+"""Contextualisation: ephemeral ssh keys and a NoCloud seed disk.
+
+Every boot gets a small ISO9660 volume labelled `cidata` holding `meta-data` and `user-data`, the
+NoCloud convention, so a real cloud-init image and our busybox test guests read the same thing:
+the host name, and the public keys allowed to log in (the job's ephemeral key for the pool account,
+an admin key for root). No image is rebuilt to change who may log in.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import VmimError
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private_openssh: bytes
+    public_line: str  # "ssh-ed25519 AAAA... comment"
+
+
+def generate_keypair(comment: str) -> KeyPair:
+    """A fresh Ed25519 key pair (paramiko can load it; dropbear and OpenSSH accept it)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return KeyPair(private, f"{public} {comment}")
+
+
+def write_private_file(path: Path, data: bytes, uid: int = 0, gid: int = 0,
+                       mode: int = 0o600) -> None:
+    """Create a file that is private from its first byte (no window with looser permissions)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SeedData:
+    instance_id: str
+    hostname: str
+    authorized_keys: dict[str, list[str]]  # user -> public key lines
+    mounts: list[list[str]] = field(default_factory=list)  # cloud-init `mounts` entries
+
+
+def render_user_data(seed: SeedData) -> str:
+    users = [{"name": user, "ssh_authorized_keys": list(keys)}
+             for user, keys in seed.authorized_keys.items()]
+    doc: dict[str, object] = {"hostname": seed.hostname, "users": users, "ssh_pwauth": False}
+    if "root" in seed.authorized_keys:
+        doc["disable_root"] = False
+    if seed.mounts:
+        doc["mounts"] = seed.mounts
+    return "#cloud-config\n" + yaml.safe_dump(doc, default_flow_style=False, sort_keys=False)
+
+
+def render_meta_data(seed: SeedData) -> str:
+    return yaml.safe_dump({"instance-id": seed.instance_id, "local-hostname": seed.hostname},
+                          default_flow_style=False, sort_keys=False)
+
+
+def build_seed(path: Path, seed: SeedData) -> None:
+    """Write the NoCloud seed ISO to `path` (root-only: it names the keys allowed in)."""
+    tool = shutil.which("genisoimage") or shutil.which("mkisofs")
+    if tool is None:
+        raise VmimError("genisoimage is not installed; install it (apt-get install genisoimage)")
+    with tempfile.TemporaryDirectory(prefix="vmim-seed-") as tmp:
+        Path(tmp, "meta-data").write_text(render_meta_data(seed))
+        Path(tmp, "user-data").write_text(render_user_data(seed))
+        part = path.with_name(f".{path.name}.part")
+        try:
+            subprocess.run([tool, "-quiet", "-output", str(part), "-volid", "cidata",
+                            "-joliet", "-rock", str(Path(tmp, "meta-data")),
+                            str(Path(tmp, "user-data"))],
+                           check=True, capture_output=True, text=True)
+        except subprocess.CalledProcessError as exc:
+            part.unlink(missing_ok=True)
+            raise VmimError(f"building the seed disk {path} failed: {exc.stderr.strip()}") from None
+        os.chmod(part, 0o600)
+        part.rename(path)

@@ -1,0 +1,46 @@
+"""The lease life cycle as an explicit state machine.
+
+    free -> preparing -> booting -> running -> tearing-down -> free
+               |            |          |            ^
+               +------------+----------+--> failed -+
+
+"free" is not stored: a free slot is a slot without a lease row. Every transition is checked
+here and logged by the lease store with the job and slot, so an admin can follow one job's VM
+through syslog, and `reconcile` can tell a crashed step (preparing/booting whose process is
+gone) from a healthy one.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from .errors import LeaseError
+
+
+class LeaseState(str, Enum):
+    FREE = "free"
+    PREPARING = "preparing"  # slot taken; overlay, keys and seed being made
+    BOOTING = "booting"  # domain started; waiting for ssh
+    RUNNING = "running"  # ssh answered; the job may use the VM
+    TEARING_DOWN = "tearing-down"  # domain being destroyed, files removed
+    FAILED = "failed"  # a step failed; cleanup still owed
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ALLOWED: dict[LeaseState, frozenset[LeaseState]] = {
+    LeaseState.FREE: frozenset({LeaseState.PREPARING}),
+    LeaseState.PREPARING: frozenset({LeaseState.BOOTING, LeaseState.FAILED,
+                                     LeaseState.TEARING_DOWN}),
+    LeaseState.BOOTING: frozenset({LeaseState.RUNNING, LeaseState.FAILED,
+                                   LeaseState.TEARING_DOWN}),
+    LeaseState.RUNNING: frozenset({LeaseState.TEARING_DOWN, LeaseState.FAILED}),
+    LeaseState.FAILED: frozenset({LeaseState.TEARING_DOWN}),
+    LeaseState.TEARING_DOWN: frozenset({LeaseState.FREE, LeaseState.TEARING_DOWN}),
+}
+
+
+def check_transition(current: LeaseState, target: LeaseState, what: str) -> None:
+    if target not in ALLOWED[current]:
+        raise LeaseError(f"{what}: cannot go from {current} to {target}")
