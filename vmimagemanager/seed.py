@@ -67,7 +67,9 @@ def render_user_data(seed: SeedData) -> str:
         doc["disable_root"] = False
     if seed.mounts:
         doc["mounts"] = seed.mounts
-    return "#cloud-config\n" + yaml.safe_dump(doc, default_flow_style=False, sort_keys=False)
+    # width: never fold a long key line; simple guest parsers read one key per line.
+    return "#cloud-config\n" + yaml.safe_dump(doc, default_flow_style=False, sort_keys=False,
+                                               width=1 << 20)
 
 
 def render_meta_data(seed: SeedData) -> str:

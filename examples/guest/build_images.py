@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Build the test worker-node images: one golden qcow2 per VO, a kernel and an initramfs.
+
+Stand-ins for a site's Scientific Linux + gLite worker-node images, made only from Debian packages
+on this machine (busybox-static, bash, dropbear, the Debian kernel): busybox userland, bash, an
+sshd, the pool accounts with the host's uids/gids, /etc/grid-middleware-release naming the VO, and
+an init that reads the NoCloud seed (examples/guest/guest-init.sh). The output is cached under a
+hash of everything that goes into it, so a second run returns at once.
+
+Usage: build_images.py [--cache DIR] [--vo atlas --vo cms ...] [--json]
+Prints the output directory (or a JSON manifest with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import hashlib
+import json
+import os
+import pwd
+import grp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = "/var/cache/vmimagemanager/test-images"
+DEFAULT_VOS = ("atlas", "cms")
+MIDDLEWARE_VERSION = "glite-WN 3.2.11-0 (vmimagemanager test image)"
+CMDLINE = "console=ttyS0 quiet panic=-1"
+DISK_MIB = 96
+BINARIES = ["/bin/busybox", "/bin/bash", "/usr/sbin/dropbear", "/usr/bin/dropbearkey"]
+# Module load order for the initramfs (Debian builds all of these as modules). Each after its
+# dependencies (modinfo -F depends); missing ones are skipped (some are built in elsewhere).
+MODULES = [
+    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
+    "virtio_rng", "failover", "net_failover", "virtio_net", "virtio_blk",
+    "crc32c_generic", "libcrc32c", "crc16", "mbcache", "jbd2", "ext4",
+    "cdrom", "isofs", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
+]
+
+
+def log(msg: str) -> None:
+    print(f"build-images: {msg}", file=sys.stderr)
+
+
+def kernel_release() -> str:
+    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+    if not kernels:
+        sys.exit("build-images: no /boot/vmlinuz-*; install linux-image-amd64")
+    return kernels[-1].removeprefix("/boot/vmlinuz-")
+
+
+def pool_accounts(vos: list[str]) -> list[pwd.struct_passwd]:
+    """The host's pool accounts of the VOs (primary group = VO name): same uids in the guest."""
+    accounts = []
+    for vo in vos:
+        try:
+            gid = grp.getgrnam(vo).gr_gid
+        except KeyError:
+            sys.exit(f"build-images: host group {vo!r} does not exist; run "
+                     "harness/pool-accounts.sh first")
+        accounts += [p for p in pwd.getpwall() if p.pw_gid == gid]
+    return accounts
+
+
+def shared_libraries(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        for part in parts:
+            if part.startswith("/"):
+                libs.append(part)
+    return libs
+
+
+def input_digest(vos: list[str], release: str, accounts: list[pwd.struct_passwd]) -> str:
+    h = hashlib.sha256()
+    for path in [Path(__file__), HERE / "guest-init.sh", HERE / "initramfs-init.sh"]:
+        h.update(path.read_bytes())
+    for path in BINARIES + [f"/boot/vmlinuz-{release}"]:
+        st = os.stat(path)
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(repr((vos, [tuple(a) for a in accounts], MODULES, CMDLINE, DISK_MIB)).encode())
+    return h.hexdigest()[:16]
+
+
+def place(source: Path | str, target: Path) -> None:
+    """Copy a file into the staging tree, never through a symlink already there.
+
+    Applet links in the staging tree point at absolute host paths (/bin/busybox); writing through
+    one would overwrite the host's file, so an existing link is removed first.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    shutil.copy2(os.path.realpath(source), target)
+
+
+def copy_file(src: str, root: Path, mode: int | None = None) -> None:
+    target = root / src.lstrip("/")
+    place(src, target)
+    if mode is not None:
+        os.chmod(target, mode)
+
+
+def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bool) -> None:
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "proc", "sys", "dev", "run",
+              "tmp", "root", "home", "var/tmp", "mnt"]:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    os.chmod(root / "var/tmp", 0o1777)
+    os.chmod(root / "root", 0o700)
+    for binary in BINARIES:
+        copy_file(binary, root)
+        for lib in shared_libraries(binary):
+            copy_file(lib, root)
+    place(HERE / "guest-init.sh", root / "sbin/init")
+    os.chmod(root / "sbin/init", 0o755)
+    applets = subprocess.run(["/bin/busybox", "--list-full"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        link = root / applet
+        if applet.endswith("/busybox") or link.exists() or link.is_symlink():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+
+    passwd = ["root:x:0:0:root:/root:/bin/bash", "nobody:x:65534:65534:nobody:/nonexistent:/bin/false"]
+    shadow = ["root:*:19000:0:99999:7:::", "nobody:*:19000:0:99999:7:::"]
+    groups: dict[int, tuple[str, list[str]]] = {0: ("root", []), 65534: ("nogroup", [])}
+    for acct in accounts:
+        passwd.append(f"{acct.pw_name}:x:{acct.pw_uid}:{acct.pw_gid}:{acct.pw_gecos}:"
+                      f"{acct.pw_dir}:/bin/bash")
+        shadow.append(f"{acct.pw_name}:*:19000:0:99999:7:::")
+        gname = grp.getgrgid(acct.pw_gid).gr_name
+        groups.setdefault(acct.pw_gid, (gname, []))
+        home = root / acct.pw_dir.lstrip("/")
+        home.mkdir(parents=True, exist_ok=True)
+        os.chown(home, acct.pw_uid, acct.pw_gid)
+        os.chmod(home, 0o755)
+    etc = root / "etc"
+    (etc / "passwd").write_text("\n".join(passwd) + "\n")
+    (etc / "shadow").write_text("\n".join(shadow) + "\n")
+    os.chmod(etc / "shadow", 0o600)
+    (etc / "group").write_text("".join(f"{name}:x:{gid}:{','.join(members)}\n"
+                                       for gid, (name, members) in sorted(groups.items())))
+    (etc / "shells").write_text("/bin/sh\n/bin/bash\n")
+    (etc / "hosts").write_text("127.0.0.1 localhost\n")
+    (etc / "nsswitch.conf").write_text("passwd: files\ngroup: files\nshadow: files\n"
+                                       "hosts: files\n")
+    (etc / "profile").write_text("export PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin\n")
+    (etc / "grid-middleware-release").write_text(f"VO={vo} {MIDDLEWARE_VERSION}\n")
+    if not sshd:
+        (etc / "vmim-no-sshd").write_text("test image: sshd deliberately not started\n")
+
+
+def make_disk(root: Path, qcow2: Path) -> None:
+    raw = qcow2.with_suffix(".raw")
+    with open(raw, "wb") as handle:  # mkfs.ext4 -d wants the file to exist (else it says so)
+        handle.truncate(DISK_MIB * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum,^has_journal", "-L", "vmimroot",
+                    "-d", str(root), str(raw)], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    raw.unlink()
+
+
+def make_initramfs(release: str, target: Path, work: Path) -> None:
+    root = work / "initramfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "modules").mkdir()
+    shutil.copy2("/bin/busybox", root / "bin/busybox")
+    shutil.copy(HERE / "initramfs-init.sh", root / "init")
+    os.chmod(root / "init", 0o755)
+    moddir = Path(f"/lib/modules/{release}/kernel")
+    found = {p.name.removesuffix(".ko").replace("-", "_"): p for p in moddir.rglob("*.ko")}
+    order = []
+    for mod in MODULES:
+        if mod in found:
+            shutil.copy2(found[mod], root / "modules" / f"{mod}.ko")
+            order.append(mod)
+    (root / "modules.order").write_text("\n".join(order) + "\n")
+    files = subprocess.run(["find", ".", "-print0"], cwd=root, capture_output=True,
+                           check=True).stdout
+    cpio = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=root,
+                          input=files, capture_output=True, check=True).stdout
+    target.write_bytes(gzip.compress(cpio, compresslevel=6))
+
+
+def build(cache: Path, vos: list[str]) -> Path:
+    release = kernel_release()
+    accounts = pool_accounts(vos)
+    out = cache / input_digest(vos, release, accounts)
+    if (out / "manifest.json").exists():
+        return out
+    log(f"building {', '.join(vos)} images for kernel {release} into {out}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vmim-build-", dir=cache) as tmp:
+        work = Path(tmp)
+        staging = work / "out"
+        staging.mkdir()
+        shutil.copy2(f"/boot/vmlinuz-{release}", staging / "vmlinuz")
+        os.chmod(staging / "vmlinuz", 0o644)
+        make_initramfs(release, staging / "initrd.img", work)
+        images = {}
+        variants = [(vo, vo, True) for vo in vos] + [(f"{vos[0]}-nossh", vos[0], False)]
+        for name, vo, sshd in variants:
+            root = work / f"root-{name}"
+            make_rootfs(root, vo, accounts, sshd)
+            make_disk(root, staging / f"{name}.qcow2")
+            images[name] = {"disk": f"{name}.qcow2", "vo": vo, "sshd": sshd}
+        manifest = {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": CMDLINE,
+                    "kernel_release": release, "images": images,
+                    "accounts": [a.pw_name for a in accounts]}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in staging.iterdir():
+            os.chmod(path, 0o644)
+        os.chmod(staging, 0o755)
+        staging.rename(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=os.environ.get("VMIM_TEST_IMAGE_CACHE", DEFAULT_CACHE))
+    parser.add_argument("--vo", action="append", dest="vos")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = build(Path(args.cache), args.vos or list(DEFAULT_VOS))
+    if args.json:
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["dir"] = str(out)
+        print(json.dumps(manifest))
+    else:
+        print(out)
+
+
+if __name__ == "__main__":
+    main()
