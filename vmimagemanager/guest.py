@@ -173,9 +173,12 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
     if cwd:
         parts.append(f"cd -- {q(cwd)} || {{ echo {q('vmimagemanager: cannot enter ' + cwd)} >&2;"
                      " exit 1; }")
-    parts.append("exec 3<&0")
-    parts.append(f"setsid env -- {' '.join(assigns)} {' '.join(q(a) for a in argv)} <&3 3<&- &")
-    parts.append(f"pid=$!; echo $pid > {q(pidfile)}; exec 3<&-")
+    # fd 3 keeps stdin for the payload; fd 4 keeps stderr for it while the wrapper's own stderr
+    # goes to /dev/null (bash would otherwise print "Killed" into the job's error file).
+    parts.append("exec 3<&0 4>&2 2>/dev/null")
+    parts.append(f"setsid env -- {' '.join(assigns)} {' '.join(q(a) for a in argv)} "
+                 "<&3 2>&4 3<&- 4>&- &")
+    parts.append(f"pid=$!; echo $pid > {q(pidfile)}; exec 3<&- 4>&-")
     parts.append(f"wait $pid; rc=$?; rm -f {q(pidfile)}; exit $rc")
     return "\n".join(parts)
 

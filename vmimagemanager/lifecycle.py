@@ -1,0 +1,347 @@
+"""The VM life cycle of one lease, and reconciliation of leases, domains and files.
+
+start_vm walks a lease through free -> preparing -> booting -> running; any failure on the way
+tears everything down again (domain, overlay, seed, keys, context, lease row) before the error
+goes up, so a failed boot leaves nothing behind. end_vm is idempotent: the epilog, `down`, `kill`
+and `reconcile` can all call it, in any order, as often as they like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, Slot, UserNetwork
+from .context import (JobContext, check_label, context_dir, key_path, list_contexts,
+                      remove_context, write_context)
+from .domain_xml import DomainSpec, build_domain_xml, lease_metadata, share_tag
+from .errors import LeaseError, VmimError
+from .hypervisor import Hypervisor, resolve_domain_type
+from .images import ImageStore, prepare_overlay
+from .leases import Lease, LeaseStore
+from .seed import SeedData, build_seed, generate_keypair, write_private_file
+from .states import LeaseState
+
+log = logging.getLogger("vmimagemanager.lifecycle")
+
+ADMIN_KEY = "admin_ed25519"
+TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.TEARING_DOWN)
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """Who wants a VM, for which job, with which image."""
+
+    job_id: str
+    task_id: str
+    owner: str  # the account that logs in to the guest (a pool account, or root for `up`)
+    image: str
+    vo: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.job_id}.{self.task_id}"
+
+
+@dataclass(frozen=True)
+class LeaseFiles:
+    overlay: Path
+    seed: Path
+    console: Path
+
+
+def lease_files(cfg: Config, slot: str, label: str) -> LeaseFiles:
+    check_label(label)
+    return LeaseFiles(overlay=cfg.overlay_dir / f"{slot}.{label}.qcow2",
+                      seed=cfg.overlay_dir / f"{slot}.{label}.seed.iso",
+                      console=cfg.state_dir / "console" / f"{slot}.log")
+
+
+def ensure_state_dirs(cfg: Config) -> None:
+    """Root-only directories (0700/0711); created on first use with the right modes."""
+    for path, mode in ((cfg.state_dir, 0o700), (cfg.state_dir / "keys", 0o700),
+                       (cfg.state_dir / "console", 0o700), (cfg.overlay_dir, 0o711)):
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, mode)
+
+
+def admin_key(cfg: Config) -> tuple[Path, str]:
+    """The key root uses to log in to every guest: the site's, or one made once on this node."""
+    from cryptography.hazmat.primitives import serialization
+
+    path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
+    if not path.exists():
+        pair = generate_keypair(f"vmimagemanager-admin@{os.uname().nodename}")
+        write_private_file(path, pair.private_openssh)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, OSError) as exc:
+        raise VmimError(f"{path}: not a usable unencrypted ssh private key ({exc})") from None
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    return path, f"{public} vmimagemanager-admin"
+
+
+def owner_ids(owner: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(owner)
+    except KeyError:
+        raise VmimError(f"job owner {owner!r} is not a user on this host") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+class LifeCycle:
+    """Starts and ends lease VMs; libvirt says what runs, the lease store says who holds what."""
+
+    def __init__(self, cfg: Config, hypervisor: Hypervisor, leases: LeaseStore | None = None):
+        self.cfg = cfg
+        self.hv = hypervisor
+        ensure_state_dirs(cfg)
+        self.leases = leases or LeaseStore(cfg.leases_db)
+        self.images = ImageStore(cfg.image_dir)
+
+    # -- start ----------------------------------------------------------------------------------
+    def start_vm(self, request: JobRequest, slots: list[str] | None = None,
+                 boot_timeout: float | None = None) -> tuple[Lease, JobContext]:
+        """Lease a slot and boot the request's image in it; returns when ssh answers."""
+        check_label(request.label)
+        image = self.images.get(request.image)  # ImageError before any slot is taken
+        uid, gid = owner_ids(request.owner)
+        names = slots or [s.name for s in self.cfg.slots]
+        lease, created = self.leases.allocate(names, request.job_id, request.task_id,
+                                              request.owner, request.image, request.vo)
+        if not created:
+            if lease.state is LeaseState.RUNNING and self.hv.is_running(
+                    self.cfg.slot(lease.slot).domain_name):
+                log.info("job %s already has a running VM in slot %s", lease.job_label,
+                         lease.slot)
+                return lease, self._existing_context(lease)
+            log.info("job %s: stale lease in slot %s (%s); starting over", lease.job_label,
+                     lease.slot, lease.state)
+            self.end_vm(lease.slot)
+            lease, _ = self.leases.allocate(names, request.job_id, request.task_id,
+                                            request.owner, request.image, request.vo)
+        slot = self.cfg.slot(lease.slot)
+        try:
+            context = self._boot(slot, lease, request, image, uid, gid, boot_timeout)
+        except BaseException as exc:
+            log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
+            self._fail(slot.name)
+            self.end_vm(slot.name)
+            raise
+        return self.leases.transition(slot.name, LeaseState.RUNNING), context
+
+    def _fail(self, slot: str) -> None:
+        current = self.leases.get(slot)
+        if current is not None and current.state in (LeaseState.PREPARING, LeaseState.BOOTING,
+                                                     LeaseState.RUNNING):
+            self.leases.transition(slot, LeaseState.FAILED)
+
+    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, uid: int, gid: int,
+              boot_timeout: float | None) -> JobContext:
+        from .guest import Endpoint, wait_for_host_key, wait_for_ssh
+
+        files = lease_files(self.cfg, slot.name, request.label)
+        prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
+        job_key = generate_keypair(f"vmim-job-{request.label}")
+        _admin_path, admin_public = admin_key(self.cfg)
+        keys = {"root": [admin_public]}
+        if request.owner != "root":
+            keys[request.owner] = [job_key.public_line]
+        else:
+            keys["root"].append(job_key.public_line)
+        hyper_shares = [s for s in self.cfg.shared_paths if s.mode == "hypervisor"]
+        mounts = [[share_tag(s.path), s.path, "9p",
+                   "trans=virtio,version=9p2000.L,access=user,msize=262144", "0", "0"]
+                  for s in hyper_shares]
+        build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
+                                        hostname=slot.guest_hostname, authorized_keys=keys,
+                                        mounts=mounts))
+        host, port = slot.ssh_address
+        context = JobContext(
+            mode="vm", label=request.label, slot=slot.name, host=host, port=port,
+            user=request.owner, vo=request.vo, image=request.image,
+            shared_paths=tuple(s.path for s in self.cfg.shared_paths),
+            scratch_dir=self.cfg.scratch_dir)
+        write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
+
+        files.console.unlink(missing_ok=True)
+        spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
+                          overlay=files.overlay, seed=files.seed, console_log=files.console,
+                          boot=image.boot_spec(self.cfg.image_dir), job_label=request.label,
+                          image=request.image, owner=request.owner,
+                          shared_paths=tuple(hyper_shares))
+        self.leases.transition(slot.name, LeaseState.BOOTING)
+        if self.hv.is_running(slot.domain_name):
+            raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
+                             "lease; run 'vmimagemanager reconcile'")
+        self.hv.start(build_domain_xml(spec))
+        deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
+        running = lambda: self.hv.is_running(slot.domain_name)  # noqa: E731
+        host_key = wait_for_host_key(files.console, deadline, running)
+        endpoint = Endpoint(host=host, port=port, user=request.owner,
+                            key_file=key_path(self.cfg.run_dir, request.label), host_key=host_key)
+        wait_for_ssh(endpoint, deadline, files.console, running).close()
+        context = JobContext(**{**context.__dict__, "host_key": host_key})
+        write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
+        return context
+
+    def _existing_context(self, lease: Lease) -> JobContext:
+        from .context import read_context
+
+        return read_context(self.cfg.run_dir, lease.job_label)
+
+    # -- end ------------------------------------------------------------------------------------
+    def end_vm(self, slot_name: str, graceful: bool = False) -> bool:
+        """Destroy the slot's VM and remove everything its lease made; False if nothing to do."""
+        lease = self.leases.get(slot_name)
+        slot = self.cfg.slot(slot_name)
+        if lease is None:
+            return False
+        if lease.state is not LeaseState.TEARING_DOWN:
+            self.leases.transition(slot_name, LeaseState.TEARING_DOWN)
+        self._destroy_if_ours(slot, lease.job_label, graceful)
+        files = lease_files(self.cfg, slot_name, lease.job_label)
+        files.overlay.unlink(missing_ok=True)
+        files.seed.unlink(missing_ok=True)
+        remove_context(self.cfg.run_dir, lease.job_label)
+        try:
+            self.leases.transition(slot_name, LeaseState.FREE)
+        except LeaseError:
+            log.info("slot %s was released concurrently", slot_name)
+        return True
+
+    def end_job(self, job_id: str, task_id: str) -> bool:
+        """Epilog: end the job's VM if it has one; cleanup already done is not an error."""
+        lease = self.leases.find_job(job_id, task_id)
+        removed = remove_context(self.cfg.run_dir, check_label(f"{job_id}.{task_id}"))
+        if lease is None:
+            return removed
+        return self.end_vm(lease.slot)
+
+    def _destroy_if_ours(self, slot: Slot, label: str, graceful: bool) -> None:
+        name = slot.domain_name
+        if not self.hv.is_running(name):
+            return
+        meta = lease_metadata(self.hv.domain_xml(name))
+        if meta.get("job") not in (None, label):
+            log.warning("slot %s: domain %s belongs to job %s, not %s; leaving it to reconcile",
+                        slot.name, name, meta.get("job"), label)
+            return
+        if graceful:
+            self.hv.shutdown(name, self.cfg.shutdown_timeout)
+        else:
+            self.hv.destroy(name)
+
+    # -- reconcile ------------------------------------------------------------------------------
+    def reconcile(self, dry_run: bool = False) -> list[str]:
+        """Compare leases, libvirt domains and files; clean up what no live lease explains."""
+        actions: list[str] = []
+        leases = {lease.slot: lease for lease in self.leases.all()}
+        known_slots = {s.name for s in self.cfg.slots}
+        for lease in list(leases.values()):
+            reason = self._stale_reason(lease, known_slots)
+            if reason:
+                actions.append(f"release slot {lease.slot} (job {lease.job_label}): {reason}")
+                if not dry_run:
+                    if lease.slot in known_slots:
+                        self.end_vm(lease.slot)
+                    else:
+                        self._forget_unknown_slot(lease)
+                leases.pop(lease.slot)
+        for name in self.hv.domain_names():
+            slot_name = name.removeprefix("vmim-")
+            lease = leases.get(slot_name)
+            meta = lease_metadata(self.hv.domain_xml(name))
+            if lease is None or meta.get("job") != lease.job_label:
+                actions.append(f"destroy domain {name}: no lease holds it")
+                if not dry_run:
+                    self.hv.destroy(name)
+        live_labels = {lease.job_label for lease in leases.values()}
+        live_files = set()
+        for lease in leases.values():
+            f = lease_files(self.cfg, lease.slot, lease.job_label)
+            live_files |= {f.overlay.name, f.seed.name}
+        if self.cfg.overlay_dir.is_dir():
+            for path in sorted(self.cfg.overlay_dir.iterdir()):
+                if path.name not in live_files:
+                    actions.append(f"remove orphan file {path}")
+                    if not dry_run:
+                        path.unlink()
+        for label in list_contexts(self.cfg.run_dir):
+            if label not in live_labels:
+                actions.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
+                if not dry_run:
+                    remove_context(self.cfg.run_dir, label)
+        for action in actions:
+            log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
+        return actions
+
+    def _stale_reason(self, lease: Lease, known_slots: set[str]) -> str:
+        if lease.slot not in known_slots:
+            return "slot is no longer configured"
+        if lease.state is LeaseState.FAILED:
+            return "a start failed and was not cleaned up"
+        if lease.state in TRANSIENT and not _pid_alive(lease.pid):
+            return f"the process (pid {lease.pid}) that was {lease.state} it died"
+        if lease.state is LeaseState.RUNNING and not self.hv.is_running(
+                self.cfg.slot(lease.slot).domain_name):
+            return "its VM is not running"
+        return ""
+
+    def _forget_unknown_slot(self, lease: Lease) -> None:
+        self.hv.destroy(f"vmim-{lease.slot}")
+        files = lease_files(self.cfg, lease.slot, lease.job_label)
+        files.overlay.unlink(missing_ok=True)
+        files.seed.unlink(missing_ok=True)
+        remove_context(self.cfg.run_dir, lease.job_label)
+        if lease.state is not LeaseState.TEARING_DOWN:
+            self.leases.transition(lease.slot, LeaseState.TEARING_DOWN)
+        self.leases.transition(lease.slot, LeaseState.FREE)
+
+    # -- admin helpers --------------------------------------------------------------------------
+    def store_slot(self, slot_name: str, new_image: str) -> None:
+        """Save the slot's current disk as a new golden image, then release the slot."""
+        lease = self.leases.get(slot_name)
+        if lease is None:
+            raise LeaseError(f"slot {slot_name} is free: nothing to store; 'up' it first")
+        slot = self.cfg.slot(slot_name)
+        self.hv.shutdown(slot.domain_name, self.cfg.shutdown_timeout)
+        files = lease_files(self.cfg, slot_name, lease.job_label)
+        self.images.store_from_disk(new_image, files.overlay, self.images.get(lease.image))
+        self.end_vm(slot_name)
+
+    def status(self) -> list[dict[str, object]]:
+        leases = {lease.slot: lease for lease in self.leases.all()}
+        running = set(self.hv.domain_names())
+        rows = []
+        for slot in self.cfg.slots:
+            lease = leases.get(slot.name)
+            host, port = slot.ssh_address
+            rows.append({
+                "slot": slot.name, "state": str(lease.state) if lease else "free",
+                "job": lease.job_label if lease else "", "owner": lease.owner if lease else "",
+                "image": lease.image if lease else "", "vo": lease.vo if lease else "",
+                "domain": slot.domain_name if slot.domain_name in running else "",
+                "ssh": f"{host}:{port}",
+                "network": "user" if isinstance(slot.network, UserNetwork) else "bridge",
+                "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.updated))
+                if lease else "",
+            })
+        return rows
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
