@@ -8,6 +8,7 @@ accumulates stale domains.
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 import os
 import time
@@ -125,10 +126,8 @@ class LibvirtHypervisor(Hypervisor):
         dom = self._lookup(name)
         if dom is None:
             return False
-        try:
-            dom.shutdown()
-        except self._libvirt.libvirtError:
-            pass  # guest without ACPI support: fall through to destroy
+        with contextlib.suppress(self._libvirt.libvirtError):
+            dom.shutdown()  # a guest without ACPI support is destroyed after the timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.is_running(name):

@@ -16,8 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, Slot, UserNetwork
-from .context import (JobContext, check_label, context_dir, key_path, list_contexts,
-                      remove_context, write_context)
+from .context import (
+    JobContext,
+    check_label,
+    context_dir,
+    key_path,
+    list_contexts,
+    remove_context,
+    write_context,
+)
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata, share_tag
 from .errors import LeaseError, VmimError
 from .hypervisor import Hypervisor, resolve_domain_type

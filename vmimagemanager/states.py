@@ -12,12 +12,12 @@ gone) from a healthy one.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 from .errors import LeaseError
 
 
-class LeaseState(str, Enum):
+class LeaseState(StrEnum):
     FREE = "free"
     PREPARING = "preparing"  # slot taken; overlay, keys and seed being made
     BOOTING = "booting"  # domain started; waiting for ssh

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import grp
 import gzip
 import hashlib
 import json
 import os
 import pwd
-import grp
 import shutil
 import subprocess
 import sys
@@ -131,7 +131,8 @@ def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bo
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to("/bin/busybox")
 
-    passwd = ["root:x:0:0:root:/root:/bin/bash", "nobody:x:65534:65534:nobody:/nonexistent:/bin/false"]
+    passwd = ["root:x:0:0:root:/root:/bin/bash",
+              "nobody:x:65534:65534:nobody:/nonexistent:/bin/false"]
     shadow = ["root:*:19000:0:99999:7:::", "nobody:*:19000:0:99999:7:::"]
     groups: dict[int, tuple[str, list[str]]] = {0: ("root", []), 65534: ("nogroup", [])}
     for acct in accounts:

@@ -1,0 +1,69 @@
+"""What every batch-system adapter produces: a Job, and the three hook entry points.
+
+A Torque or Slurm adapter is one new module that fills a Job from its system's arguments and
+environment and maps the outcomes below to its own exit-code conventions.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import VmimError
+
+JOB_ID_RE = re.compile(r"^[0-9]{1,20}$")
+TASK_ID_RE = re.compile(r"^[0-9]{1,10}$")
+
+
+def normalise_task_id(task: str | None) -> str:
+    """SGE says 'undefined' (env) or '0' (argv) outside array jobs; both become '0'."""
+    if task in (None, "", "undefined"):
+        return "0"
+    if not TASK_ID_RE.match(task):
+        raise VmimError(f"invalid task id {task!r}")
+    return task
+
+
+def check_job_id(job_id: str) -> str:
+    if not JOB_ID_RE.match(job_id):
+        raise VmimError(f"invalid job id {job_id!r}: expected digits")
+    return job_id
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    task_id: str
+    owner: str
+    queue: str = ""
+    argv: Sequence[str] = ()  # what the batch system asked to run
+    is_script: bool = True
+    shell: str = "/bin/sh"
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.job_id}.{self.task_id}"
+
+
+class Outcome(enum.Enum):
+    """How a prolog ended; each adapter maps these to its system's exit codes."""
+
+    READY = "ready"  # VM up (or native/reject context written): run the job
+    RETRY = "retry"  # transient (no free slot, boot failed): put the job back in the queue
+    HOLD = "hold"  # needs an admin (missing image, bad config, repeated boot failures)
+
+
+class BatchAdapter(abc.ABC):
+    @abc.abstractmethod
+    def prolog_main(self, argv: Sequence[str] | None = None) -> int: ...
+
+    @abc.abstractmethod
+    def starter_main(self, argv: Sequence[str] | None = None) -> int: ...
+
+    @abc.abstractmethod
+    def epilog_main(self, argv: Sequence[str] | None = None) -> int: ...

@@ -1,0 +1,238 @@
+"""Son of Grid Engine adapter: prolog (root), starter_method (job user), epilog (root).
+
+Exit codes, as checked on a real cell (see README, troubleshooting):
+- prolog 0: go on; 99: SGE puts the job back in the queue (no free slot, a boot that failed);
+  100: the job goes to Eqw, held for an admin (missing image, bad configuration, a job whose VM
+  failed to boot max_boot_attempts times). Any other code would put the *queue instance* into the
+  E state and stop the node, so the prolog never exits with one.
+- epilog: always 0. 99 would run the finished job again and 100 would hold it; leftovers after a
+  failed epilog are logged and removed by `vmimagemanager reconcile`.
+
+The root hooks run with the job's environment, which the user controls (`qsub -v`): they set
+their own PATH, never honour VMIM_CONFIG, and take the configuration path only from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from ..config import Config, config_path, load_config
+from ..errors import BootError, ConfigError, ImageError, NoFreeSlot, VmimError
+from ..logsetup import setup_logging
+from .base import Job, check_job_id, normalise_task_id
+
+log = logging.getLogger("vmimagemanager.sge")
+
+EXIT_OK = 0
+EXIT_RESCHEDULE = 99
+EXIT_HOLD = 100
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _root_hook_setup(program: str) -> None:
+    os.environ["PATH"] = SAFE_PATH
+    for key in ("VMIM_CONFIG", "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH"):
+        os.environ.pop(key, None)
+    os.umask(0o077)
+    setup_logging(program, stderr_level=logging.ERROR)
+
+
+def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=program, description="SGE hook of vmimagemanager; configured in the queue as "
+        f"'root@{program} --config FILE $job_id $ja_task_id $job_owner $queue $host'")
+    parser.add_argument("--config", help="configuration file (never taken from the environment)")
+    parser.add_argument("args", nargs="+", metavar="ARG",
+                        help="JOB_ID [TASK_ID] JOB_OWNER QUEUE HOST")
+    ns = parser.parse_args(argv)
+    if len(ns.args) == 5:
+        ns.job_id, task, ns.owner, ns.queue, ns.host = ns.args
+    elif len(ns.args) == 4:
+        ns.job_id, ns.owner, ns.queue, ns.host = ns.args
+        task = os.environ.get("SGE_TASK_ID")
+    else:
+        parser.error("expected JOB_ID [TASK_ID] JOB_OWNER QUEUE HOST")
+    ns.job_id = check_job_id(ns.job_id)
+    ns.task_id = normalise_task_id(task)
+    return ns
+
+
+def _load(explicit: str | None) -> Config:
+    return load_config(config_path(explicit, trust_environment=False))
+
+
+def prolog_main(argv: Sequence[str] | None = None) -> int:
+    _root_hook_setup("vmim-sge-prolog")
+    try:
+        args = _hook_args("vmim-sge-prolog", argv)
+        cfg = _load(args.config)
+    except (VmimError, SystemExit) as exc:
+        print(f"vmimagemanager prolog: {exc}; the job is held (Eqw) until an admin fixes "
+              "this and runs 'qmod -cj'", file=sys.stderr)
+        return EXIT_HOLD
+    label = f"{args.job_id}.{args.task_id}"
+
+    def interrupted(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return _prolog(cfg, args, label)
+    except KeyboardInterrupt as exc:
+        log.error("job %s: prolog interrupted (%s); cleaned up, job rescheduled", label, exc)
+        return EXIT_RESCHEDULE
+    except Exception as exc:  # never exit 1 (queue E state): hold the job and say why
+        log.exception("job %s: prolog failed unexpectedly", label)
+        print(f"vmimagemanager prolog: job {label}: unexpected error: {exc}; the job is held "
+              "(Eqw); see syslog on the node", file=sys.stderr)
+        return EXIT_HOLD
+
+
+def _prolog(cfg: Config, args: argparse.Namespace, label: str) -> int:
+    from ..context import JobContext, write_context
+    from ..hypervisor import LibvirtHypervisor
+    from ..lifecycle import JobRequest, LifeCycle, owner_ids
+    from ..policy import match_vo, unmatched_message
+
+    uid, gid = owner_ids(args.owner)
+    rule = match_vo(cfg, args.owner, args.queue)
+    if rule is None:
+        mode = cfg.unmatched
+        message = unmatched_message(cfg, args.owner, args.queue)
+        write_context(cfg.run_dir, JobContext(mode=mode, label=label, message=message), None,
+                      uid, gid)
+        log.info("job %s: owner %s matches no VO; mode %s", label, args.owner, mode)
+        return EXIT_OK
+    hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
+    life = LifeCycle(cfg, hypervisor)
+    request = JobRequest(job_id=args.job_id, task_id=args.task_id, owner=args.owner,
+                         image=rule.image, vo=rule.name)
+    try:
+        lease, _ctx = life.start_vm(request)
+    except NoFreeSlot as exc:
+        print(f"vmimagemanager prolog: {exc}", file=sys.stderr)
+        return EXIT_RESCHEDULE
+    except ImageError as exc:
+        print(f"vmimagemanager prolog: job {label} (VO {rule.name}): {exc}; the job is held "
+              "(Eqw) until the image is imported", file=sys.stderr)
+        return EXIT_HOLD
+    except (BootError, VmimError) as exc:
+        count = life.leases.record_boot_failure(args.job_id, args.task_id, str(exc))
+        if count >= cfg.max_boot_attempts:
+            print(f"vmimagemanager prolog: job {label}: the VM failed to start {count} times; "
+                  f"the job is held (Eqw). Last error: {exc}", file=sys.stderr)
+            return EXIT_HOLD
+        print(f"vmimagemanager prolog: job {label}: the VM failed to start (attempt {count} of "
+              f"{cfg.max_boot_attempts}); the job is rescheduled. Error: {exc}", file=sys.stderr)
+        return EXIT_RESCHEDULE
+    life.leases.forget_boot_failures(args.job_id, args.task_id)
+    log.info("job %s: VM ready in slot %s (VO %s, image %s)", label, lease.slot, rule.name,
+             rule.image)
+    return EXIT_OK
+
+
+def epilog_main(argv: Sequence[str] | None = None) -> int:
+    _root_hook_setup("vmim-sge-epilog")
+    try:
+        args = _hook_args("vmim-sge-epilog", argv)
+        cfg = _load(args.config)
+        from ..hypervisor import LibvirtHypervisor
+        from ..lifecycle import LifeCycle
+
+        life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+        if life.end_job(args.job_id, args.task_id):
+            log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
+    except (Exception, SystemExit) as exc:  # never 99/100 here: see the module docstring
+        log.error("epilog failed (%s); 'vmimagemanager reconcile' will clean up", exc)
+    return EXIT_OK
+
+
+# -- starter_method (runs as the job's user) ------------------------------------------------------
+def read_spool_config(spool_dir: str | None) -> dict[str, str]:
+    """`$SGE_JOB_SPOOL_DIR/config`: key=value lines (handle_as_binary, shell_path, ...)."""
+    values: dict[str, str] = {}
+    if not spool_dir:
+        return values
+    try:
+        with open(os.path.join(spool_dir, "config"), encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                key, sep, value = line.rstrip("\n").partition("=")
+                if sep:
+                    values[key] = value
+    except OSError:
+        pass
+    return values
+
+
+def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
+    spool = read_spool_config(env.get("SGE_JOB_SPOOL_DIR"))
+    is_script = spool.get("handle_as_binary", "0") != "1"
+    shell = env.get("SGE_STARTER_SHELL_PATH") or spool.get("shell_path") or "/bin/sh"
+    return Job(job_id=check_job_id(env.get("JOB_ID", "")),
+               task_id=normalise_task_id(env.get("SGE_TASK_ID")),
+               owner=env.get("USER", ""), queue=env.get("QUEUE", ""), argv=list(argv),
+               is_script=is_script, shell=shell, env=env, cwd=os.getcwd())
+
+
+def starter_main(argv: Sequence[str] | None = None) -> int:
+    from ..context import read_context
+
+    setup_logging("vmim-sge-starter", stderr_level=logging.ERROR)
+    parser = argparse.ArgumentParser(prog="vmim-sge-starter",
+                                     description="SGE starter_method of vmimagemanager")
+    parser.add_argument("--config")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        print("vmimagemanager starter: no job command given", file=sys.stderr)
+        return 1
+    try:
+        cfg = load_config(config_path(args.config))
+        job = job_from_starter(command, dict(os.environ))
+        context = read_context(cfg.run_dir, job.label)
+    except VmimError as exc:
+        print(f"vmimagemanager: {exc}", file=sys.stderr)
+        return 1
+    if context.mode == "reject":
+        print(context.message, file=sys.stderr)
+        return 1
+    if context.mode == "native":
+        return _exec_native(job)
+    from ..runner import JobRunner
+
+    try:
+        return JobRunner(job, context, cfg.run_dir).run()
+    except VmimError as exc:
+        print(f"vmimagemanager: job {job.label}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _exec_native(job: Job) -> int:
+    """No VO matched and the site runs such jobs on the host: do what SGE itself would."""
+    argv = list(job.argv)
+    if job.is_script and not (os.environ.get("SGE_STARTER_SHELL_START_MODE") == "unix_behavior"
+                              and _has_shebang(argv[0])):
+        argv = [job.shell, *argv]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"vmimagemanager: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 127  # not reached
+
+
+def _has_shebang(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+__all__ = ["prolog_main", "starter_main", "epilog_main", "ConfigError"]

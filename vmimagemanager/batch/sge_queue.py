@@ -1,0 +1,101 @@
+"""`vmimagemanager sge install-queue`: configure a VM queue on an existing gridengine cell.
+
+Writes root-owned wrapper scripts with the configuration path baked in (a queue's
+starter_method takes no arguments, and root hooks must not read the path from the job's
+environment), then creates or updates the queue with qconf from SGE's own queue template.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import VmimError
+
+HOOK_ARGS = "$job_id $ja_task_id $job_owner $queue $host"
+
+
+def _qconf(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(["qconf", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise VmimError("qconf not found: install gridengine-client and set SGE_ROOT") from None
+    if check and result.returncode != 0:
+        raise VmimError(f"qconf {' '.join(args)} failed: "
+                        f"{(result.stderr or result.stdout).strip()}")
+    return result
+
+
+def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)
+    wrappers = {}
+    for hook in ("prolog", "starter", "epilog"):
+        target = bindir / f"vmim-sge-{hook}"
+        if not target.exists():
+            raise VmimError(f"{target} not found: install vmimagemanager with pip first")
+        sep = " --" if hook == "starter" else ""
+        body = (f"#!/bin/sh\n# Written by 'vmimagemanager sge install-queue'; do not edit.\n"
+                f"exec {target} --config {config}{sep} \"$@\"\n")
+        path = directory / hook
+        tmp = directory / f".{hook}.tmp"
+        tmp.write_text(body)
+        os.chown(tmp, 0, 0)
+        os.chmod(tmp, 0o755)
+        tmp.rename(path)
+        wrappers[hook] = path
+    return wrappers
+
+
+def queue_definition(template: str, values: dict[str, str]) -> str:
+    lines, seen = [], set()
+    joined = template.replace("\\\n", " ")
+    for line in joined.splitlines():
+        if not line.strip():
+            continue
+        key = line.split()[0]
+        if key in values:
+            lines.append(f"{key} {values[key]}")
+            seen.add(key)
+        else:
+            lines.append(" ".join(line.split()))
+    lines += [f"{k} {v}" for k, v in values.items() if k not in seen]
+    return "\n".join(lines) + "\n"
+
+
+def install_queue(config_path: str, args) -> int:
+    config = os.path.abspath(config_path)
+    cfg = load_config(config)
+    if any(c in config for c in " \t\n'\"$`\\"):
+        raise VmimError(f"configuration path {config!r} contains characters a queue "
+                        "configuration cannot carry; move the file")
+    wrappers = write_wrappers(Path(args.wrapper_dir), config, Path(sys.executable).parent)
+    hosts = args.hosts or [socket.gethostname()]
+    exists = _qconf("-sq", args.queue, check=False).returncode == 0
+    template = _qconf("-sq", args.queue).stdout if exists else _qconf("-sq").stdout
+    values = {
+        "qname": args.queue,
+        "hostlist": " ".join(hosts),
+        "slots": str(args.slots or len(cfg.slots)),
+        "pe_list": "NONE",
+        "prolog": f"root@{wrappers['prolog']} {HOOK_ARGS}",
+        "epilog": f"root@{wrappers['epilog']} {HOOK_ARGS}",
+        "starter_method": str(wrappers["starter"]),
+        "shell_start_mode": "unix_behavior",
+        "tmpdir": "/tmp",
+    }
+    with tempfile.NamedTemporaryFile("w", prefix="vmim-queue-", suffix=".conf",
+                                     delete=False) as fh:
+        fh.write(queue_definition(template, values))
+    try:
+        _qconf("-Mq" if exists else "-Aq", fh.name)
+    finally:
+        os.unlink(fh.name)
+    print(f"queue {args.queue} {'updated' if exists else 'created'} on {', '.join(hosts)}: "
+          f"{values['slots']} slots, hooks in {args.wrapper_dir}")
+    return 0

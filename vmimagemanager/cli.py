@@ -1,0 +1,281 @@
+"""`vmimagemanager`: the admin command line (run as root on a worker node)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import Config, config_path, load_config
+from .errors import VmimError
+from .logsetup import setup_logging
+
+log = logging.getLogger("vmimagemanager.cli")
+
+
+def _life(cfg: Config):
+    from .hypervisor import LibvirtHypervisor
+    from .lifecycle import LifeCycle
+
+    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+
+
+def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    for row in rows:
+        lines.append("  ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _progress_bar(label: str):
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < 0.2:
+            return
+        last[0] = now
+        pct = 100 * done // total if total else 100
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\r{label} [{bar:<25}] {pct:3d}% {done >> 20}/{total >> 20} MiB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return report if sys.stderr.isatty() else None
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_slots(cfg: Config, args) -> int:
+    rows = _life(cfg).status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_table(rows, ["slot", "state", "job", "owner", "vo", "image", "domain", "ssh",
+                            "since"]))
+    return 0
+
+
+def cmd_images(cfg: Config, args) -> int:
+    from .images import ImageStore
+
+    store = ImageStore(cfg.image_dir)
+    if args.images_command == "import":
+        image = store.import_image(args.name, Path(args.file),
+                                   kernel=Path(args.kernel) if args.kernel else None,
+                                   initrd=Path(args.initrd) if args.initrd else None,
+                                   cmdline=args.cmdline,
+                                   progress=_progress_bar(f"importing {args.name}"))
+        print(f"imported {image.name}: {image.disk} ({image.format}) "
+              f"sha256 {image.sha256[image.disk][:16]}...")
+        return 0
+    if args.images_command == "list":
+        rows = []
+        for image in store.list():
+            size = (cfg.image_dir / image.disk).stat().st_size
+            rows.append({"name": image.name, "format": image.format,
+                         "size_mib": size >> 20, "boot": "kernel" if image.kernel else "disk",
+                         "sha256": image.sha256.get(image.disk, "")[:16],
+                         "imported": time.strftime("%Y-%m-%d %H:%M",
+                                                   time.localtime(image.imported_at))})
+        print(json.dumps(rows, indent=2) if args.json else
+              _table(rows, ["name", "format", "size_mib", "boot", "sha256", "imported"]))
+        return 0
+    if args.images_command == "verify":
+        names = args.names or [image.name for image in store.list()]
+        problems = [p for name in names for p in store.verify(name)]
+        for name in names:
+            if not any(p.startswith(f"{name}:") for p in problems):
+                print(f"{name}: OK")
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1 if problems else 0
+    if args.images_command == "remove":
+        from .leases import LeaseStore
+
+        users = [f"job {lease.job_label} (slot {lease.slot})"
+                 for lease in LeaseStore(cfg.leases_db).all() if lease.image == args.name]
+        store.remove(args.name, users)
+        print(f"removed image {args.name}")
+        return 0
+    if args.images_command == "check":
+        from .imagecheck import check_image
+
+        return check_image(cfg, args.name, args.user, json_output=args.json)
+    raise AssertionError(args.images_command)
+
+
+def cmd_up(cfg: Config, args) -> int:
+    from .lifecycle import JobRequest
+
+    cfg.slot(args.slot)
+    life = _life(cfg)
+    label_job = "admin-" + args.slot.replace(".", "-")
+    lease, ctx = life.start_vm(JobRequest(job_id=label_job, task_id="0", owner="root",
+                                          image=args.image, vo="admin"), slots=[args.slot])
+    print(f"slot {lease.slot}: {args.image} running as {cfg.slot(args.slot).domain_name}, "
+          f"ssh root@{ctx.host} -p {ctx.port}")
+    return 0
+
+
+def cmd_down(cfg: Config, args) -> int:
+    life = _life(cfg)
+    if life.end_vm(cfg.slot(args.slot).name, graceful=args.command == "down"):
+        print(f"slot {args.slot}: VM stopped and lease released")
+    else:
+        print(f"slot {args.slot}: already free")
+    return 0
+
+
+def cmd_store(cfg: Config, args) -> int:
+    _life(cfg).store_slot(cfg.slot(args.slot).name, args.name)
+    print(f"slot {args.slot}: disk saved as image {args.name}; slot released")
+    return 0
+
+
+def cmd_reconcile(cfg: Config, args) -> int:
+    actions = _life(cfg).reconcile(dry_run=args.dry_run)
+    prefix = "would " if args.dry_run else ""
+    for action in actions:
+        print(prefix + action)
+    if not actions:
+        print("nothing to do: leases, domains and files agree")
+    return 0
+
+
+def cmd_print_config(cfg: Config, args) -> int:
+    from dataclasses import asdict
+
+    data = asdict(cfg)
+    print(json.dumps(data, indent=2, default=str))
+    return 0
+
+
+def cmd_exec(cfg: Config, args) -> int:
+    from .guest import Endpoint, GuestSession, connect
+    from .lifecycle import admin_key
+
+    slot = cfg.slot(args.slot)
+    life = _life(cfg)
+    lease = life.leases.get(slot.name)
+    if lease is None or not life.hv.is_running(slot.domain_name):
+        raise VmimError(f"slot {slot.name} has no running VM; start one with "
+                        f"'vmimagemanager up {slot.name} --image NAME'")
+    from .context import read_context
+
+    host_key = read_context(cfg.run_dir, lease.job_label).host_key
+    key_file, _ = admin_key(cfg)
+    host, port = slot.ssh_address
+    session = GuestSession(connect(Endpoint(host, port, "root", key_file, host_key)))
+    command = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    if not command:
+        raise VmimError("nothing to run: give a command after '--'")
+    if args.user and args.user != "root":
+        command = ["su", "-s", "/bin/sh", args.user, "-c", shlex.join(command)]
+    try:
+        return session.run(command, {}, None, stdin_fd=0 if not sys.stdin.isatty() else None)
+    finally:
+        session.close()
+
+
+def cmd_sge(cfg_path: str, args) -> int:
+    from .batch.sge_queue import install_queue
+
+    return install_queue(cfg_path, args)
+
+
+# -- parser -----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmimagemanager",
+        description="Run each batch job in its own freshly booted VM: manage slots and images.")
+    p.add_argument("--config", help="configuration file (default: $VMIM_CONFIG, then "
+                   "/etc/vmimagemanager/vmimagemanager.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name in ("slots", "status"):
+        s = sub.add_parser(name, help="show every slot: state, job, image, domain")
+        s.add_argument("--json", action="store_true")
+    img = sub.add_parser("images", help="manage golden images")
+    isub = img.add_subparsers(dest="images_command", required=True, metavar="ACTION")
+    i = isub.add_parser("import", help="copy a disk image into the image store (sha256 recorded)")
+    i.add_argument("name")
+    i.add_argument("file")
+    i.add_argument("--kernel", help="kernel for direct kernel boot")
+    i.add_argument("--initrd", help="initrd for direct kernel boot")
+    i.add_argument("--cmdline", help="kernel command line for direct kernel boot")
+    i = isub.add_parser("list", help="list images")
+    i.add_argument("--json", action="store_true")
+    i = isub.add_parser("verify", help="re-hash images and report mismatches")
+    i.add_argument("names", nargs="*")
+    i = isub.add_parser("remove", help="remove an image (refused while a lease uses it)")
+    i.add_argument("name")
+    i = isub.add_parser("check", help="boot an image once and report which guest "
+                        "requirements it meets")
+    i.add_argument("name")
+    i.add_argument("--user", help="pool account to test logging in as (default: first "
+                   "account of the image's VO)")
+    i.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("up", help="boot IMAGE in SLOT for an admin (alias: restore)",
+                       aliases=["restore"])
+    s.add_argument("slot")
+    s.add_argument("--image", required=True)
+    s = sub.add_parser("down", help="shut the slot's VM down (graceful, then destroy), release")
+    s.add_argument("slot")
+    s = sub.add_parser("kill", help="destroy the slot's VM at once and release the slot")
+    s.add_argument("slot")
+    s = sub.add_parser("store", help="save a slot's current disk as a new image NAME")
+    s.add_argument("slot")
+    s.add_argument("name")
+    s = sub.add_parser("reconcile", help="compare leases, domains and files; remove orphans")
+    s.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    sub.add_parser("print-config", help="print the validated configuration")
+    s = sub.add_parser("exec", help="run a command in a slot's VM (as root, or --user)")
+    s.add_argument("slot")
+    s.add_argument("--user", help="run as this account in the guest")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    sge = sub.add_parser("sge", help="gridengine set-up")
+    ssub = sge.add_subparsers(dest="sge_command", required=True, metavar="ACTION")
+    q = ssub.add_parser("install-queue", help="configure a VM queue with qconf")
+    q.add_argument("--queue", default="vm.q")
+    q.add_argument("--hosts", nargs="+", help="execution hosts (default: this host)")
+    q.add_argument("--wrapper-dir", default="/usr/local/libexec/vmimagemanager",
+                   help="where the root-owned hook wrappers are written")
+    q.add_argument("--slots", type=int, help="job slots per host (default: VM slots configured)")
+    return p
+
+
+COMMANDS = {
+    "slots": cmd_slots, "status": cmd_slots, "images": cmd_images, "up": cmd_up,
+    "restore": cmd_up, "down": cmd_down, "kill": cmd_down, "store": cmd_store,
+    "reconcile": cmd_reconcile, "print-config": cmd_print_config, "exec": cmd_exec,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("vmimagemanager", verbose=args.verbose)
+    path = config_path(args.config)
+    try:
+        if args.command == "sge":
+            return cmd_sge(path, args)
+        cfg = load_config(path)
+        return COMMANDS[args.command](cfg, args)
+    except VmimError as exc:
+        print(f"vmimagemanager: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("vmimagemanager: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Run a batch job inside its VM from the job user's side (the starter's work).
+
+Batch-system neutral: it takes a Job and the context the prolog wrote, connects with the pinned
+host key, stages what the job needs (its script, its proxy), and relays stdin/stdout/stderr and
+the exit status. Imports paramiko (through guest) but never libvirt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+from collections.abc import Mapping
+from pathlib import Path
+
+from .batch.base import Job
+from .context import JobContext, key_path
+from .errors import GuestError
+from .guest import Endpoint, GuestSession, connect
+
+log = logging.getLogger("vmimagemanager.runner")
+
+# Host-side variables that must not reach the guest: they describe the host process, the
+# dynamic loader, or the ssh/starter plumbing.
+DROP_EXACT = {"PWD", "OLDPWD", "SHLVL", "_", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
+              "SSH_TTY", "VMIM_CONFIG", "BASH_ENV", "ENV"}
+DROP_PREFIX = ("LD_", "SSH_", "SGE_STARTER_", "BASH_FUNC_")
+
+
+def is_under(path: str, roots: tuple[str, ...]) -> bool:
+    norm = os.path.normpath(path)
+    return any(norm == r or norm.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def guest_environment(env: Mapping[str, str], host_tmpdir: str | None, guest_tmp: str) -> dict:
+    """The job's environment as the guest should see it."""
+    result = {}
+    for key, value in env.items():
+        if key in DROP_EXACT or key.startswith(DROP_PREFIX):
+            continue
+        result[key] = value
+    for key in ("TMPDIR", "TMP"):
+        if key in result:
+            result[key] = guest_tmp
+    if host_tmpdir and "PATH" in result:
+        parts = [guest_tmp if p == host_tmpdir else p for p in result["PATH"].split(":")]
+        result["PATH"] = ":".join(parts)
+    return result
+
+
+class JobRunner:
+    def __init__(self, job: Job, context: JobContext, run_dir: Path):
+        self.job = job
+        self.context = context
+        self.run_dir = run_dir
+        self.session: GuestSession | None = None
+
+    def _on_signal(self, signum, _frame) -> None:
+        log.warning("job %s: got signal %d, stopping the payload in the VM", self.job.label,
+                    signum)
+        if self.session is not None:
+            self.session.request_stop()
+
+    def run(self, stdin_fd: int | None = 0) -> int:
+        ctx = self.context
+        endpoint = Endpoint(host=ctx.host, port=ctx.port, user=ctx.user,
+                            key_file=key_path(self.run_dir, ctx.label), host_key=ctx.host_key)
+        try:
+            self.session = GuestSession(connect(endpoint))
+        except GuestError:
+            raise
+        except Exception as exc:  # paramiko/socket errors: one clear line for the .e file
+            raise GuestError(f"cannot reach the job's VM at {ctx.host}:{ctx.port} ({exc}); the "
+                             "VM may have stopped") from None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self._on_signal)
+        try:
+            return self._run_in_guest(stdin_fd)
+        finally:
+            self.session.close()
+
+    def _run_in_guest(self, stdin_fd: int | None) -> int:
+        assert self.session is not None
+        job, ctx = self.job, self.context
+        scratch = f"{ctx.scratch_dir.rstrip('/')}/vmim-{job.label}"
+        q = shlex.quote
+        checks = " && ".join(f"test -d {q(p)}" for p in ctx.guest_checked_paths) or "true"
+        try:
+            self.session.check_call(f"umask 077; mkdir -p -- {q(scratch)} && {checks}")
+        except GuestError as exc:
+            raise GuestError(f"the VM is not ready for the job ({exc}); shared paths "
+                             f"{', '.join(ctx.guest_checked_paths)} must be mounted") from None
+        argv = list(job.argv)
+        if job.is_script:
+            script = Path(argv[0]).read_bytes()
+            guest_script = f"{scratch}/job-script"
+            self.session.upload(script, guest_script, 0o700)
+            if os.environ.get("SGE_STARTER_SHELL_START_MODE") == "unix_behavior" and \
+                    script.startswith(b"#!"):
+                argv = [guest_script, *argv[1:]]
+            else:
+                argv = [job.shell, guest_script, *argv[1:]]
+        env = guest_environment(job.env, job.env.get("TMPDIR"), scratch)
+        proxy = env.get("X509_USER_PROXY")
+        if proxy and os.path.isabs(proxy) and not is_under(proxy, ctx.shared_paths):
+            try:
+                data = Path(proxy).read_bytes()
+            except OSError as exc:
+                raise GuestError(f"cannot read X509_USER_PROXY {proxy}: {exc.strerror}") from None
+            self.session.upload(data, proxy, 0o600)
+        cwd = job.cwd if job.cwd and is_under(job.cwd, ctx.shared_paths) else scratch
+        log.info("job %s: running %s in slot %s (image %s) as %s in %s", job.label,
+                 "script" if job.is_script else "binary", ctx.slot, ctx.image, ctx.user, cwd)
+        try:
+            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd)
+        finally:
+            try:
+                self.session.check_call(f"rm -rf -- {q(scratch)}")
+            except Exception as exc:  # noqa: BLE001 - the VM is destroyed by the epilog anyway
+                log.info("job %s: scratch cleanup skipped: %s", job.label, exc)
