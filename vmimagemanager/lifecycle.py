@@ -249,6 +249,7 @@ class LifeCycle:
         """Compare leases, libvirt domains and files; clean up what no live lease explains."""
         actions: list[str] = []
         leases = {lease.slot: lease for lease in self.leases.all()}
+        all_leases = dict(leases)
         known_slots = {s.name for s in self.cfg.slots}
         for lease in list(leases.values()):
             reason = self._stale_reason(lease, known_slots)
@@ -268,9 +269,10 @@ class LifeCycle:
                 actions.append(f"destroy domain {name}: no lease holds it")
                 if not dry_run:
                     self.hv.destroy(name)
-        live_labels = {lease.job_label for lease in leases.values()}
+        # Files of the leases released above are theirs to remove (already gone unless dry run).
+        live_labels = {lease.job_label for lease in all_leases.values()}
         live_files = set()
-        for lease in leases.values():
+        for lease in all_leases.values():
             f = lease_files(self.cfg, lease.slot, lease.job_label)
             live_files |= {f.overlay.name, f.seed.name}
         if self.cfg.overlay_dir.is_dir():

@@ -1,0 +1,102 @@
+"""Configuration validation: every bad input gets its own one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from vmimagemanager.config import config_path, load_config, parse_config
+from vmimagemanager.errors import ConfigError
+
+SLOT = {"name": "s1", "network": {"type": "user", "ssh_port": 2201}}
+
+
+def cfg(**overrides):
+    data = {"slots": [SLOT], "vos": {"atlas": {"image": "atlas", "groups": ["atlas"]}}}
+    data.update(overrides)
+    return data
+
+
+BAD = [
+    (cfg(colour="blue"), "(top level).colour: unknown key"),
+    (cfg(slots=[]), "slots: expected a non-empty list"),
+    (cfg(slots=[{"name": "../x", "network": SLOT["network"]}]), "slots[0].name: expected"),
+    (cfg(slots=[SLOT, {"name": "s1", "network": {"type": "user", "ssh_port": 2202}}]),
+     "duplicate slot name 's1'"),
+    (cfg(slots=[SLOT, {"name": "s2", "network": {"type": "user", "ssh_port": 2201}}]),
+     "duplicate slot ssh port"),
+    (cfg(slots=[{"name": "b1", "network": {"type": "bridge", "bridge": "br0",
+                                           "mac": "52:54:00:00:00:01", "hostname": "vm1"}},
+                {"name": "b2", "network": {"type": "bridge", "bridge": "br0",
+                                           "mac": "52:54:00:00:00:01", "hostname": "vm2"}}]),
+     "duplicate slot mac"),
+    (cfg(slots=[{"name": "s1", "network": {"type": "user", "ssh_port": 2201,
+                                           "listen": "192.168.122.1"}}]),
+     "network.listen: expected a loopback IPv4 address"),
+    (cfg(slots=[{"name": "s1", "network": {"type": "user", "ssh_port": 70000}}]),
+     "ssh_port: expected a TCP port"),
+    (cfg(slots=[{"name": "s1", "network": {"type": "passt"}}]), "network.type: expected user or bridge"),
+    (cfg(slots=[{"name": "s1", "vcpus": "two", "network": SLOT["network"]}]),
+     "slots[0].vcpus: expected a positive integer, got 'two'"),
+    (cfg(slots=[{"name": "s1", "vcpus": True, "network": SLOT["network"]}]),
+     "slots[0].vcpus: expected a positive integer"),
+    (cfg(domain_type="xen"), "domain_type: expected auto, kvm or qemu"),
+    (cfg(image_dir="relative/dir"), "image_dir: expected an absolute directory path"),
+    (cfg(unmatched="drop"), "unmatched: expected native or reject"),
+    (cfg(vos={"atlas": {"image": "atlas"}}), "vos.atlas: expected at least one of groups"),
+    (cfg(vos={"atlas": {"image": "../../etc/passwd", "groups": ["atlas"]}}),
+     "vos.atlas.image: expected an image name"),
+    (cfg(shared_paths=[{"path": "/", "mode": "guest"}]), "shared_paths[0].path: expected"),
+    (cfg(shared_paths=[{"path": "/nonexistent-xyz", "mode": "hypervisor"}]),
+     "expected an existing directory on this host"),
+    (cfg(site_root_key="/nonexistent/key"), "site_root_key: expected an existing private key"),
+    (cfg(boot_timeout=-1), "boot_timeout: expected seconds > 0"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_config_names_file_key_and_expectation(data, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, "/etc/x.yaml")
+    text = str(info.value)
+    assert text.startswith("/etc/x.yaml: ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_good_config_has_defaults():
+    c = parse_config(cfg(), "/etc/x.yaml")
+    assert c.libvirt_uri == "qemu:///system"
+    assert c.domain_type == "auto"
+    assert c.slot("s1").domain_name == "vmim-s1"
+    assert c.slot("s1").ssh_address == ("127.0.0.1", 2201)
+    assert c.unmatched == "reject"
+    with pytest.raises(ConfigError, match="no slot named 'nope'"):
+        c.slot("nope")
+
+
+def test_load_reports_yaml_syntax_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("slots: [\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(cfg()))
+    assert load_config(str(good)).slots[0].name == "s1"
+
+
+def test_root_hooks_ignore_vmim_config(monkeypatch):
+    monkeypatch.setenv("VMIM_CONFIG", "/home/attacker/evil.yaml")
+    assert config_path(None) == "/home/attacker/evil.yaml"
+    assert config_path(None, trust_environment=False) == "/etc/vmimagemanager/vmimagemanager.yaml"
+    assert config_path("/etc/a.yaml", trust_environment=False) == "/etc/a.yaml"
+
+
+def test_examples_parse():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.glob("examples/**/*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        parse_config(data, str(path))

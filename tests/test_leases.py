@@ -1,0 +1,116 @@
+"""Leases: the state machine, allocation races between processes, and reconcile after a crash."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from vmimagemanager.errors import LeaseError, NoFreeSlot
+from vmimagemanager.leases import LeaseStore
+from vmimagemanager.states import LeaseState
+
+SLOTS = ["s1", "s2", "s3", "s4"]
+
+
+def test_walks_the_state_machine_and_refuses_shortcuts(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    lease, created = store.allocate(SLOTS, "7", "0", "atlas001", "atlas")
+    assert created and lease.state is LeaseState.PREPARING and lease.slot == "s1"
+    with pytest.raises(LeaseError, match="cannot go from preparing to running"):
+        store.transition("s1", LeaseState.RUNNING)
+    for state in (LeaseState.BOOTING, LeaseState.RUNNING, LeaseState.TEARING_DOWN):
+        store.transition("s1", state)
+    assert store.get("s1").state is LeaseState.TEARING_DOWN
+    store.transition("s1", LeaseState.FREE)
+    assert store.get("s1") is None
+    with pytest.raises(LeaseError, match="no lease"):
+        store.transition("s1", LeaseState.BOOTING)
+
+
+def test_same_job_twice_gets_the_same_lease(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    first, created1 = store.allocate(SLOTS, "7", "1", "atlas001", "atlas")
+    again, created2 = store.allocate(SLOTS, "7", "1", "atlas001", "atlas")
+    assert created1 and not created2
+    assert again.slot == first.slot
+    assert len(store.all()) == 1
+
+
+def test_db_is_root_only(tmp_path):
+    LeaseStore(tmp_path / "l.sqlite")
+    assert (tmp_path / "l.sqlite").stat().st_mode & 0o077 == 0
+
+
+def _allocate(db: str, job: int, start, results) -> None:
+    store = LeaseStore(Path(db))
+    start.wait()
+    try:
+        lease, _ = store.allocate(SLOTS, str(job), "0", "atlas001", "atlas")
+        results.put(("ok", job, lease.slot))
+    except NoFreeSlot as exc:
+        results.put(("full", job, str(exc)))
+
+
+def test_fifty_processes_race_for_four_slots(tmp_path):
+    db = str(tmp_path / "l.sqlite")
+    LeaseStore(Path(db)).close()
+    ctx = multiprocessing.get_context("fork")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_allocate, args=(db, n, start, results)) for n in range(50)]
+    for p in procs:
+        p.start()
+    start.set()
+    outcomes = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    won = [o for o in outcomes if o[0] == "ok"]
+    full = [o for o in outcomes if o[0] == "full"]
+    assert len(won) == 4
+    assert sorted(o[2] for o in won) == SLOTS  # no slot twice
+    assert len(full) == 46
+    assert all("all 4 VM slots on this node are in use" in o[2] for o in full)
+    assert {lease.job_id for lease in LeaseStore(Path(db)).all()} == {str(o[1]) for o in won}
+
+
+def test_boot_failures_are_counted_per_job(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    assert store.record_boot_failure("5", "0", "x") == 1
+    assert store.record_boot_failure("5", "0", "y") == 2
+    assert store.record_boot_failure("6", "0", "y") == 1
+    store.forget_boot_failures("5", "0")
+    assert store.record_boot_failure("5", "0", "z") == 1
+
+
+def _allocate_then_hang(db: str, ready) -> None:
+    store = LeaseStore(Path(db))
+    store.allocate(SLOTS, "66", "0", "atlas001", "atlas")
+    ready.set()
+    time.sleep(600)
+
+
+def test_process_killed_mid_start_is_cleaned_by_reconcile(tmp_path, test_life):
+    life, cfg = test_life
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_allocate_then_hang, args=(str(cfg.leases_db), ready))
+    proc.start()
+    assert ready.wait(30)
+    overlay = cfg.overlay_dir / "s1.66.0.qcow2"
+    overlay.write_bytes(b"partial")
+    assert life.reconcile(dry_run=True) == []  # the process is alive: not stale yet
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    planned = life.reconcile(dry_run=True)
+    assert any("release slot s1 (job 66.0)" in a and "died" in a for a in planned)
+    assert overlay.exists() and life.leases.get("s1") is not None  # dry run changed nothing
+    done = life.reconcile()
+    assert done == planned
+    assert life.leases.get("s1") is None
+    assert not overlay.exists()
+    assert life.reconcile() == []
