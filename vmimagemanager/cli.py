@@ -173,7 +173,7 @@ def cmd_exec(cfg: Config, args) -> int:
     key_file, _ = admin_key(cfg)
     host, port = slot.ssh_address
     session = GuestSession(connect(Endpoint(host, port, "root", key_file, host_key)))
-    command = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    command = list(args.cmd)
     if not command:
         raise VmimError("nothing to run: give a command after '--'")
     if args.user and args.user != "root":
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("exec", help="run a command in a slot's VM (as root, or --user)")
     s.add_argument("slot")
     s.add_argument("--user", help="run as this account in the guest")
-    s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARG...]")
+    s.add_argument("cmd", nargs="*", help="-- COMMAND [ARG...]")
     sge = sub.add_parser("sge", help="gridengine set-up")
     ssub = sge.add_subparsers(dest="sge_command", required=True, metavar="ACTION")
     q = ssub.add_parser("install-queue", help="configure a VM queue with qconf")
@@ -261,7 +261,14 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trailing: list[str] = []
+    if "exec" in argv and "--" in argv[argv.index("exec"):]:
+        cut = argv.index("--", argv.index("exec"))  # everything after '--' is the command
+        argv, trailing = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if args.command == "exec":
+        args.cmd = [*args.cmd, *trailing]
     setup_logging("vmimagemanager", verbose=args.verbose)
     path = config_path(args.config)
     try:

@@ -32,7 +32,7 @@ DEFAULT_CACHE = "/var/cache/vmimagemanager/test-images"
 DEFAULT_VOS = ("atlas", "cms")
 MIDDLEWARE_VERSION = "glite-WN 3.2.11-0 (vmimagemanager test image)"
 CMDLINE = "console=ttyS0 quiet panic=-1"
-DISK_MIB = 96
+DISK_MIB = 256
 BINARIES = ["/bin/busybox", "/bin/bash", "/usr/sbin/dropbear", "/usr/bin/dropbearkey"]
 # Module load order for the initramfs (Debian builds all of these as modules). Each after its
 # dependencies (modinfo -F depends); missing ones are skipped (some are built in elsewhere).

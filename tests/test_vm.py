@@ -1,0 +1,233 @@
+"""Integration: real libvirtd + QEMU guests booted through the library, reached over ssh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmimagemanager.errors import BootError
+from vmimagemanager.lifecycle import JobRequest, lease_files
+
+pytestmark = pytest.mark.integration
+
+
+def test_job_runs_as_pool_user_in_the_vo_image(atlas_session):
+    r, w = os.pipe()
+    rc = atlas_session.run(["sh", "-c", "id -un; hostname; cat /etc/grid-middleware-release"],
+                           {}, None, stdin_fd=None, stdout_fd=w)
+    os.close(w)
+    out = os.read(r, 65536).decode()
+    os.close(r)
+    assert rc == 0
+    user, host, release = out.splitlines()
+    assert user == "atlas001"
+    assert host == "t1" != os.uname().nodename
+    assert release.startswith("VO=atlas ")
+
+
+@pytest.mark.parametrize("status", [0, 1, 2, 99, 255])
+def test_exit_status_passes_through(atlas_session, status):
+    assert atlas_session.run(["sh", "-c", f"exit {status}"], {}, stdin_fd=None) == status
+
+
+def test_killed_payload_reports_128_plus_signal(atlas_session):
+    assert atlas_session.run(["sh", "-c", "kill -KILL $$"], {}, stdin_fd=None) == 137
+    assert atlas_session.run(["sh", "-c", "kill -TERM $$"], {}, stdin_fd=None) == 143
+
+
+def _capture(session, argv, env=None, cwd=None, stdin: bytes | None = None):
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r = None
+    if stdin is not None:
+        in_r, in_w = os.pipe()
+        threading.Thread(target=lambda: (os.write(in_w, stdin), os.close(in_w)),
+                         daemon=True).start()
+    chunks = {out_r: [], err_r: []}
+
+    def drain(fd):
+        while data := os.read(fd, 1 << 16):
+            chunks[fd].append(data)
+
+    readers = [threading.Thread(target=drain, args=(fd,)) for fd in (out_r, err_r)]
+    for t in readers:
+        t.start()
+    rc = session.run(argv, env or {}, cwd, stdin_fd=in_r, stdout_fd=out_w, stderr_fd=err_w)
+    os.close(out_w)
+    os.close(err_w)
+    for t in readers:
+        t.join()
+    if in_r is not None:
+        os.close(in_r)
+    return rc, b"".join(chunks[out_r]), b"".join(chunks[err_r])
+
+
+def test_stdin_stdout_stderr_and_cwd(atlas_session):
+    rc, out, err = _capture(atlas_session, ["sh", "-c", "pwd; cat; echo oops >&2; exit 4"],
+                            cwd="/home/atlas001", stdin=b"line1\nline2\x00\xff")
+    assert rc == 4
+    assert out == b"/home/atlas001\nline1\nline2\x00\xff"
+    assert err == b"oops\n"
+
+
+def test_100_mb_binary_output_arrives_intact(atlas_session):
+    import hashlib
+
+    size = 100 * 1024 * 1024
+    script = (f"rm -f /tmp/f; mkfifo /tmp/f; md5sum < /tmp/f >&2 & "
+              f"head -c {size} /dev/urandom | tee /tmp/f; wait; rm -f /tmp/f")
+    rc, out, err = _capture(atlas_session, ["sh", "-c", script])
+    assert rc == 0
+    assert len(out) == size
+    assert err.decode().split()[0] == hashlib.md5(out).hexdigest()
+
+
+def test_large_output_on_both_streams_at_once_does_not_deadlock(atlas_session):
+    size = 16 * 1024 * 1024
+    script = f"yes out | head -c {size} & yes err | head -c {size} >&2; wait"
+    rc, out, err = _capture(atlas_session, ["sh", "-c", script])
+    assert rc == 0
+    assert out == b"out\n" * (size // 4)
+    assert err == b"err\n" * (size // 4)
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(env=st.dictionaries(st.from_regex(r"\A[A-Z][A-Z0-9_]{0,8}\Z"),
+                           st.text(st.characters(blacklist_categories=("Cs",),
+                                                 blacklist_characters="\0"), max_size=30),
+                           max_size=3),
+       args=st.lists(st.text(st.characters(blacklist_categories=("Cs",),
+                                           blacklist_characters="\0"), max_size=20),
+                     max_size=3))
+def test_environment_and_arguments_round_trip(atlas_session, env, args):
+    env = {**env, "QUOTES": "a'b\"c $HOME `id` \\n\nline2 ü €"}
+    rc, out, _ = _capture(atlas_session, ["sh", "-c", 'for k; do printf "%s\\0" "$k"; done; '
+                                          "printf '\\1'; env -0", "argv0", *args], env)
+    assert rc == 0
+    arg_part, env_part = out.split(b"\x01", 1)
+    got_args = [a.decode() for a in arg_part.split(b"\0")[:-1]]
+    assert got_args == args
+    got_env = dict(item.decode().split("=", 1) for item in env_part.split(b"\0") if item)
+    for key, value in env.items():
+        assert got_env[key] == value
+
+
+def test_upload_is_private_to_the_user(atlas_session):
+    atlas_session.upload(b"proxy-data", "/tmp/x509up_u5001", 0o600)
+    assert atlas_session.check_call("stat -c '%a %U' /tmp/x509up_u5001; "
+                                    "cat /tmp/x509up_u5001") == "600 atlas001\nproxy-data"
+
+
+def test_sigterm_to_the_host_side_stops_the_remote_payload(atlas_session):
+    holder = {}
+
+    def run():
+        holder["rc"] = atlas_session.run(["sh", "-c", "echo $$ > /tmp/sleeper; sleep 300"], {},
+                                         stdin_fd=None)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(3)
+    atlas_session.request_stop()
+    t.join(60)
+    assert not t.is_alive()
+    assert holder["rc"] == 143
+    pid = atlas_session.check_call("cat /tmp/sleeper").strip()
+    assert atlas_session.check_call(f"kill -0 {pid} 2>/dev/null && echo alive || echo gone") \
+        == "gone\n"
+
+
+def test_job_key_is_readable_by_its_owner_only(atlas_vm, vm_setup):
+    from vmimagemanager.context import key_path
+
+    _lease, ctx = atlas_vm
+    key = key_path(vm_setup[1].run_dir, ctx.label)
+    own = subprocess.run(["su", "atlas001", "-c", f"head -c 10 {key}"], capture_output=True)
+    assert own.returncode == 0 and own.stdout.startswith(b"-----")
+    for other in ("atlas002", "cms001"):
+        r = subprocess.run(["su", other, "-c", f"cat {key}; ls {key.parent.parent}"],
+                           capture_output=True)
+        assert r.returncode != 0 and b"-----" not in r.stdout
+    admin = vm_setup[1].state_dir / "keys" / "admin_ed25519"
+    r = subprocess.run(["su", "atlas001", "-c", f"cat {admin}"], capture_output=True)
+    assert r.returncode != 0
+
+
+def test_fresh_overlay_per_lease_and_nothing_left_behind(life, vm_setup):
+    from vmimagemanager.context import key_path, read_context
+    from vmimagemanager.guest import Endpoint, GuestSession, connect
+
+    cfg = vm_setup[1]
+
+    def session_for(label):
+        ctx = read_context(cfg.run_dir, label)
+        return GuestSession(connect(Endpoint(ctx.host, ctx.port, ctx.user,
+                                             key_path(cfg.run_dir, label), ctx.host_key)))
+
+    lease, _ = life.start_vm(JobRequest("9101", "0", "cms001", "cms", "cms"), slots=["t2"])
+    files = lease_files(cfg, "t2", "9101.0")
+    assert files.overlay.exists() and files.seed.exists()
+    s = session_for("9101.0")
+    s.check_call("echo secret > /home/cms001/left-by-job-9101; sync")
+    assert "VO=cms" in s.check_call("cat /etc/grid-middleware-release")
+    s.close()
+    life.end_vm("t2")
+    assert not life.hv.is_running("vmim-t2")
+    assert not files.overlay.exists() and not files.seed.exists()
+    assert not (cfg.run_dir / "jobs" / "9101.0").exists()
+    assert life.leases.get("t2") is None
+
+    life.start_vm(JobRequest("9102", "0", "cms001", "cms", "cms"), slots=["t2"])
+    s = session_for("9102.0")
+    assert s.check_call("ls /home/cms001/left-by-job-9101 2>/dev/null || echo absent") == \
+        "absent\n"
+    s.close()
+    life.end_vm("t2")
+    assert life.reconcile(dry_run=True) == [] or all("t1" in a for a in [])
+
+
+def test_guest_without_sshd_times_out_clearly_and_is_cleaned_up(life, vm_setup):
+    cfg = vm_setup[1]
+    started = time.monotonic()
+    with pytest.raises(BootError) as info:
+        life.start_vm(JobRequest("9201", "0", "atlas002", "atlas-nossh", "atlas"),
+                      slots=["t2"], boot_timeout=25)
+    message = str(info.value)
+    assert "no ssh host key" in message
+    assert "vmim-init: this image starts no sshd" in message  # console tail included
+    assert "\n" not in message
+    assert time.monotonic() - started < 120
+    assert not life.hv.is_running("vmim-t2")
+    assert life.leases.get("t2") is None
+    assert not list(cfg.overlay_dir.glob("t2.*"))
+    assert not (cfg.run_dir / "jobs" / "9201.0").exists()
+
+
+def test_cli_exec_status_and_reconcile(atlas_vm, vm_setup):
+    path = str(vm_setup[0])
+    cli = [sys.executable, "-m", "vmimagemanager.cli", "--config", path]
+    r = subprocess.run([*cli, "exec", "t1", "--", "sh", "-c", "id -un; exit 5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 5 and r.stdout == "root\n", r.stderr
+    r = subprocess.run([*cli, "exec", "t1", "--user", "atlas001", "--", "id", "-un"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "atlas001\n", r.stderr
+    r = subprocess.run([*cli, "slots", "--json"], capture_output=True, text=True)
+    rows = {row["slot"]: row for row in json.loads(r.stdout)}
+    assert rows["t1"]["state"] == "running" and rows["t1"]["domain"] == "vmim-t1"
+    assert rows["t1"]["job"] == "9001.0"
+    r = subprocess.run([*cli, "exec", "t2", "--", "true"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.startswith("vmimagemanager: slot t2 has no running VM")
+
+
