@@ -78,7 +78,7 @@ def make_base_dir(prefix: str) -> Path:
     return base
 
 
-def write_config(base: Path, slots: int, extra: dict | None = None) -> Path:
+def write_config(base: Path, slots: int, extra: dict | None = None, prefix: str = "t") -> Path:
     data = {
         "libvirt_uri": "qemu:///system",
         "domain_type": "auto",
@@ -88,7 +88,7 @@ def write_config(base: Path, slots: int, extra: dict | None = None) -> Path:
         "run_dir": str(base / "run"),
         "boot_timeout": 150,
         "slot_defaults": {"vcpus": 1, "memory_mib": 256},
-        "slots": [{"name": f"t{i}", "network": {"type": "user", "ssh_port": free_port()}}
+        "slots": [{"name": f"{prefix}{i}", "network": {"type": "user", "ssh_port": free_port()}}
                   for i in range(1, slots + 1)],
         "vos": {"atlas": {"image": "atlas", "groups": ["atlas"]},
                 "cms": {"image": "cms", "groups": ["cms"]}},
@@ -96,7 +96,7 @@ def write_config(base: Path, slots: int, extra: dict | None = None) -> Path:
     }
     data.update(extra or {})
     path = base / "vmimagemanager.yaml"
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))  # VO order matters
     os.chmod(path, 0o644)
     return path
 

@@ -100,3 +100,20 @@ def test_examples_parse():
     for path in sorted(Path(__file__).parent.parent.glob("examples/**/*.yaml")):
         data = yaml.safe_load(path.read_text())
         parse_config(data, str(path))
+
+
+def test_vo_groups_come_from_a_yaim_groups_conf(tmp_path):
+    from pathlib import Path
+
+    groups_conf = Path(__file__).parent.parent / "ce-config" / "groups.conf"
+    data = cfg(yaim_groups_conf=str(groups_conf),
+               vos={"atlas": {"image": "atlas", "groups": ["atlas"]},
+                    "dteam": {"image": "generic"}})
+    c = parse_config(data, "/etc/x.yaml")
+    rules = {rule.name: rule for rule in c.vos}
+    assert rules["atlas"].groups == ("atlas", "atlassgm", "atlasprd")
+    assert rules["dteam"].groups == ("dteam",)
+    broken = tmp_path / "groups.conf"
+    broken.write_text('"/atlas"\n')
+    with pytest.raises(ConfigError, match="groups.conf:1: expected FQAN:group:gid:flag"):
+        parse_config(cfg(yaim_groups_conf=str(broken)), "/etc/x.yaml")

@@ -134,7 +134,7 @@ class Config:
 TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
-    "unmatched", "shared_paths", "site_root_key", "scratch_dir",
+    "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf",
 }
 
 
@@ -245,7 +245,35 @@ def _port_key(network: UserNetwork | BridgeNetwork) -> str | None:
     return None
 
 
-def _parse_vos(c: _Checker, raw: Any) -> tuple[VoRule, ...]:
+def read_yaim_groups_conf(path: str) -> dict[str, list[str]]:
+    """VO -> unix groups from a YAIM groups.conf ("FQAN:group:gid:flag:[VO]" lines).
+
+    The VO is the last field when given, else the first component of the FQAN
+    ("/atlas/ROLE=lcgadmin" or "/VO=atlas/GROUP=/atlas/..." both give atlas). The site keeps
+    one source of truth for which pool-account groups belong to which VO.
+    """
+    result: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split(":")
+            if len(fields) < 2 or not fields[1]:
+                raise ConfigError(f"{path}:{number}: expected FQAN:group:gid:flag:[VO], "
+                                  f"got {line!r}")
+            fqan, group = fields[0].strip('"'), fields[1]
+            vo = fields[4] if len(fields) > 4 and fields[4] else ""
+            if not vo:
+                first = fqan.strip("/").split("/")[0]
+                vo = first.removeprefix("VO=")
+            if vo and group not in result.setdefault(vo, []):
+                result[vo].append(group)
+    return result
+
+
+def _parse_vos(c: _Checker, raw: Any, yaim_groups: dict[str, list[str]] | None = None
+               ) -> tuple[VoRule, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -259,7 +287,9 @@ def _parse_vos(c: _Checker, raw: Any) -> tuple[VoRule, ...]:
         image = c.typed(item.get("image"), f"{key}.image", str, "an image name", valid_name)
         rule = VoRule(
             name=vo, image=image,
-            groups=c.string_list(item.get("groups"), f"{key}.groups"),
+            groups=c.string_list(item.get("groups"), f"{key}.groups")
+            + tuple(g for g in (yaim_groups or {}).get(vo, [])
+                    if g not in (item.get("groups") or [])),
             users=c.string_list(item.get("users"), f"{key}.users"),
             queues=c.string_list(item.get("queues"), f"{key}.queues"),
         )
@@ -308,7 +338,16 @@ def parse_config(data: Any, path: str) -> Config:
                                 os.path.isabs))
         if not root_key.is_file():
             raise c.fail("site_root_key", "an existing private key file", str(root_key))
-    vos = _parse_vos(c, data.get("vos"))
+    yaim_groups = None
+    if data.get("yaim_groups_conf") is not None:
+        groups_conf = c.typed(data["yaim_groups_conf"], "yaim_groups_conf", str,
+                              "an absolute path to a YAIM groups.conf", os.path.isabs)
+        try:
+            yaim_groups = read_yaim_groups_conf(groups_conf)
+        except OSError as exc:
+            raise c.fail("yaim_groups_conf", "a readable YAIM groups.conf",
+                         f"{groups_conf} ({exc.strerror})") from None
+    vos = _parse_vos(c, data.get("vos"), yaim_groups)
     return Config(
         path=path,
         libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The vmimagemanager demo: a real SGE job from a Grid pool account, run inside a real VM.
+#   make demo            (or: bash harness/demo.sh)    KEEP=1 leaves the cell and queue running
+# Installs what it needs, builds the test worker-node images, starts libvirtd and an SGE cell,
+# configures a VM queue, submits jobs as atlas001 and cms001, shows them running, prints their
+# output and qacct status, then stops what it started.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VMIM_VENV:-/opt/vmimagemanager}
+config=/etc/vmimagemanager/demo.yaml
+queue=vm.q
+export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
+export PATH=$venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "demo: run as root (it starts libvirtd and an SGE cell)" >&2; exit 1; }
+say "installing packages (apt, pip) if missing"
+bash "$here/harness/install-deps.sh"
+bash "$here/harness/pool-accounts.sh"
+
+started_libvirt=0; started_cell=0
+pgrep -x libvirtd >/dev/null || started_libvirt=1
+pgrep -x sge_qmaster >/dev/null || started_cell=1
+say "starting libvirtd and a single-host SGE cell"
+bash "$here/harness/libvirt-up.sh"
+bash "$here/harness/sge-cell.sh" up
+
+say "building the test worker-node images (cached)"
+images=$("$venv/bin/python" "$here/examples/guest/build_images.py")
+echo "images in $images"
+mkdir -p /etc/vmimagemanager
+install -m 0644 "$here/examples/demo/vmimagemanager.yaml" "$config"
+vmim() { vmimagemanager --config "$config" "$@"; }
+vmim reconcile >/dev/null
+for vo in atlas cms; do
+  if ! vmim images list --json | grep -q "\"name\": \"$vo-wn\""; then
+    vmim images import "$vo-wn" "$images/$vo.qcow2" --kernel "$images/vmlinuz" \
+      --initrd "$images/initrd.img" --cmdline "console=ttyS0 quiet panic=-1"
+  fi
+done
+vmim images list
+say "configuring the SGE queue $queue (prolog, starter_method, epilog)"
+vmim sge install-queue --queue "$queue"
+qconf -sq "$queue" | grep -E '^(hostlist|slots|prolog|epilog|starter_method)'
+
+say "submitting jobs as Grid pool accounts (as the lcg-CE would)"
+job=/tmp/vmim-demo-job.sh
+cat > "$job" <<'JOB'
+#!/bin/bash
+#$ -S /bin/bash
+echo "job $JOB_ID of $(id -un) (VO group $(id -gn)) running on $(hostname)"
+echo "  middleware: $(cat /etc/grid-middleware-release 2>/dev/null || echo 'none: not in a VM!')"
+echo "  guest kernel: $(uname -r), arguments: $*"
+echo "  DEMO_VAR=$DEMO_VAR"
+JOB
+chmod 755 "$job"
+declare -A owner
+for user in atlas001 cms001; do
+  rm -f /home/$user/vmim-demo.*
+  id=$(su "$user" -s /bin/sh -c "cd && qsub -terse -q $queue -N vmim-demo -o \$HOME/vmim-demo.out -e \$HOME/vmim-demo.err -v 'DEMO_VAR=hello from $user' $job 'first arg' \"it's quoted\"")
+  owner[$id]=$user
+  echo "$user submitted job $id"
+done
+
+say "waiting for the jobs (each boots its own VM: about 15-30 s without KVM)"
+deadline=$((SECONDS + 600))
+while :; do
+  pending=0
+  for id in "${!owner[@]}"; do qacct -j "$id" >/dev/null 2>&1 || pending=$((pending + 1)); done
+  [ $pending = 0 ] && break
+  [ $SECONDS -gt $deadline ] && { echo "demo: jobs did not finish in 10 minutes" >&2; qstat -u '*'; exit 1; }
+  echo "--- $(date +%T): $pending job(s) not finished"
+  qstat -u '*' | tail -n +3 | awk '{print "    job " $1 " " $4 " state " $5}'
+  vmim slots | sed 's/^/    /'
+  sleep 5
+done
+
+say "results (host kernel: $(uname -r), host name: $(hostname))"
+for id in "${!owner[@]}"; do
+  user=${owner[$id]}
+  echo "--- job $id of $user: stdout"
+  sed 's/^/    /' /home/$user/vmim-demo.out
+  if [ -s /home/$user/vmim-demo.err ]; then echo "--- stderr"; sed 's/^/    /' /home/$user/vmim-demo.err; fi
+  qacct -j "$id" | awk '$1 ~ /^(qname|owner|failed|exit_status|ru_wallclock)$/ {print "    qacct " $0}'
+done
+
+say "after the jobs: slots and leftovers"
+vmim slots
+vmim reconcile --dry-run
+if [ "${KEEP:-0}" = 1 ]; then
+  echo "KEEP=1: leaving the cell, libvirtd and queue $queue running"
+  exit 0
+fi
+qconf -dq "$queue" >/dev/null
+[ $started_cell = 1 ] && bash "$here/harness/sge-cell.sh" down
+if [ $started_libvirt = 1 ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
+echo "demo: done; stopped what the demo started (KEEP=1 keeps it running)"
