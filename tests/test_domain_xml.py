@@ -8,8 +8,13 @@ import pytest
 from lxml import etree
 
 from vmimagemanager.config import BridgeNetwork, SharedPath, Slot, UserNetwork
-from vmimagemanager.domain_xml import (QEMU_NS, BootSpec, DomainSpec, build_domain_xml,
-                                       lease_metadata)
+from vmimagemanager.domain_xml import (
+    QEMU_NS,
+    BootSpec,
+    DomainSpec,
+    build_domain_xml,
+    lease_metadata,
+)
 
 libvirt = pytest.importorskip("libvirt")
 

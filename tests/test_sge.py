@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import HARNESS, import_test_images, make_base_dir, require, run_script, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -231,3 +230,19 @@ def test_cli_exec_status_and_reconcile(atlas_vm, vm_setup):
     assert r.stderr.startswith("vmimagemanager: slot t2 has no running VM")
 
 
+
+
+def test_images_check_reports_requirements(vm_setup, atlas_vm):
+    path = str(vm_setup[0])
+    r = subprocess.run([sys.executable, "-m", "vmimagemanager.cli", "--config", path, "images",
+                        "check", "cms", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    checks = {c["requirement"]: c for c in json.loads(r.stdout)}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert any("cms001" in name for name in checks)  # logged in as a pool account of the VO
+    assert "pool account cms001 has the host's uid/gid" in checks
+    assert vm_setup[1].slots[1].name in [c["detail"].removeprefix("slot ") for c in
+                                         checks.values()]
+    r = subprocess.run([sys.executable, "-m", "vmimagemanager.cli", "--config", path, "images",
+                        "check", "no-such-image"], capture_output=True, text=True)
+    assert r.returncode == 1 and "image 'no-such-image' not found" in r.stderr

@@ -12,6 +12,8 @@ import logging
 import os
 import pwd
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +103,28 @@ def owner_ids(owner: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+class PhaseTimer:
+    """Wall time per life-cycle phase (benchmarks read it; logging it costs nothing)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 class LifeCycle:
     """Starts and ends lease VMs; libvirt says what runs, the lease store says who holds what."""
 
     def __init__(self, cfg: Config, hypervisor: Hypervisor, leases: LeaseStore | None = None):
         self.cfg = cfg
         self.hv = hypervisor
+        self.phase = PhaseTimer()
         ensure_state_dirs(cfg)
         self.leases = leases or LeaseStore(cfg.leases_db)
         self.images = ImageStore(cfg.image_dir)
@@ -119,8 +137,9 @@ class LifeCycle:
         image = self.images.get(request.image)  # ImageError before any slot is taken
         uid, gid = owner_ids(request.owner)
         names = slots or [s.name for s in self.cfg.slots]
-        lease, created = self.leases.allocate(names, request.job_id, request.task_id,
-                                              request.owner, request.image, request.vo)
+        with self.phase("lease"):
+            lease, created = self.leases.allocate(names, request.job_id, request.task_id,
+                                                  request.owner, request.image, request.vo)
         if not created:
             if lease.state is LeaseState.RUNNING and self.hv.is_running(
                     self.cfg.slot(lease.slot).domain_name):
@@ -153,9 +172,11 @@ class LifeCycle:
         from .guest import Endpoint, wait_for_host_key, wait_for_ssh
 
         files = lease_files(self.cfg, slot.name, request.label)
-        prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
-        job_key = generate_keypair(f"vmim-job-{request.label}")
-        _admin_path, admin_public = admin_key(self.cfg)
+        with self.phase("overlay"):
+            prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
+        with self.phase("keys"):
+            job_key = generate_keypair(f"vmim-job-{request.label}")
+            _admin_path, admin_public = admin_key(self.cfg)
         keys = {"root": [admin_public]}
         if request.owner != "root":
             keys[request.owner] = [job_key.public_line]
@@ -165,9 +186,10 @@ class LifeCycle:
         mounts = [[share_tag(s.path), s.path, "9p",
                    "trans=virtio,version=9p2000.L,access=user,msize=262144", "0", "0"]
                   for s in hyper_shares]
-        build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
-                                        hostname=slot.guest_hostname, authorized_keys=keys,
-                                        mounts=mounts))
+        with self.phase("seed"):
+            build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
+                                            hostname=slot.guest_hostname, authorized_keys=keys,
+                                            mounts=mounts))
         host, port = slot.ssh_address
         context = JobContext(
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
@@ -186,13 +208,16 @@ class LifeCycle:
         if self.hv.is_running(slot.domain_name):
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
-        self.hv.start(build_domain_xml(spec))
+        with self.phase("define+start"):
+            self.hv.start(build_domain_xml(spec))
         deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
         running = lambda: self.hv.is_running(slot.domain_name)  # noqa: E731
-        host_key = wait_for_host_key(files.console, deadline, running)
+        with self.phase("guest boot (to host key on console)"):
+            host_key = wait_for_host_key(files.console, deadline, running)
         endpoint = Endpoint(host=host, port=port, user=request.owner,
                             key_file=key_path(self.cfg.run_dir, request.label), host_key=host_key)
-        wait_for_ssh(endpoint, deadline, files.console, running).close()
+        with self.phase("wait for ssh"):
+            wait_for_ssh(endpoint, deadline, files.console, running).close()
         context = JobContext(**{**context.__dict__, "host_key": host_key})
         write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
         return context
@@ -211,11 +236,13 @@ class LifeCycle:
             return False
         if lease.state is not LeaseState.TEARING_DOWN:
             self.leases.transition(slot_name, LeaseState.TEARING_DOWN)
-        self._destroy_if_ours(slot, lease.job_label, graceful)
-        files = lease_files(self.cfg, slot_name, lease.job_label)
-        files.overlay.unlink(missing_ok=True)
-        files.seed.unlink(missing_ok=True)
-        remove_context(self.cfg.run_dir, lease.job_label)
+        with self.phase("destroy"):
+            self._destroy_if_ours(slot, lease.job_label, graceful)
+        with self.phase("cleanup"):
+            files = lease_files(self.cfg, slot_name, lease.job_label)
+            files.overlay.unlink(missing_ok=True)
+            files.seed.unlink(missing_ok=True)
+            remove_context(self.cfg.run_dir, lease.job_label)
         try:
             self.leases.transition(slot_name, LeaseState.FREE)
         except LeaseError:

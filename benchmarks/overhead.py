@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Per-job overhead of vmimagemanager's own code, split into phases, guest boot shown apart.
+
+Runs N jobs' life cycles (start VM -> run a trivial payload over ssh -> end VM) through the
+library on a real libvirtd + QEMU, and measures how long each entry point takes to import.
+Target: everything but guest boot and payload <= 0.5 s per job; each entry point imports in
+<= 150 ms.     Usage: benchmarks/overhead.py [--jobs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from common import REPO, report, scratch_config
+
+ENTRY_IMPORTS = {
+    # what each hook imports on its path (the lazy imports included)
+    "prolog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
+              "vmimagemanager.hypervisor, libvirt, vmimagemanager.guest, paramiko, "
+              "vmimagemanager.policy, cryptography.hazmat.primitives.serialization",
+    "starter": "import vmimagemanager.batch.sge, vmimagemanager.context, vmimagemanager.runner",
+    "epilog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
+              "vmimagemanager.hypervisor, libvirt",
+    "cli": "import vmimagemanager.cli",
+}
+OWN_PHASES = ["config load", "lease", "overlay", "keys", "seed", "define+start", "run (ssh)",
+              "destroy", "cleanup", "release"]
+
+
+def import_time(statement: str, runs: int = 5) -> float:
+    """Best-of-N wall time of a fresh interpreter doing the imports, minus a bare interpreter."""
+    def best(code: str) -> float:
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(statement) - best("pass")
+
+
+def one_job(path: str, n: int) -> dict:
+    from vmimagemanager.config import load_config
+    from vmimagemanager.context import key_path
+    from vmimagemanager.guest import Endpoint, GuestSession, connect
+    from vmimagemanager.hypervisor import LibvirtHypervisor
+    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+
+    t0 = time.perf_counter()
+    cfg = load_config(path)
+    config_s = time.perf_counter() - t0
+    life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+    _lease, ctx = life.start_vm(JobRequest(str(80000 + n), "0", "atlas001", "atlas", "atlas"))
+    t1 = time.perf_counter()
+    session = GuestSession(connect(Endpoint(ctx.host, ctx.port, ctx.user,
+                                            key_path(cfg.run_dir, ctx.label), ctx.host_key)))
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    rc = session.run(["true"], {"JOB_ID": str(n)}, None, stdin_fd=None, stdout_fd=devnull)
+    session.close()
+    os.close(devnull)
+    assert rc == 0
+    run_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    life.end_vm(_lease.slot)
+    end_s = time.perf_counter() - t2
+    p = dict(life.phase.seconds)
+    row = {"job": n, "config load": config_s, "run (ssh)": run_s, **p}
+    row["release"] = end_s - p.get("destroy", 0) - p.get("cleanup", 0)
+    row["guest boot"] = p.get("guest boot (to host key on console)", 0) + p.get("wait for ssh", 0)
+    row["ours total"] = sum(row.get(k, 0.0) for k in OWN_PHASES)
+    row["ours without run"] = row["ours total"] - run_s
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=3)
+    args = parser.parse_args()
+    base, path, _cfg = scratch_config(1)
+    try:
+        rows = [one_job(str(path), n) for n in range(args.jobs)]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    columns = ["job", *OWN_PHASES, "ours without run", "guest boot"]
+    print("Per-job phases (seconds); 'guest boot' = QEMU start to ssh answering, not ours")
+    med = {c: statistics.median(r[c] for r in rows) for c in columns[1:]}
+    report("overhead", [*rows, {"job": "median", **med}], columns)
+    print()
+    imports = [{"entry point": name, "import seconds": import_time(code)}
+               for name, code in ENTRY_IMPORTS.items()]
+    report("imports", imports, ["entry point", "import seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Start latency and a stress run through the real gridengine cell.
+
+latency: one job at a time, cold boot: qsub -> the payload's first output line in the job's .o
+file (polled from the host every 50 ms), and prolog start (qacct start_time) -> that line.
+stress: N jobs submitted at once by two VOs (atlas001..3, cms001..3) to a node with S VM slots:
+every job must finish with the right VO's image and its own exit status; reports double leases
+(slots held by two jobs at once, sampled), leftovers, throughput next to the bound set by boot +
+teardown time per slot, and the largest starter RSS seen.
+Usage: benchmarks/sge_stress.py latency [--jobs 3] | stress [--jobs 100] [--slots 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, report, scratch_config
+
+SGE_ENV = {**os.environ, "SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+QUEUE = "vmbench.q"
+PAYLOAD = """#!/bin/sh
+echo "first $(cat /etc/grid-middleware-release)"
+exit $((JOB_ID % 7))
+"""
+
+
+def sh(*args: str, user: str | None = None, check: bool = True) -> str:
+    cmd = list(args)
+    if user:
+        cmd = ["su", user, "-s", "/bin/sh", "-c", f"cd && {shlex.join(args)}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=SGE_ENV)
+    if check and r.returncode != 0:
+        sys.exit(f"{cmd}: {r.stderr}")
+    return r.stdout
+
+
+def qacct(job_id: str) -> dict[str, str]:
+    out = sh("qacct", "-j", job_id, check=False)
+    return {p[0]: p[1].strip() for line in out.splitlines() if len(p := line.split(None, 1)) == 2}
+
+
+def submit(user: str, script: Path, tag: str) -> tuple[str, Path]:
+    out = Path(f"/home/{user}/vmim-bench-{tag}.out")
+    out.unlink(missing_ok=True)
+    job = sh("qsub", "-terse", "-q", QUEUE, "-o", str(out), "-j", "y", str(script),
+             user=user).strip()
+    return job, out
+
+
+def setup(slots: int):
+    for script in ("libvirt-up.sh", "pool-accounts.sh"):
+        subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
+    subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
+    base, path, cfg = scratch_config(slots, prefix=f"bn{os.getpid()}s")
+    cli = str(Path(sys.executable).parent / "vmimagemanager")
+    subprocess.run([cli, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
+                    "--wrapper-dir", str(base / "libexec")], check=True, env=SGE_ENV)
+    script = base / "payload.sh"
+    script.write_text(PAYLOAD)
+    os.chmod(script, 0o755)
+    return base, path, cfg, cli, script
+
+
+def teardown(base: Path, path: Path, cli: str) -> None:
+    sh("qconf", "-dq", QUEUE, check=False)
+    subprocess.run([cli, "--config", str(path), "reconcile"], capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def latency(args) -> None:
+    base, path, cfg, cli, script = setup(1)
+    rows = []
+    try:
+        for n in range(args.jobs):
+            submitted = time.time()
+            job, out = submit("atlas001", script, f"lat{n}")
+            while not (out.exists() and out.read_text().startswith("first")):
+                time.sleep(0.05)
+            first_line = time.time()
+            while not (rec := qacct(job)).get("start_time"):
+                time.sleep(0.5)
+            start = time.mktime(time.strptime(rec["start_time"][4:], "%b %d %H:%M:%S %Y"))
+            rows.append({"job": job, "qsub -> first output s": first_line - submitted,
+                         "prolog start -> first output s": first_line - start})
+    finally:
+        teardown(base, path, cli)
+    report("start_latency", rows, ["job", "qsub -> first output s",
+                                   "prolog start -> first output s"])
+
+
+def stress(args) -> None:
+    base, path, cfg, cli, script = setup(args.slots)
+    users = ["atlas001", "atlas002", "atlas003", "cms001", "cms002", "cms003"]
+    jobs = {}
+    max_rss_kib, double, samples = 0, 0, 0
+    from vmimagemanager.leases import LeaseStore
+
+    try:
+        started = time.time()
+        for n in range(args.jobs):
+            user = users[n % len(users)]
+            job, out = submit(user, script, f"st{n}")
+            jobs[job] = (user, out)
+        pending = set(jobs)
+        while pending:
+            for job in list(pending):
+                if qacct(job).get("exit_status") is not None:
+                    pending.discard(job)
+            for pid in subprocess.run(["pgrep", "-f", "vmim-sge-starter"], capture_output=True,
+                                      text=True).stdout.split():
+                try:
+                    status = Path(f"/proc/{pid}/status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("VmHWM:"):
+                        max_rss_kib = max(max_rss_kib, int(line.split()[1]))
+            leases = LeaseStore(cfg.leases_db).all()
+            samples += 1
+            if len({lease.slot for lease in leases}) != len(leases) or \
+                    len({lease.job_label for lease in leases}) != len(leases):
+                double += 1
+            if time.time() - started > args.timeout:
+                sys.exit(f"timeout: {len(pending)} jobs unfinished")
+            time.sleep(2)
+        elapsed = time.time() - started
+        wrong = []
+        for job, (user, out) in jobs.items():
+            rec = qacct(job)
+            vo = "atlas" if user.startswith("atlas") else "cms"
+            text = out.read_text() if out.exists() else ""
+            if not text.startswith(f"first VO={vo} ") or rec["exit_status"] != str(int(job) % 7):
+                wrong.append((job, user, rec.get("exit_status"), text[:80]))
+        leftovers = {
+            "leases": len(LeaseStore(cfg.leases_db).all()),
+            "overlays": len(list(cfg.overlay_dir.iterdir())),
+            "contexts": len(list((cfg.run_dir / "jobs").iterdir())),
+            "domains": len([d for d in sh("virsh", "list", "--name").split()
+                            if d in [s.domain_name for s in cfg.slots]]),
+        }
+    finally:
+        teardown(base, path, cli)
+    per_job_vm = args.vm_seconds
+    bound = 60 * args.slots / per_job_vm if per_job_vm else None
+    row = {"jobs": args.jobs, "slots": args.slots, "elapsed s": elapsed,
+           "jobs/min": 60 * args.jobs / elapsed, "bound jobs/min": bound,
+           "wrong": len(wrong), "double-lease samples": double, "samples": samples,
+           "max starter RSS MiB": max_rss_kib / 1024, **{f"leftover {k}": v
+                                                          for k, v in leftovers.items()}}
+    report("stress", [row], list(row), {"wrong_jobs": wrong})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("latency")
+    p.add_argument("--jobs", type=int, default=3)
+    p = sub.add_parser("stress")
+    p.add_argument("--jobs", type=int, default=100)
+    p.add_argument("--slots", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--vm-seconds", type=float, default=None,
+                   help="boot + teardown seconds per job (from overhead.py) for the bound")
+    args = parser.parse_args()
+    (latency if args.mode == "latency" else stress)(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""`vmimagemanager images check NAME`: boot an image once and report which guest requirements it
+meets (the list in README, "Guest image requirements")."""
+
+from __future__ import annotations
+
+import grp
+import json
+import pwd
+import shlex
+from dataclasses import dataclass
+
+from .config import Config
+from .errors import VmimError
+
+TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "kill", "rm")
+
+
+@dataclass
+class Check:
+    requirement: str
+    ok: bool
+    detail: str
+
+
+def _vo_account(cfg: Config, image: str) -> str | None:
+    """A pool account of a VO that uses this image (first member of its first group)."""
+    for rule in cfg.vos:
+        if rule.image != image:
+            continue
+        for group in rule.groups:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                continue
+            members = sorted(p.pw_name for p in pwd.getpwall() if p.pw_gid == gid)
+            if members:
+                return members[0]
+    return None
+
+
+def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
+    from .context import key_path
+    from .guest import Endpoint, GuestSession, connect
+    from .hypervisor import LibvirtHypervisor
+    from .lifecycle import JobRequest, LifeCycle
+
+    life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+    account = user or _vo_account(cfg, image) or "root"
+    request = JobRequest(job_id="check-" + image.replace(".", "-")[:50], task_id="0",
+                         owner=account, image=image, vo="check")
+    checks: list[Check] = []
+    try:
+        lease, ctx = life.start_vm(request)
+    except VmimError as exc:
+        return [Check("boots, prints its ssh host key on the console, sshd accepts the job key",
+                      False, str(exc))]
+    try:
+        checks.append(Check("boots, prints its ssh host key on the console, sshd accepts the "
+                            f"job key for {account}", True, f"slot {lease.slot}"))
+        session = GuestSession(connect(Endpoint(ctx.host, ctx.port, account,
+                                                key_path(cfg.run_dir, ctx.label), ctx.host_key)))
+        try:
+            checks += _guest_checks(cfg, session, account, lease.slot)
+        finally:
+            session.close()
+    finally:
+        life.end_vm(lease.slot)
+    return checks
+
+
+def _probe(session, command: str) -> tuple[bool, str]:
+    try:
+        return True, session.check_call(command).strip()
+    except VmimError as exc:
+        return False, str(exc)
+
+
+def _guest_checks(cfg: Config, session, account: str, slot: str) -> list[Check]:
+    checks = []
+    ok, out = _probe(session, "id -u; id -g")
+    if account != "root":
+        host = pwd.getpwnam(account)
+        want = f"{host.pw_uid}\n{host.pw_gid}"
+        checks.append(Check(f"pool account {account} has the host's uid/gid", ok and out == want,
+                            f"guest {out.split()} host {want.split()}" if ok else out))
+    missing = []
+    for tool in TOOLS:
+        found, _ = _probe(session, f"command -v {shlex.quote(tool)} >/dev/null")
+        if not found:
+            missing.append(tool)
+    checks.append(Check("POSIX tools the executor uses: " + " ".join(TOOLS), not missing,
+                        "missing: " + " ".join(missing) if missing else "all present"))
+    found, out = _probe(session, "test -x /bin/bash && /bin/bash -c 'echo $BASH_VERSION'")
+    checks.append(Check("/bin/bash (CE job managers write '#$ -S /bin/bash')", found,
+                        out if found else "missing"))
+    want_host = cfg.slot(slot).guest_hostname
+    found, out = _probe(session, "hostname")
+    checks.append(Check("contextualisation: host name from the seed", found and out == want_host,
+                        f"hostname {out!r}, expected {want_host!r}"))
+    for shared in cfg.shared_paths:
+        path = shlex.quote(shared.path)
+        found, out = _probe(session, f"test -d {path} && grep -q ' '{path}' ' /proc/mounts && "
+                                     "echo mounted")
+        checks.append(Check(f"shared path {shared.path} mounted ({shared.mode})", found,
+                            out if found else f"{shared.path} is not a mount point in the guest"))
+    return checks
+
+
+def check_image(cfg: Config, image: str, user: str | None, json_output: bool = False) -> int:
+    from .images import ImageStore
+
+    ImageStore(cfg.image_dir).get(image)
+    checks = run_checks(cfg, image, user)
+    if json_output:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        for c in checks:
+            print(f"{'ok  ' if c.ok else 'FAIL'}  {c.requirement}: {c.detail}")
+    return 0 if all(c.ok for c in checks) else 1
