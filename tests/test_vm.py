@@ -246,3 +246,65 @@ def test_images_check_reports_requirements(vm_setup, atlas_vm):
     r = subprocess.run([sys.executable, "-m", "vmimagemanager.cli", "--config", path, "images",
                         "check", "no-such-image"], capture_output=True, text=True)
     assert r.returncode == 1 and "image 'no-such-image' not found" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def shared_dir():
+    from conftest import make_base_dir
+
+    share = make_base_dir("vmim-share-")
+    (share / "input.txt").write_text("from the host\n")
+    os.chmod(share / "input.txt", 0o644)
+    yield share
+    import shutil
+
+    shutil.rmtree(share, ignore_errors=True)
+
+
+def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, life, shared_dir,
+                                                                      tmp_path):
+    """The starter's work, outside SGE: a 9p-shared directory is the job's cwd in the guest."""
+    from dataclasses import replace
+
+    from vmimagemanager.batch.base import Job
+    from vmimagemanager.config import SharedPath
+    from vmimagemanager.lifecycle import LifeCycle
+    from vmimagemanager.runner import JobRunner
+
+    cfg = replace(vm_setup[1], shared_paths=(SharedPath(str(shared_dir), "hypervisor",
+                                                        "passthrough"),))
+    own = LifeCycle(cfg, life.hv, life.leases)
+    lease, ctx = own.start_vm(JobRequest("9301", "0", "atlas001", "atlas", "atlas"),
+                              slots=["t2"])
+    try:
+        assert ctx.guest_checked_paths == (str(shared_dir),)
+        script = tmp_path / "job.sh"
+        script.write_text("#!/bin/sh\npwd; cat input.txt; echo \"tmp=$TMPDIR\"; "
+                          "stat -c '%a %U' \"$X509_USER_PROXY\"; cat \"$X509_USER_PROXY\"\n")
+        proxy = tmp_path / "x509up_u5001"
+        proxy.write_text("PROXY-CERT\n")
+        env = {"JOB_ID": "9301", "TMPDIR": "/tmp/9301.1.vmtest.q", "X509_USER_PROXY": str(proxy),
+               "LD_PRELOAD": "/evil.so", "PATH": "/tmp/9301.1.vmtest.q:/usr/bin:/bin"}
+        job = Job("9301", "0", "atlas001", argv=[str(script)], is_script=True, shell="/bin/sh",
+                  env=env, cwd=str(shared_dir))
+        out_r, out_w = os.pipe()
+        runner = JobRunner(job, ctx, cfg.run_dir)
+        saved = os.dup(1)
+        os.dup2(out_w, 1)
+        try:
+            rc = runner.run(stdin_fd=None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(out_w)
+        out = os.read(out_r, 65536).decode()
+        os.close(out_r)
+        assert rc == 0, out
+        lines = out.splitlines()
+        assert lines[0] == str(shared_dir)
+        assert lines[1] == "from the host"
+        assert lines[2] == "tmp=/tmp/vmim-9301.0"
+        assert lines[3] == "600 atlas001"
+        assert lines[4] == "PROXY-CERT"
+    finally:
+        own.end_vm(lease.slot)

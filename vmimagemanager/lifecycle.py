@@ -195,6 +195,7 @@ class LifeCycle:
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image,
             shared_paths=tuple(s.path for s in self.cfg.shared_paths),
+            guest_checked_paths=tuple(s.path for s in self.cfg.shared_paths),
             scratch_dir=self.cfg.scratch_dir)
         write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
 

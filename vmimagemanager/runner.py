@@ -73,12 +73,14 @@ class JobRunner:
         except Exception as exc:  # paramiko/socket errors: one clear line for the .e file
             raise GuestError(f"cannot reach the job's VM at {ctx.host}:{ctx.port} ({exc}); the "
                              "VM may have stopped") from None
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, self._on_signal)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
         try:
             return self._run_in_guest(stdin_fd)
         finally:
             self.session.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _run_in_guest(self, stdin_fd: int | None) -> int:
         assert self.session is not None

@@ -39,7 +39,7 @@ def _root_hook_setup(program: str) -> None:
     for key in ("VMIM_CONFIG", "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH"):
         os.environ.pop(key, None)
     os.umask(0o077)
-    setup_logging(program, stderr_level=logging.ERROR)
+    setup_logging(program, stderr_level=logging.CRITICAL)  # they print their own one line
 
 
 def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
