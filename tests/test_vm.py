@@ -308,3 +308,26 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
         assert lines[4] == "PROXY-CERT"
     finally:
         own.end_vm(lease.slot)
+
+
+def test_up_store_restore_down_keeps_what_the_admin_changed(vm_setup, atlas_vm):
+    path = str(vm_setup[0])
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vmimagemanager.cli", "--config", path,
+                               *args], capture_output=True, text=True)
+
+    r = cli("up", "t2", "--image", "cms")
+    assert r.returncode == 0 and "running as vmim-t2" in r.stdout, r.stderr
+    assert cli("exec", "t2", "--", "sh", "-c", "echo updated > /etc/site-update").returncode == 0
+    r = cli("store", "t2", "cms-updated")
+    assert r.returncode == 0, r.stderr
+    assert cli("slots", "--json").stdout.count('"state": "free"') == 1  # t2 free, t1 busy
+    assert cli("restore", "t2", "--image", "cms-updated").returncode == 0
+    r = cli("exec", "t2", "--", "cat", "/etc/site-update")
+    assert r.stdout == "updated\n", r.stderr
+    r = cli("images", "remove", "cms-updated")
+    assert r.returncode == 1 and "in use by job admin-t2.0" in r.stderr
+    assert cli("down", "t2").returncode == 0
+    assert cli("images", "remove", "cms-updated").returncode == 0
+    assert cli("reconcile", "--dry-run").stdout.startswith("nothing to do")

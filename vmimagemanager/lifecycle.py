@@ -268,9 +268,34 @@ class LifeCycle:
                         slot.name, name, meta.get("job"), label)
             return
         if graceful:
+            self._guest_poweroff(slot, label)
             self.hv.shutdown(name, self.cfg.shutdown_timeout)
         else:
             self.hv.destroy(name)
+
+    def _guest_poweroff(self, slot: Slot, label: str) -> None:
+        """Ask the guest over ssh (as root, admin key) to sync its disks and power off.
+
+        Images without an ACPI daemon ignore libvirt's shutdown request; an ssh poweroff works
+        on any image we can log in to, and `sync` first keeps what an admin wrote (`store`).
+        """
+        from .context import read_context
+        from .guest import Endpoint, GuestSession, connect
+
+        try:
+            host_key = read_context(self.cfg.run_dir, label).host_key
+            host, port = slot.ssh_address
+            session = GuestSession(connect(Endpoint(host, port, "root", admin_key(self.cfg)[0],
+                                                    host_key), timeout=5))
+        except Exception as exc:  # noqa: BLE001 - fall back to ACPI shutdown, then destroy
+            log.info("slot %s: no ssh poweroff (%s); using ACPI shutdown", slot.name, exc)
+            return
+        try:
+            session.check_call("sync; (sleep 1; poweroff -f || poweroff) >/dev/null 2>&1 &")
+        except Exception as exc:  # noqa: BLE001 - same fallback
+            log.info("slot %s: ssh poweroff failed (%s)", slot.name, exc)
+        finally:
+            session.close()
 
     # -- reconcile ------------------------------------------------------------------------------
     def reconcile(self, dry_run: bool = False) -> list[str]:
@@ -347,6 +372,7 @@ class LifeCycle:
         if lease is None:
             raise LeaseError(f"slot {slot_name} is free: nothing to store; 'up' it first")
         slot = self.cfg.slot(slot_name)
+        self._guest_poweroff(slot, lease.job_label)
         self.hv.shutdown(slot.domain_name, self.cfg.shutdown_timeout)
         files = lease_files(self.cfg, slot_name, lease.job_label)
         self.images.store_from_disk(new_image, files.overlay, self.images.get(lease.image))
