@@ -50,7 +50,8 @@ cat > "$job" <<'JOB'
 #$ -S /bin/bash
 echo "job $JOB_ID of $(id -un) (VO group $(id -gn)) running on $(hostname)"
 echo "  middleware: $(cat /etc/grid-middleware-release 2>/dev/null || echo 'none: not in a VM!')"
-echo "  guest kernel: $(uname -r), arguments: $*"
+echo "  guest kernel: $(uname -r), up for $(cut -d' ' -f1 /proc/uptime) s (a fresh VM)"
+echo "  arguments: $*"
 echo "  DEMO_VAR=$DEMO_VAR"
 JOB
 chmod 755 "$job"

@@ -69,8 +69,9 @@ cell_up() {
 cell_down() {
   if pgrep -x sge_execd >/dev/null; then qconf -ke "$host" >/dev/null 2>&1 || pkill -x sge_execd || true; fi
   if pgrep -x sge_qmaster >/dev/null; then qconf -km >/dev/null 2>&1 || pkill -TERM -x sge_qmaster || true; fi
-  for _ in $(seq 1 100); do pgrep -x 'sge_(qmaster|execd)' >/dev/null || break; sleep 0.2; done
-  if pgrep -x 'sge_(qmaster|execd)' >/dev/null; then echo "sge-cell: daemons still running" >&2; exit 1; fi
+  running() { pgrep -x sge_qmaster >/dev/null || pgrep -x sge_execd >/dev/null; }
+  for _ in $(seq 1 100); do running || break; sleep 0.2; done
+  if running; then echo "sge-cell: daemons still running" >&2; exit 1; fi
   echo "sge-cell: cell stopped" >&2
 }
 
