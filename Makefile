@@ -1,7 +1,7 @@
 # The two commands a newcomer needs (root, fresh Debian 12); both do their own set-up.
 PY ?= /opt/vmimagemanager/bin/python
 
-.PHONY: demo test deps lint bench
+.PHONY: demo test deps lint bench bench-sge
 
 deps:
 	bash harness/install-deps.sh
@@ -19,5 +19,11 @@ test: deps
 
 bench: deps
 	bash harness/libvirt-up.sh
-	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/overlay_vs_copy.py
+	cd benchmarks && $(PY) overhead.py --jobs 3
+	cd benchmarks && $(PY) overlay_vs_copy.py
+
+# Through the real SGE cell: start latency (3 jobs) and the 100-job stress run (~20 min, TCG).
+bench-sge: deps
+	bash harness/libvirt-up.sh
+	cd benchmarks && $(PY) sge_stress.py latency --jobs 3
+	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2 --vm-seconds 17
