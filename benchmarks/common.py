@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,28 +21,13 @@ def build_images() -> dict:
 
 def scratch_config(slots: int, prefix: str = "b"):
     """A configuration under /var/tmp with `slots` user-network slots and atlas/cms imported."""
-    import yaml
-
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import free_port, import_test_images
+    from conftest import import_test_images, make_base_dir, write_config
 
     from vmimagemanager.config import load_config
 
-    base = Path(tempfile.mkdtemp(prefix="vmim-bench-", dir="/var/tmp"))
-    os.chmod(base, 0o755)
-    data = {
-        "domain_type": "auto", "image_dir": str(base / "images"),
-        "overlay_dir": str(base / "overlays"), "state_dir": str(base / "state"),
-        "run_dir": str(base / "run"), "boot_timeout": 180,
-        "slot_defaults": {"vcpus": 1, "memory_mib": 256},
-        "slots": [{"name": f"{prefix}{i}", "network": {"type": "user", "ssh_port": free_port()}}
-                  for i in range(1, slots + 1)],
-        "vos": {"atlas": {"image": "atlas", "groups": ["atlas"]},
-                "cms": {"image": "cms", "groups": ["cms"]}},
-    }
-    path = base / "vmimagemanager.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.chmod(path, 0o644)
+    base = make_base_dir("vmim-bench-")
+    path = write_config(base, slots, extra={"boot_timeout": 180}, prefix=prefix)
     cfg = load_config(str(path))
     import_test_images(cfg, build_images(), names=("atlas", "cms"))
     return base, path, cfg

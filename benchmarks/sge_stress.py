@@ -46,14 +46,6 @@ def qacct(job_id: str) -> dict[str, str]:
     return {p[0]: p[1].strip() for line in out.splitlines() if len(p := line.split(None, 1)) == 2}
 
 
-def job_state(job_id: str) -> str:
-    for line in sh("qstat", "-u", "*", check=False).splitlines():
-        fields = line.split()
-        if fields and fields[0] == job_id:
-            return fields[4]
-    return ""
-
-
 def submit(user: str, script: Path, tag: str) -> tuple[str, Path]:
     out = Path(f"/home/{user}/vmim-bench-{tag}.out")
     out.unlink(missing_ok=True)
@@ -67,6 +59,7 @@ def setup(slots: int):
         subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
     subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
     base, path, cfg = scratch_config(slots, prefix=f"bn{os.getpid()}s")
+    sys.path.insert(0, str(REPO / "tests"))
     cli = str(Path(sys.executable).parent / "vmimagemanager")
     subprocess.run([cli, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
                     "--wrapper-dir", str(base / "libexec")], check=True, env=SGE_ENV)
@@ -89,6 +82,8 @@ def latency(args) -> None:
         for n in range(args.jobs):
             submitted = time.time()
             job, out = submit("atlas001", script, f"lat{n}")
+            from test_sge import job_state
+
             dispatched = None  # first time qstat shows the job transferring/running: prolog
             while not (out.exists() and out.read_text().startswith("first")):
                 if dispatched is None and job_state(job) in ("t", "r"):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from lxml import etree
+from typing import TYPE_CHECKING
+from xml.etree import ElementTree
 
 from .config import BridgeNetwork, SharedPath, Slot, UserNetwork
+
+if TYPE_CHECKING:
+    from lxml import etree
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 VMIM_NS = "https://vmimagemanager.example.org/xmlns/lease/1.0"
@@ -41,6 +44,8 @@ class DomainSpec:
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
+    from lxml import etree  # imported where XML is built: the epilog only reads metadata
+
     element = etree.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
     if text is not None:
         element.text = text
@@ -62,6 +67,8 @@ def _user_network(root: etree._Element, net: UserNetwork) -> None:
     restrict=on keeps the guest from reaching anything but the forwarded ssh port; the device sits
     at an explicit PCI address because the default slot 2 collides with other devices.
     """
+    from lxml import etree
+
     cmdline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
     netdev = (f"user,id=vmimnet0,restrict=on,"
               f"hostfwd=tcp:{net.listen}:{net.ssh_port}-:22")
@@ -83,6 +90,8 @@ def share_tag(path: str) -> str:
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
+    from lxml import etree
+
     root = etree.Element("domain", {"type": spec.domain_type}, nsmap={"qemu": QEMU_NS})
     _sub(root, "name", spec.slot.domain_name)
     metadata = _sub(root, "metadata")
@@ -134,7 +143,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
 
 
 def lease_metadata(domain_xml: str) -> dict[str, str]:
-    """The vmimagemanager lease attributes stored in a running domain's XML (empty if none)."""
-    root = etree.fromstring(domain_xml.encode())
+    """The vmimagemanager lease attributes stored in a running domain's XML (empty if none).
+
+    Reading libvirt's own output needs no lxml: the stdlib parser keeps the epilog's imports lean.
+    """
+    root = ElementTree.fromstring(domain_xml)
     found = root.find(f"metadata/{{{VMIM_NS}}}lease")
     return dict(found.attrib) if found is not None else {}

@@ -24,6 +24,7 @@ from .context import (
     context_dir,
     key_path,
     list_contexts,
+    read_context,
     remove_context,
     write_context,
 )
@@ -224,8 +225,6 @@ class LifeCycle:
         return context
 
     def _existing_context(self, lease: Lease) -> JobContext:
-        from .context import read_context
-
         return read_context(self.cfg.run_dir, lease.job_label)
 
     # -- end ------------------------------------------------------------------------------------
@@ -279,7 +278,6 @@ class LifeCycle:
         Images without an ACPI daemon ignore libvirt's shutdown request; an ssh poweroff works
         on any image we can log in to, and `sync` first keeps what an admin wrote (`store`).
         """
-        from .context import read_context
         from .guest import Endpoint, GuestSession, connect
 
         try:

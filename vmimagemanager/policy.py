@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import grp
+import os
 import pwd
 
 from .config import Config, VoRule
@@ -23,9 +24,9 @@ def user_groups(owner: str) -> set[str]:
     except KeyError:
         raise VmimError(f"job owner {owner!r} is not a user on this host") from None
     names = set()
-    with contextlib.suppress(KeyError):  # a primary gid without a group entry
-        names.add(grp.getgrgid(entry.pw_gid).gr_name)
-    names.update(g.gr_name for g in grp.getgrall() if owner in g.gr_mem)
+    for gid in os.getgrouplist(owner, entry.pw_gid):  # NSS does the work (LDAP sites too)
+        with contextlib.suppress(KeyError):  # a gid without a group entry
+            names.add(grp.getgrgid(gid).gr_name)
     return names
 
 

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from ..config import Config, config_path, load_config
-from ..errors import BootError, ConfigError, ImageError, NoFreeSlot, VmimError
+from ..errors import ImageError, NoFreeSlot, VmimError
 from ..logsetup import setup_logging
 from .base import Job, check_job_id, normalise_task_id
 
@@ -121,7 +121,7 @@ def _prolog(cfg: Config, args: argparse.Namespace, label: str) -> int:
         print(f"vmimagemanager prolog: job {label} (VO {rule.name}): {exc}; the job is held "
               "(Eqw) until the image is imported", file=sys.stderr)
         return EXIT_HOLD
-    except (BootError, VmimError) as exc:
+    except VmimError as exc:  # a failed boot (BootError) or a stale domain: counted
         count = life.leases.record_boot_failure(args.job_id, args.task_id, str(exc))
         if count >= cfg.max_boot_attempts:
             print(f"vmimagemanager prolog: job {label}: the VM failed to start {count} times; "
@@ -234,5 +234,3 @@ def _has_shebang(path: str) -> bool:
     except OSError:
         return False
 
-
-__all__ = ["prolog_main", "starter_main", "epilog_main", "ConfigError"]
