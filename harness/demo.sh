@@ -32,12 +32,21 @@ mkdir -p /etc/vmimagemanager
 install -m 0644 "$here/examples/demo/vmimagemanager.yaml" "$config"
 vmim() { vmimagemanager --config "$config" "$@"; }
 vmim reconcile >/dev/null
+# Images built from other inputs (an older build) are replaced: the build directory is named by
+# the hash of everything that went into it.
+source_mark=/var/lib/vmimagemanager-demo/images-built-from
+if [ "$(cat "$source_mark" 2>/dev/null)" != "$images" ]; then
+  for vo in atlas cms; do
+    if vmim images list --json | grep -q "\"name\": \"$vo-wn\""; then vmim images remove "$vo-wn"; fi
+  done
+fi
 for vo in atlas cms; do
   if ! vmim images list --json | grep -q "\"name\": \"$vo-wn\""; then
     vmim images import "$vo-wn" "$images/$vo.qcow2" --kernel "$images/vmlinuz" \
       --initrd "$images/initrd.img" --cmdline "console=ttyS0 quiet panic=-1"
   fi
 done
+echo "$images" > "$source_mark"
 vmim images list
 say "configuring the SGE queue $queue (prolog, starter_method, epilog)"
 vmim sge install-queue --queue "$queue"
@@ -53,11 +62,13 @@ echo "  middleware: $(cat /etc/grid-middleware-release 2>/dev/null || echo 'none
 echo "  guest kernel: $(uname -r), up for $(cut -d' ' -f1 /proc/uptime) s (a fresh VM)"
 echo "  arguments: $*"
 echo "  DEMO_VAR=$DEMO_VAR"
+echo "  working directory: $(pwd) (the shared home)"
+echo "written inside the VM $(hostname) by $(id -un)" > vmim-demo-result.txt
 JOB
 chmod 755 "$job"
 declare -A owner
 for user in atlas001 cms001; do
-  rm -f /home/$user/vmim-demo.*
+  rm -f /home/$user/vmim-demo.* /home/$user/vmim-demo-result.txt
   id=$(su "$user" -s /bin/sh -c "cd && qsub -terse -q $queue -N vmim-demo -o \$HOME/vmim-demo.out -e \$HOME/vmim-demo.err -v 'DEMO_VAR=hello from $user' $job 'first arg' \"it's quoted\"")
   owner[$id]=$user
   echo "$user submitted job $id"
@@ -83,6 +94,9 @@ for id in "${!owner[@]}"; do
   sed 's/^/    /' /home/$user/vmim-demo.out
   if [ -s /home/$user/vmim-demo.err ]; then echo "--- stderr"; sed 's/^/    /' /home/$user/vmim-demo.err; fi
   qacct -j "$id" | awk '$1 ~ /^(qname|owner|failed|exit_status|ru_wallclock)$/ {print "    qacct " $0}'
+  echo "--- the file the job wrote in its home, seen on the host:"
+  ls -l /home/$user/vmim-demo-result.txt | sed 's/^/    /'
+  sed 's/^/    /' /home/$user/vmim-demo-result.txt
 done
 
 say "after the jobs: slots and leftovers"

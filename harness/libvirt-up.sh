@@ -8,8 +8,24 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 if [ -e /etc/libvirt/qemu/networks/autostart/default.xml ]; then
   rm -f /etc/libvirt/qemu/networks/autostart/default.xml  # never autostart 192.168.122.0/24
 fi
+# Shared home directories (shared_paths, mode hypervisor): with 9p passthrough a pool account
+# writes files in its home owned by itself only if QEMU runs as root (Debian's default user
+# libvirt-qemu cannot write into users' homes). A host-wide libvirt choice, made here for the
+# tests and the demo; docs/shared-storage.md explains what it means for a site.
+conf=/etc/libvirt/qemu.conf
+restart=0
+if ! grep -q '^user = "root"' "$conf" || ! grep -q '^group = "root"' "$conf"; then
+  sed -i -e '/^user = /d' -e '/^group = /d' "$conf"
+  printf '\n# vmimagemanager harness: QEMU as root for 9p shared homes\nuser = "root"\ngroup = "root"\n' >> "$conf"
+  echo "libvirt-up: $conf: QEMU now runs as root (9p shared homes)" >&2
+  restart=1
+fi
 mkdir -p /run/libvirt
 pgrep -x virtlogd >/dev/null || virtlogd -d
+if [ "$restart" = 1 ] && pgrep -x libvirtd >/dev/null; then
+  pkill -x libvirtd
+  for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.2; done
+fi
 if ! pgrep -x libvirtd >/dev/null; then
   libvirtd -d
 fi

@@ -50,6 +50,10 @@ BAD = [
     (cfg(shared_paths=[{"path": "/", "mode": "guest"}]), "shared_paths[0].path: expected"),
     (cfg(shared_paths=[{"path": "/nonexistent-xyz", "mode": "hypervisor"}]),
      "expected an existing directory on this host"),
+    (cfg(shared_paths=[{"path": "/tmp", "mode": "hypervisor", "scope": "everyone"}]),
+     "shared_paths[0].scope: expected owner or tree"),
+    (cfg(shared_paths=[{"path": "/tmp", "mode": "guest", "readonly": "yes"}]),
+     "shared_paths[0].readonly: expected true or false"),
     (cfg(site_root_key="/nonexistent/key"), "site_root_key: expected an existing private key"),
     (cfg(boot_timeout=-1), "boot_timeout: expected seconds > 0"),
 ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from vmimagemanager.config import BridgeNetwork, SharedPath, Slot, UserNetwork
+from vmimagemanager.config import BridgeNetwork, Slot, UserNetwork
 from vmimagemanager.domain_xml import (
     QEMU_NS,
     BootSpec,
@@ -15,6 +15,7 @@ from vmimagemanager.domain_xml import (
     build_domain_xml,
     lease_metadata,
 )
+from vmimagemanager.shares import GuestShare
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -67,15 +68,20 @@ def test_hostile_values_are_escaped_not_injected():
     assert lease_metadata(xml)["owner"] == "a<b>&c"
 
 
-def test_shared_paths_become_9p_filesystems():
-    shares = (SharedPath("/home", "hypervisor", "passthrough"), SharedPath("/work", "guest"))
-    root = etree.fromstring(build_domain_xml(spec(UserNetwork(2222),
-                                                  shared_paths=shares)).encode())
+def test_shares_become_9p_filesystems_guest_mounted_ones_do_not(tmp_path):
+    (tmp_path / "common").mkdir()
+    shares = (GuestShare("/home", "hypervisor", "home", "passthrough"),
+              GuestShare(str(tmp_path / "common"), "hypervisor", "sge", "passthrough", True),
+              GuestShare("/work", "guest", "work"))
+    root = etree.fromstring(build_domain_xml(spec(UserNetwork(2222), shares=shares)).encode())
     fss = root.findall("devices/filesystem")
-    assert len(fss) == 1
+    assert len(fss) == 2
     assert fss[0].get("accessmode") == "passthrough"
     assert fss[0].find("source").get("dir") == "/home"
     assert fss[0].find("target").get("dir") == "home"
+    assert fss[0].find("readonly") is None
+    assert fss[1].find("readonly") is not None
+    assert fss[1].find("source").get("dir") == str(tmp_path / "common")
 
 
 def test_libvirt_test_driver_accepts_the_xml_and_keeps_metadata():

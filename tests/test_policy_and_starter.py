@@ -9,7 +9,8 @@ from vmimagemanager.batch.sge import job_from_starter, read_spool_config
 from vmimagemanager.config import parse_config
 from vmimagemanager.errors import VmimError
 from vmimagemanager.policy import match_vo
-from vmimagemanager.runner import guest_environment, is_under
+from vmimagemanager.runner import guest_environment
+from vmimagemanager.shares import is_under
 
 
 @pytest.fixture
@@ -70,3 +71,18 @@ def test_shared_path_containment():
     assert is_under("/home", ("/home",))
     assert not is_under("/homework", ("/home",))
     assert not is_under("/home/../etc", ("/home",))
+
+
+def test_a_script_that_sources_the_cell_settings_needs_them_in_the_guest(tmp_path):
+    """GRAM-written scripts source $SGE_ROOT/$SGE_CELL/common/settings.sh; the starter checks it."""
+    env = {"JOB_ID": "7", "SGE_TASK_ID": "undefined", "USER": "atlas001",
+           "SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+    gram = tmp_path / "gram.sh"
+    gram.write_text("#!/bin/bash\n#$ -S /bin/bash\n. /var/lib/gridengine/default/common/"
+                    "settings.sh\ncd /home/atlas001\n/bin/true\n")
+    plain = tmp_path / "plain.sh"
+    plain.write_text("#!/bin/sh\necho hello\n")
+    assert job_from_starter([str(gram)], env).guest_files == (
+        "/var/lib/gridengine/default/common/settings.sh",)
+    assert job_from_starter([str(plain)], env).guest_files == ()
+    assert job_from_starter([str(gram)], {**env, "SGE_ROOT": ""}).guest_files == ()

@@ -7,6 +7,7 @@ each test checks its own job: the node runs them in parallel, and the suite stay
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ce_jobs import blah_sge_script, gram_sge_script
 from conftest import HARNESS, import_test_images, make_base_dir, require, run_script, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge]
@@ -33,6 +35,25 @@ for a in "$@"; do echo "arg=<$a>"; done
 echo "stderr line" >&2
 exit ${EXIT_WITH:-0}
 """
+
+# The user's executable inside a CE job (staged by the CE into the shared home).
+CE_PAYLOAD = """#!/bin/bash
+echo "host=$(hostname)"
+echo "marker=$(cat /etc/grid-middleware-release)"
+echo "user=$(id -un) uid=$(id -u) gid=$(id -g)"
+echo "pwd=$(pwd)"
+echo "home=$HOME"
+for a in "$@"; do echo "arg=<$a>"; done
+echo "stdin=$(cat)"
+echo "gridtest=$GRID_TEST"
+echo "proxy=$(cat "$X509_USER_PROXY")"
+echo "other_home=$(cat /home/cms001/vmim-not-yours.txt 2>&1 | head -c 60)"
+echo "written in the VM on $(hostname)" > result.dat
+echo "payload stderr line" >&2
+exit ${PAYLOAD_EXIT:-0}
+"""
+CE_ARGS = ["arg one", "it's", 'say "hi"', "$HOME", "`id`"]
+CE_ENV = {"GRID_TEST": 'quotes " and $dollar and \\ backslash', "PAYLOAD_EXIT": "3"}
 
 BASH_ONLY = """#$ -S /bin/bash
 # no shebang: SGE runs it with the -S shell; bash-only syntax below
@@ -134,6 +155,11 @@ def cell(libvirt_system, guest_images):
     prefix = f"q{os.getpid()}s"
     path = write_config(base, slots=2, prefix=prefix, extra={
         "boot_timeout": 60, "max_boot_attempts": 2,
+        # As at a site: each job's guest sees its owner's home (9p, owner scope) and the SGE
+        # cell's common directory read-only (CE job scripts source its settings.sh).
+        "shared_paths": [{"path": "/home", "mode": "hypervisor"},
+                         {"path": f"{SGE_ENV['SGE_ROOT']}/{SGE_ENV['SGE_CELL']}/common",
+                          "mode": "hypervisor", "scope": "tree", "readonly": True}],
         "vos": {"broken": {"image": "atlas-nossh", "users": ["atlassgm"]},
                 "atlas": {"image": "atlas", "groups": ["atlas"]},
                 "cms": {"image": "cms", "groups": ["cms"]}}})
@@ -156,6 +182,7 @@ def cell(libvirt_system, guest_images):
     c.submit("reject", "dteam001", "/tmp/vmim-test-job.sh")
     c.submit("qdel", "atlas001", "-b", "y", "/bin/sh", "-c", "echo started; sleep 600")
     c.submit("noboot", "atlassgm", "/tmp/vmim-test-job.sh")
+    c.ce = {"gram": submit_gram_job(c, "atlas002"), "blah": submit_blah_job(c, "cms001")}
     yield c
     # Plain qdel first so that every epilog runs; forced only for what is left after that.
     for job_id in c.jobs.values():
@@ -174,8 +201,65 @@ def cell(libvirt_system, guest_images):
         shutil.rmtree(base, ignore_errors=True)
 
 
+def user_file(path: Path, text: str, user: str, mode: int) -> Path:
+    """A file in a user's home as the CE (running as that user) would have left it."""
+    entry = pwd.getpwnam(user)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for parent in [path.parent, *path.parent.parents]:
+        if parent == home(user):
+            break
+        os.chown(parent, entry.pw_uid, entry.pw_gid)
+    path.write_text(text)
+    os.chown(path, entry.pw_uid, entry.pw_gid)
+    os.chmod(path, mode)
+    return path
+
+
+def submit_gram_job(c: Cell, user: str) -> dict:
+    """What an lcg-CE's GRAM SGE job manager leaves in the home and submits (qsub FILE)."""
+    tag = f"vmim-gram-{os.getpid()}"
+    jobdir = home(user) / ".globus" / "job" / "ce.example.org" / tag
+    workdir = home(user) / tag
+    shutil.rmtree(workdir, ignore_errors=True)
+    shutil.rmtree(jobdir, ignore_errors=True)
+    exe = user_file(home(user) / ".globus/.gass_cache/local/md5" / tag / "data", CE_PAYLOAD,
+                    user, 0o700)
+    proxy = user_file(jobdir / "x509_up", "GRAM-PROXY-FOR-" + user + "\n", user, 0o600)
+    stdin = user_file(workdir / "input.txt", "line from stdin\n", user, 0o644)
+    env = {"X509_USER_PROXY": str(proxy), "HOME": str(home(user)), "LOGNAME": user, **CE_ENV}
+    script = gram_sge_script(queue=QUEUE, directory=str(workdir), executable=str(exe),
+                             arguments=CE_ARGS, stdin=str(stdin), stdout=str(jobdir / "stdout"),
+                             stderr=str(jobdir / "stderr"), environment=env,
+                             sge_root=SGE_ENV["SGE_ROOT"], sge_cell=SGE_ENV["SGE_CELL"],
+                             wall_minutes=30, cpu_minutes=30, memory_mb=2048)
+    script_file = user_file(jobdir / "scheduler_sge_job_script", script, user, 0o644)
+    job_id = sge("qsub", str(script_file), user=user).split()[2]
+    c.jobs["gram"] = job_id
+    return {"user": user, "jobdir": jobdir, "workdir": workdir, "job_id": job_id}
+
+
+def submit_blah_job(c: Cell, user: str) -> dict:
+    """What a CREAM CE's BLAH sge_submit.sh submits, with the stage-in already done."""
+    tmp_name = f"bl_vmim{os.getpid()}"
+    staged = [f"{tmp_name}.proxy", "payload.sh", "stdin.txt"]
+    user_file(home(user) / staged[0], "BLAH-PROXY-FOR-" + user + "\n", user, 0o600)
+    user_file(home(user) / staged[1], CE_PAYLOAD, user, 0o644)  # BLAH chmods it u+x itself
+    user_file(home(user) / staged[2], "blah stdin\n", user, 0o644)
+    shutil.rmtree(home(user) / f"home_{tmp_name}", ignore_errors=True)
+    script = blah_sge_script(queue=QUEUE, tmp_name=tmp_name, command="payload.sh",
+                             arguments=["blah arg", "two"], stdin="stdin.txt", stdout="out.txt",
+                             stderr="err.txt", environment={"GRID_TEST": "from cream"},
+                             staged=staged, proxy=staged[0], submitter_host="cream.example.org")
+    script_file = user_file(home(user) / f"{tmp_name}.sh", script, user, 0o600)
+    job_id = sge("qsub", str(script_file), user=user).split()[2]
+    c.jobs["blah"] = job_id
+    return {"user": user, "new_home": home(user) / f"home_{tmp_name}", "job_id": job_id,
+            "staged": staged}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def job_files():
+    user_file(home("cms001") / "vmim-not-yours.txt", "cms001 data\n", "cms001", 0o644)
     for name, text in (("vmim-test-job.sh", JOB_SCRIPT), ("vmim-test-bash-only.sh", BASH_ONLY)):
         path = Path("/tmp") / name
         path.write_text(text)
@@ -281,6 +365,62 @@ def test_boot_failure_is_retried_then_held_with_a_clear_reason(cell):
     info = sge("qstat", "-j", job_id)
     assert re.search(r"error reason", info), info
     sge("qdel", job_id)
+
+
+def _owned_by(path: Path, user: str) -> bool:
+    entry, st = pwd.getpwnam(user), path.stat()
+    return (st.st_uid, st.st_gid) == (entry.pw_uid, entry.pw_gid)
+
+
+def test_gram_shaped_job_runs_unchanged_in_the_vo_vm_with_the_shared_home(cell):
+    """An lcg-CE job (GRAM SGE job manager shape) runs in the VM as written, in its directory."""
+    job = cell.ce["gram"]
+    user, jobdir, workdir = job["user"], job["jobdir"], job["workdir"]
+    record = wait_done(job["job_id"])[0]
+    out = (jobdir / "stdout").read_text()
+    err = (jobdir / "stderr").read_text()
+    info = parse(out)
+    assert record["exit_status"] == "3", (record, out, err)  # the executable's own status
+    assert info["marker"][0].startswith("VO=atlas "), (out, err)
+    assert info["host"][0] in [s.guest_hostname for s in cell.cfg.slots]
+    entry = pwd.getpwnam(user)
+    assert info["user"] == [f"{user} uid={entry.pw_uid} gid={entry.pw_gid}"]
+    assert info["pwd"] == [str(workdir)]  # the script's `cd` into the shared directory
+    assert info["arg"] == [f"<{a}>" for a in CE_ARGS]
+    assert info["stdin"] == ["line from stdin"]
+    assert info["gridtest"] == [CE_ENV["GRID_TEST"]]
+    assert info["proxy"] == [f"GRAM-PROXY-FOR-{user}"]  # 0600 proxy in the home, read via 9p
+    assert "No such file" in info["other_home"][0]  # another user's home is not in this VM
+    assert err.strip() == "payload stderr line", err  # settings.sh sourced without complaint
+    result = workdir / "result.dat"
+    assert result.read_text() == f"written in the VM on {info['host'][0]}\n"
+    assert _owned_by(result, user)  # on the host, owned by the pool account
+
+
+def test_blah_shaped_job_runs_unchanged_and_its_sandbox_lands_in_the_home(cell):
+    """A CREAM CE job (BLAH sge_submit.sh shape): temporary home, staged proxy, redirections."""
+    job = cell.ce["blah"]
+    user, new_home = job["user"], job["new_home"]
+    record = wait_done(job["job_id"])[0]
+    out_file = new_home / "out.txt"
+    assert out_file.exists(), sorted(p.name for p in home(user).iterdir())
+    out = out_file.read_text()
+    info = parse(out)
+    assert record["exit_status"] == "0", (record, out)
+    assert info["marker"][0].startswith("VO=cms "), out
+    assert info["pwd"] == [str(new_home)] and info["home"] == [str(new_home)]
+    assert info["arg"] == ["<blah arg>", "<two>"]
+    assert info["stdin"] == ["blah stdin"]
+    assert info["gridtest"] == ["from cream"]
+    assert info["proxy"] == [f"BLAH-PROXY-FOR-{user}"]
+    assert (new_home / "err.txt").read_text() == "payload stderr line\n"
+    assert (new_home / "result.dat").read_text().startswith("written in the VM on ")
+    for name in ("out.txt", "err.txt", "result.dat"):
+        assert _owned_by(new_home / name, user), name
+    assert _owned_by(new_home, user)
+    # The wrapper moved the staged files into its temporary home and removed them there.
+    assert not any((home(user) / name).exists() or (new_home / name).exists()
+                   for name in job["staged"])
 
 
 def test_nothing_left_behind(cell):

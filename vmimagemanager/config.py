@@ -85,7 +85,9 @@ class SharedPath:
 
     path: str
     mode: str  # "hypervisor": libvirt <filesystem> 9p share; "guest": the image mounts it itself
-    accessmode: str = "squash"
+    accessmode: str = "passthrough"  # 9p: the host checks each access as the guest's uid
+    scope: str = "tree"  # "owner": only the job owner's home directory below `path`
+    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,17 +309,22 @@ def _parse_shared(c: _Checker, raw: Any) -> tuple[SharedPath, ...]:
     result = []
     for i, item in enumerate(raw):
         key = f"shared_paths[{i}]"
-        c.mapping(item, key, {"path", "mode", "accessmode"})
+        c.mapping(item, key, {"path", "mode", "accessmode", "scope", "readonly"})
         path = c.typed(item.get("path"), f"{key}.path", str, "an absolute path",
                        lambda p: os.path.isabs(p) and ".." not in p.split("/") and p != "/")
         mode = c.typed(item.get("mode", "guest"), f"{key}.mode", str, "hypervisor or guest",
                        lambda m: m in ("hypervisor", "guest"))
-        access = c.typed(item.get("accessmode", "squash"), f"{key}.accessmode", str,
+        access = c.typed(item.get("accessmode", "passthrough"), f"{key}.accessmode", str,
                          "passthrough, mapped or squash",
                          lambda a: a in ("passthrough", "mapped", "squash"))
+        # Safe default: a hypervisor share exports only the job owner's own home directory.
+        scope = c.typed(item.get("scope", "owner" if mode == "hypervisor" else "tree"),
+                        f"{key}.scope", str, "owner or tree", lambda v: v in ("owner", "tree"))
+        readonly = c.typed(item.get("readonly", False), f"{key}.readonly", bool, "true or false")
         if mode == "hypervisor" and not os.path.isdir(path):
             raise c.fail(f"{key}.path", "an existing directory on this host", path)
-        result.append(SharedPath(path=path.rstrip("/"), mode=mode, accessmode=access))
+        result.append(SharedPath(path=path.rstrip("/"), mode=mode, accessmode=access,
+                                 scope=scope, readonly=readonly))
     return tuple(result)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from xml.etree import ElementTree
 
-from .config import BridgeNetwork, SharedPath, Slot, UserNetwork
+from .config import BridgeNetwork, Slot, UserNetwork
+from .shares import GuestShare, hypervisor_source
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -40,7 +41,7 @@ class DomainSpec:
     job_label: str
     image: str
     owner: str
-    shared_paths: tuple[SharedPath, ...] = ()
+    shares: tuple[GuestShare, ...] = ()  # this job's shares (resolve_shares)
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
@@ -84,11 +85,6 @@ def _bridge_network(devices: etree._Element, net: BridgeNetwork) -> None:
     _sub(iface, "model", type="virtio")
 
 
-def share_tag(path: str) -> str:
-    """9p mount tag for a shared path: '/home' -> 'home', '/work/atlas' -> 'work_atlas'."""
-    return path.strip("/").replace("/", "_")[:31]
-
-
 def build_domain_xml(spec: DomainSpec) -> str:
     from lxml import etree
 
@@ -123,12 +119,14 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _disk(devices, spec.overlay, "qcow2", "vda", readonly=False)
     if spec.seed is not None:
         _disk(devices, spec.seed, "raw", "vdb", readonly=True)
-    for shared in spec.shared_paths:
-        if shared.mode != "hypervisor":
+    for share in spec.shares:
+        if share.mode != "hypervisor":
             continue
-        fs = _sub(devices, "filesystem", type="mount", accessmode=shared.accessmode)
-        _sub(fs, "source", dir=shared.path)
-        _sub(fs, "target", dir=share_tag(shared.path))
+        fs = _sub(devices, "filesystem", type="mount", accessmode=share.accessmode)
+        _sub(fs, "source", dir=hypervisor_source(share))
+        _sub(fs, "target", dir=share.tag)
+        if share.readonly:
+            _sub(fs, "readonly")
     if isinstance(spec.slot.network, BridgeNetwork):
         _bridge_network(devices, spec.slot.network)
     serial = _sub(devices, "serial", type="file")

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import grp
 import json
+import os
 import pwd
 import shlex
 from dataclasses import dataclass
 
 from .config import Config
 from .errors import VmimError
+from .shares import unmounted_report
 
-TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "kill", "rm")
+TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "kill", "rm", "stat")
 
 
 @dataclass
@@ -61,6 +63,7 @@ def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
                                                 key_path(cfg.run_dir, ctx.label), ctx.host_key)))
         try:
             checks += _guest_checks(cfg, session, account, lease.slot)
+            checks += _storage_checks(session, ctx.guest_checked_paths, ctx.label)
         finally:
             session.close()
     finally:
@@ -97,12 +100,31 @@ def _guest_checks(cfg: Config, session, account: str, slot: str) -> list[Check]:
     found, out = _probe(session, "hostname")
     checks.append(Check("contextualisation: host name from the seed", found and out == want_host,
                         f"hostname {out!r}, expected {want_host!r}"))
-    for shared in cfg.shared_paths:
-        path = shlex.quote(shared.path)
-        found, out = _probe(session, f"test -d {path} && grep -q ' '{path}' ' /proc/mounts && "
-                                     "echo mounted")
-        checks.append(Check(f"shared path {shared.path} mounted ({shared.mode})", found,
-                            out if found else f"{shared.path} is not a mount point in the guest"))
+    return checks
+
+
+def _storage_checks(session, shared: tuple[str, ...], label: str) -> list[Check]:
+    """Shares mounted; login keys kept out of the (shared) home; the SGE settings CE jobs source."""
+    checks = []
+    found, out = _probe(session, unmounted_report(shared))
+    for path in shared:
+        mounted = found and f"dir {path}" not in out.splitlines()
+        checks.append(Check(f"shared path {path} mounted", mounted,
+                            "on its own file system" if mounted else
+                            f"{path} is not a mounted file system in the guest"))
+    found, out = _probe(session, 'cat "$HOME/.ssh/authorized_keys" 2>/dev/null; true')
+    leaked = found and f"vmim-job-{label}" in out
+    checks.append(Check("login keys kept out of the home directory (sshd AuthorizedKeysFile, "
+                        "e.g. /etc/ssh/authorized_keys/%u)", found and not leaked,
+                        "the job key was written to ~/.ssh/authorized_keys: with a shared home "
+                        "that is the user's real home" if leaked else "not in ~/.ssh"))
+    root, cell = os.environ.get("SGE_ROOT"), os.environ.get("SGE_CELL") or "default"
+    if root:
+        settings = f"{root.rstrip('/')}/{cell}/common/settings.sh"
+        found, _ = _probe(session, f"test -r {shlex.quote(settings)}")
+        checks.append(Check(f"{settings} readable (CE job scripts source it)", found,
+                            "present" if found else "missing: share $SGE_ROOT/$SGE_CELL/common "
+                            "read-only (shared_paths) or install it in the image"))
     return checks
 
 

@@ -28,12 +28,13 @@ from .context import (
     remove_context,
     write_context,
 )
-from .domain_xml import DomainSpec, build_domain_xml, lease_metadata, share_tag
+from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
 from .errors import LeaseError, VmimError
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
 from .leases import Lease, LeaseStore
 from .seed import SeedData, build_seed, generate_keypair, write_private_file
+from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
 
 log = logging.getLogger("vmimagemanager.lifecycle")
@@ -137,6 +138,7 @@ class LifeCycle:
         check_label(request.label)
         image = self.images.get(request.image)  # ImageError before any slot is taken
         uid, gid = owner_ids(request.owner)
+        shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         names = slots or [s.name for s in self.cfg.slots]
         with self.phase("lease"):
             lease, created = self.leases.allocate(names, request.job_id, request.task_id,
@@ -154,7 +156,8 @@ class LifeCycle:
                                             request.owner, request.image, request.vo)
         slot = self.cfg.slot(lease.slot)
         try:
-            context = self._boot(slot, lease, request, image, uid, gid, boot_timeout)
+            context = self._boot(slot, lease, request, image, (uid, gid), shares,
+                                     boot_timeout)
         except BaseException as exc:
             log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
             self._fail(slot.name)
@@ -168,8 +171,8 @@ class LifeCycle:
                                                      LeaseState.RUNNING):
             self.leases.transition(slot, LeaseState.FAILED)
 
-    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, uid: int, gid: int,
-              boot_timeout: float | None) -> JobContext:
+    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, ids: tuple[int, int],
+              shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
         from .guest import Endpoint, wait_for_host_key, wait_for_ssh
 
         files = lease_files(self.cfg, slot.name, request.label)
@@ -183,10 +186,8 @@ class LifeCycle:
             keys[request.owner] = [job_key.public_line]
         else:
             keys["root"].append(job_key.public_line)
-        hyper_shares = [s for s in self.cfg.shared_paths if s.mode == "hypervisor"]
-        mounts = [[share_tag(s.path), s.path, "9p",
-                   "trans=virtio,version=9p2000.L,access=user,msize=262144", "0", "0"]
-                  for s in hyper_shares]
+        uid, gid = ids
+        mounts = seed_mounts(shares)
         with self.phase("seed"):
             build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
                                             hostname=slot.guest_hostname, authorized_keys=keys,
@@ -195,8 +196,8 @@ class LifeCycle:
         context = JobContext(
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image,
-            shared_paths=tuple(s.path for s in self.cfg.shared_paths),
-            guest_checked_paths=tuple(s.path for s in self.cfg.shared_paths),
+            shared_paths=tuple(s.path for s in shares),
+            guest_checked_paths=tuple(s.path for s in shares),
             scratch_dir=self.cfg.scratch_dir)
         write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
 
@@ -205,7 +206,7 @@ class LifeCycle:
                           overlay=files.overlay, seed=files.seed, console_log=files.console,
                           boot=image.boot_spec(self.cfg.image_dir), job_label=request.label,
                           image=request.image, owner=request.owner,
-                          shared_paths=tuple(hyper_shares))
+                          shares=shares)
         self.leases.transition(slot.name, LeaseState.BOOTING)
         if self.hv.is_running(slot.domain_name):
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "

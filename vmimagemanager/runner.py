@@ -18,6 +18,7 @@ from .batch.base import Job
 from .context import JobContext, key_path
 from .errors import GuestError
 from .guest import Endpoint, GuestSession, connect
+from .shares import is_under, unmounted_report
 
 log = logging.getLogger("vmimagemanager.runner")
 
@@ -26,11 +27,6 @@ log = logging.getLogger("vmimagemanager.runner")
 DROP_EXACT = {"PWD", "OLDPWD", "SHLVL", "_", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
               "SSH_TTY", "VMIM_CONFIG", "BASH_ENV", "ENV"}
 DROP_PREFIX = ("LD_", "SSH_", "SGE_STARTER_", "BASH_FUNC_")
-
-
-def is_under(path: str, roots: tuple[str, ...]) -> bool:
-    norm = os.path.normpath(path)
-    return any(norm == r or norm.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 def guest_environment(env: Mapping[str, str], host_tmpdir: str | None, guest_tmp: str) -> dict:
@@ -82,17 +78,34 @@ class JobRunner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _check_guest_ready(self, scratch: str) -> None:
+        """One round trip: make the scratch dir, report unmounted shares and missing files."""
+        assert self.session is not None
+        q = shlex.quote
+        files = " ".join(q(p) for p in self.job.guest_files)
+        out = self.session.check_call(
+            f"umask 077; mkdir -p -- {q(scratch)} || exit 1; "
+            f"{unmounted_report(self.context.guest_checked_paths)}; "
+            f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done")
+        missing = [line.split(" ", 1) for line in out.splitlines() if " " in line]
+        dirs_missing = [p for kind, p in missing if kind == "dir"]
+        files_missing = [p for kind, p in missing if kind == "file"]
+        if dirs_missing:
+            raise GuestError(f"the VM is not ready for the job: shared path(s) "
+                             f"{', '.join(dirs_missing)} not mounted in image {self.context.image}"
+                             "; check 'vmimagemanager images check' and shared_paths")
+        if files_missing:
+            raise GuestError(f"image {self.context.image} has no {', '.join(files_missing)}, "
+                             "which the job script sources (CE job managers do); share "
+                             "$SGE_ROOT/$SGE_CELL/common read-only (shared_paths) or install "
+                             "it in the image")
+
     def _run_in_guest(self, stdin_fd: int | None) -> int:
         assert self.session is not None
         job, ctx = self.job, self.context
         scratch = f"{ctx.scratch_dir.rstrip('/')}/vmim-{job.label}"
         q = shlex.quote
-        checks = " && ".join(f"test -d {q(p)}" for p in ctx.guest_checked_paths) or "true"
-        try:
-            self.session.check_call(f"umask 077; mkdir -p -- {q(scratch)} && {checks}")
-        except GuestError as exc:
-            raise GuestError(f"the VM is not ready for the job ({exc}); shared paths "
-                             f"{', '.join(ctx.guest_checked_paths)} must be mounted") from None
+        self._check_guest_ready(scratch)
         argv = list(job.argv)
         if job.is_script:
             script = Path(argv[0]).read_bytes()

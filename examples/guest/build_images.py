@@ -2,10 +2,15 @@
 """Build the test worker-node images: one golden qcow2 per VO, a kernel and an initramfs.
 
 Stand-ins for a site's Scientific Linux + gLite worker-node images, made only from Debian packages
-on this machine (busybox-static, bash, dropbear, the Debian kernel): busybox userland, bash, an
-sshd, the pool accounts with the host's uids/gids, /etc/grid-middleware-release naming the VO, and
-an init that reads the NoCloud seed (examples/guest/guest-init.sh). The output is cached under a
-hash of everything that goes into it, so a second run returns at once.
+(busybox-static, bash, the Debian kernel, OpenSSH): busybox userland, bash, OpenSSH's sshd, the
+pool accounts with the host's uids/gids, /etc/grid-middleware-release naming the VO, and an init
+that reads the NoCloud seed (examples/guest/guest-init.sh). The output is cached under a hash of
+everything that goes into it, so a second run returns at once.
+
+sshd is OpenSSH, configured as a site image with shared home directories must be: the keys that
+may log in live in /etc/ssh/authorized_keys/<user> (AuthorizedKeysFile), never in ~/.ssh, which
+is the user's real, shared home. openssh-server is fetched with `apt-get download` and unpacked
+into the cache (never installed on the host, so no sshd is started or enabled there).
 
 Usage: build_images.py [--cache DIR] [--vo atlas --vo cms ...] [--json]
 Prints the output directory (or a JSON manifest with --json).
@@ -33,7 +38,22 @@ DEFAULT_VOS = ("atlas", "cms")
 MIDDLEWARE_VERSION = "glite-WN 3.2.11-0 (vmimagemanager test image)"
 CMDLINE = "console=ttyS0 quiet panic=-1"
 DISK_MIB = 256
-BINARIES = ["/bin/busybox", "/bin/bash", "/usr/sbin/dropbear", "/usr/bin/dropbearkey"]
+BINARIES = ["/bin/busybox", "/bin/bash", "/usr/bin/ssh-keygen"]
+# Unpacked from .debs (apt-get download) into the cache, copied into the image with their libraries.
+SSHD_DEBS = ["openssh-server", "libwrap0"]
+SSHD_CONFIG = """\
+# vmimagemanager test image: keys outside the (shared) home directories
+Port 22
+HostKey /etc/ssh/ssh_host_ed25519_key
+AuthorizedKeysFile /etc/ssh/authorized_keys/%u
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+PermitUserEnvironment no
+PrintMotd no
+PidFile /run/sshd.pid
+"""
 # Module load order for the initramfs (Debian builds all of these as modules). Each after its
 # dependencies (modinfo -F depends); missing ones are skipped (some are built in elsewhere).
 MODULES = [
@@ -68,8 +88,14 @@ def pool_accounts(vos: list[str]) -> list[pwd.struct_passwd]:
     return accounts
 
 
-def shared_libraries(binary: str) -> list[str]:
-    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+def shared_libraries(binary: str, extra_libdir: Path | None = None) -> list[str]:
+    env = dict(os.environ)
+    if extra_libdir is not None:
+        env["LD_LIBRARY_PATH"] = str(extra_libdir)
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, env=env).stdout
+    missing = [line.split()[0] for line in out.splitlines() if "not found" in line]
+    if missing:
+        sys.exit(f"build-images: {binary} needs {', '.join(missing)}, not on this machine")
     libs = []
     for line in out.splitlines():
         parts = line.split()
@@ -79,8 +105,36 @@ def shared_libraries(binary: str) -> list[str]:
     return libs
 
 
-def input_digest(vos: list[str], release: str, accounts: list[pwd.struct_passwd]) -> str:
+def unpacked_sshd(cache: Path) -> Path:
+    """OpenSSH's server unpacked from Debian's .deb under the cache (downloaded once)."""
+    debs = cache / "debs"
+    root = debs / "root"
+    if (root / "usr/sbin/sshd").exists():
+        return root
+    debs.mkdir(parents=True, exist_ok=True)
+    log(f"fetching {' '.join(SSHD_DEBS)} with apt-get download (not installed on the host)")
+    got = subprocess.run(["apt-get", "download", *SSHD_DEBS], cwd=debs, capture_output=True,
+                         text=True)
+    if got.returncode != 0:  # package lists may be missing (fresh container): update once
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
+        got = subprocess.run(["apt-get", "download", *SSHD_DEBS], cwd=debs, capture_output=True,
+                             text=True)
+    if got.returncode != 0:
+        sys.exit("build-images: apt-get download openssh-server failed: "
+                 f"{got.stderr.strip().splitlines()[-1:]}; run harness/install-deps.sh (apt-get "
+                 "update) and check the Debian mirror is reachable")
+    part = debs / "root.part"
+    shutil.rmtree(part, ignore_errors=True)
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(part)], check=True)
+    part.rename(root)
+    return root
+
+
+def input_digest(vos: list[str], release: str, accounts: list[pwd.struct_passwd],
+                 sshd_root: Path) -> str:
     h = hashlib.sha256()
+    h.update((sshd_root / "usr/sbin/sshd").read_bytes())
     for path in [Path(__file__), HERE / "guest-init.sh", HERE / "initramfs-init.sh"]:
         h.update(path.read_bytes())
     for path in BINARIES + [f"/boot/vmlinuz-{release}"]:
@@ -102,16 +156,19 @@ def place(source: Path | str, target: Path) -> None:
     shutil.copy2(os.path.realpath(source), target)
 
 
-def copy_file(src: str, root: Path, mode: int | None = None) -> None:
-    target = root / src.lstrip("/")
+def copy_file(src: str, root: Path, mode: int | None = None, strip: Path | None = None) -> None:
+    """Copy host file `src` to the same path under `root` (below `strip` if it lies there)."""
+    rel = Path(src).relative_to(strip) if strip and Path(src).is_relative_to(strip) else src
+    target = root / str(rel).lstrip("/")
     place(src, target)
     if mode is not None:
         os.chmod(target, mode)
 
 
-def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bool) -> None:
-    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc/dropbear", "proc", "sys", "dev", "run",
-              "tmp", "root", "home", "var/tmp", "mnt"]:
+def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bool,
+                sshd_root: Path) -> None:
+    for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc/ssh/authorized_keys", "proc", "sys",
+              "dev", "run", "tmp", "root", "home", "var/tmp", "var/log", "mnt"]:
         (root / d).mkdir(parents=True, exist_ok=True)
     os.chmod(root / "tmp", 0o1777)
     os.chmod(root / "var/tmp", 0o1777)
@@ -120,6 +177,11 @@ def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bo
         copy_file(binary, root)
         for lib in shared_libraries(binary):
             copy_file(lib, root)
+    sshd_libdir = sshd_root / "usr/lib/x86_64-linux-gnu"
+    copy_file(str(sshd_root / "usr/sbin/sshd"), root, strip=sshd_root)
+    for lib in shared_libraries(str(sshd_root / "usr/sbin/sshd"), sshd_libdir):
+        copy_file(lib, root, strip=sshd_root)
+    (root / "etc/ssh/sshd_config").write_text(SSHD_CONFIG)
     place(HERE / "guest-init.sh", root / "sbin/init")
     os.chmod(root / "sbin/init", 0o755)
     applets = subprocess.run(["/bin/busybox", "--list-full"], capture_output=True, text=True,
@@ -132,8 +194,10 @@ def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bo
         link.symlink_to("/bin/busybox")
 
     passwd = ["root:x:0:0:root:/root:/bin/bash",
+              "sshd:x:100:65534::/run/sshd:/bin/false",  # OpenSSH's privilege separation user
               "nobody:x:65534:65534:nobody:/nonexistent:/bin/false"]
-    shadow = ["root:*:19000:0:99999:7:::", "nobody:*:19000:0:99999:7:::"]
+    shadow = ["root:*:19000:0:99999:7:::", "sshd:*:19000:0:99999:7:::",
+              "nobody:*:19000:0:99999:7:::"]
     groups: dict[int, tuple[str, list[str]]] = {0: ("root", []), 65534: ("nogroup", [])}
     for acct in accounts:
         passwd.append(f"{acct.pw_name}:x:{acct.pw_uid}:{acct.pw_gid}:{acct.pw_gecos}:"
@@ -196,7 +260,8 @@ def make_initramfs(release: str, target: Path, work: Path) -> None:
 def build(cache: Path, vos: list[str]) -> Path:
     release = kernel_release()
     accounts = pool_accounts(vos)
-    out = cache / input_digest(vos, release, accounts)
+    sshd_root = unpacked_sshd(cache)
+    out = cache / input_digest(vos, release, accounts, sshd_root)
     if (out / "manifest.json").exists():
         return out
     log(f"building {', '.join(vos)} images for kernel {release} into {out}")
@@ -212,7 +277,7 @@ def build(cache: Path, vos: list[str]) -> Path:
         variants = [(vo, vo, True) for vo in vos] + [(f"{vos[0]}-nossh", vos[0], False)]
         for name, vo, sshd in variants:
             root = work / f"root-{name}"
-            make_rootfs(root, vo, accounts, sshd)
+            make_rootfs(root, vo, accounts, sshd, sshd_root)
             make_disk(root, staging / f"{name}.qcow2")
             images[name] = {"disk": f"{name}.qcow2", "vo": vo, "sshd": sshd}
         manifest = {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": CMDLINE,

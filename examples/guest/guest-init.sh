@@ -35,14 +35,12 @@ if [ -f /run/seed/user-data ]; then
     section == "users:" && /^- name:/ { user = $3; next }
     section == "users:" && /^  - / { sub(/^  - /, ""); gsub(/^'"'"'|'"'"'$/, ""); print user "\t" $0 }
   ' /run/seed/user-data > /run/keys.tsv
+  # Keys go to /etc/ssh/authorized_keys/USER (sshd_config AuthorizedKeysFile), never to ~/.ssh:
+  # home directories may be the user's real, shared home (9p or the site's file system).
   while IFS="	" read -r user key; do
-    home=$(awk -F: -v u="$user" '$1==u {print $6}' /etc/passwd)
-    [ -n "$home" ] || { echo "vmim-init: no account $user in this image" ; continue; }
-    ids=$(awk -F: -v u="$user" '$1==u {print $3":"$4}' /etc/passwd)
-    mkdir -p "$home/.ssh"
-    echo "$key" >> "$home/.ssh/authorized_keys"
-    chown "$ids" "$home/.ssh" "$home/.ssh/authorized_keys"
-    chmod 700 "$home/.ssh"; chmod 600 "$home/.ssh/authorized_keys"
+    grep -q "^$user:" /etc/passwd || { echo "vmim-init: no account $user in this image"; continue; }
+    echo "$key" >> "/etc/ssh/authorized_keys/$user"
+    chmod 644 "/etc/ssh/authorized_keys/$user"
   done < /run/keys.tsv
   # mounts: - - TAG / - /path / - 9p / - options  ->  one mount each
   awk '
@@ -59,15 +57,15 @@ if [ -f /run/seed/user-data ]; then
 fi
 
 # --- sshd ---------------------------------------------------------------------------------------
-if [ -x /usr/sbin/dropbear ] && [ ! -e /etc/vmim-no-sshd ]; then
-  mkdir -p /etc/dropbear
-  rm -f /etc/dropbear/ed25519_host_key
-  dropbearkey -t ed25519 -f /etc/dropbear/ed25519_host_key >/dev/null 2>&1
+if [ -x /usr/sbin/sshd ] && [ ! -e /etc/vmim-no-sshd ]; then
+  rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub
+  ssh-keygen -q -t ed25519 -N '' -C '' -f /etc/ssh/ssh_host_ed25519_key
   # The cloud-init convention: the host can pin the key from the console log.
   echo "-----BEGIN SSH HOST KEY KEYS-----"
-  dropbearkey -y -f /etc/dropbear/ed25519_host_key | grep '^ssh-'
+  cut -d' ' -f1,2 /etc/ssh/ssh_host_ed25519_key.pub
   echo "-----END SSH HOST KEY KEYS-----"
-  dropbear -s -r /etc/dropbear/ed25519_host_key -p 22 -P /run/dropbear.pid
+  mkdir -p /run/sshd && chmod 755 /run/sshd
+  /usr/sbin/sshd -E /var/log/sshd.log
   echo "vmim-init: sshd started"
 else
   echo "vmim-init: this image starts no sshd"

@@ -44,6 +44,9 @@ class Job:
     shell: str = "/bin/sh"
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str = ""
+    # Files the job reads from the guest's own disk (e.g. the SGE settings a CE script sources):
+    # checked before the payload starts, so a job fails with a clear line, not half-way through.
+    guest_files: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

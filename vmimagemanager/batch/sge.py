@@ -98,6 +98,7 @@ def _prolog(cfg: Config, args: argparse.Namespace, label: str) -> int:
     from ..hypervisor import LibvirtHypervisor
     from ..lifecycle import JobRequest, LifeCycle, owner_ids
     from ..policy import match_vo, unmatched_message
+    from ..shares import ShareError
 
     uid, gid = owner_ids(args.owner)
     rule = match_vo(cfg, args.owner, args.queue)
@@ -120,6 +121,10 @@ def _prolog(cfg: Config, args: argparse.Namespace, label: str) -> int:
     except ImageError as exc:
         print(f"vmimagemanager prolog: job {label} (VO {rule.name}): {exc}; the job is held "
               "(Eqw) until the image is imported", file=sys.stderr)
+        return EXIT_HOLD
+    except ShareError as exc:
+        print(f"vmimagemanager prolog: job {label}: {exc}; the job is held (Eqw)",
+              file=sys.stderr)
         return EXIT_HOLD
     except VmimError as exc:  # a failed boot (BootError) or a stale domain: counted
         count = life.leases.record_boot_failure(args.job_id, args.task_id, str(exc))
@@ -169,14 +174,29 @@ def read_spool_config(spool_dir: str | None) -> dict[str, str]:
     return values
 
 
+def sourced_sge_settings(script: str, env: dict[str, str]) -> tuple[str, ...]:
+    """The cell's settings.sh if the job script sources it, as CE job managers' scripts do."""
+    root, cell = env.get("SGE_ROOT"), env.get("SGE_CELL") or "default"
+    if not root or not argv_is_readable(script):
+        return ()
+    settings = f"{root.rstrip('/')}/{cell}/common/settings.sh"
+    with open(script, encoding="utf-8", errors="replace") as fh:
+        return (settings,) if settings in fh.read(1 << 20) else ()
+
+
+def argv_is_readable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
 def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
     spool = read_spool_config(env.get("SGE_JOB_SPOOL_DIR"))
     is_script = spool.get("handle_as_binary", "0") != "1"
     shell = env.get("SGE_STARTER_SHELL_PATH") or spool.get("shell_path") or "/bin/sh"
+    needs = sourced_sge_settings(argv[0], env) if is_script and argv else ()
     return Job(job_id=check_job_id(env.get("JOB_ID", "")),
                task_id=normalise_task_id(env.get("SGE_TASK_ID")),
                owner=env.get("USER", ""), queue=env.get("QUEUE", ""), argv=list(argv),
-               is_script=is_script, shell=shell, env=env, cwd=os.getcwd())
+               is_script=is_script, shell=shell, env=env, cwd=os.getcwd(), guest_files=needs)
 
 
 def starter_main(argv: Sequence[str] | None = None) -> int:
