@@ -47,7 +47,7 @@ for a in "$@"; do echo "arg=<$a>"; done
 echo "stdin=$(cat)"
 echo "gridtest=$GRID_TEST"
 echo "proxy=$(cat "$X509_USER_PROXY")"
-echo "other_home=$(cat /home/cms001/vmim-not-yours.txt 2>&1 | head -c 60)"
+echo "cms001_file=$(test -e /home/cms001/vmim-not-yours.txt && echo visible || echo absent)"
 echo "written in the VM on $(hostname)" > result.dat
 echo "payload stderr line" >&2
 exit ${PAYLOAD_EXIT:-0}
@@ -199,6 +199,7 @@ def cell(libvirt_system, guest_images):
         sge("qconf", "-dq", QUEUE, check=False)
         subprocess.run([cli, "--config", str(path), "reconcile"], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+        remove_ce_files(getattr(c, "ce", {}))
 
 
 def user_file(path: Path, text: str, user: str, mode: int) -> Path:
@@ -235,7 +236,8 @@ def submit_gram_job(c: Cell, user: str) -> dict:
     script_file = user_file(jobdir / "scheduler_sge_job_script", script, user, 0o644)
     job_id = sge("qsub", str(script_file), user=user).split()[2]
     c.jobs["gram"] = job_id
-    return {"user": user, "jobdir": jobdir, "workdir": workdir, "job_id": job_id}
+    return {"user": user, "jobdir": jobdir, "workdir": workdir, "job_id": job_id,
+            "gass": exe.parent}
 
 
 def submit_blah_job(c: Cell, user: str) -> dict:
@@ -254,7 +256,18 @@ def submit_blah_job(c: Cell, user: str) -> dict:
     job_id = sge("qsub", str(script_file), user=user).split()[2]
     c.jobs["blah"] = job_id
     return {"user": user, "new_home": home(user) / f"home_{tmp_name}", "job_id": job_id,
-            "staged": staged}
+            "staged": staged, "globs": [f"{tmp_name}.sh*"]}
+
+
+def remove_ce_files(ce: dict) -> None:
+    """What the CE jobs left in the pool accounts' homes (kept until the module ends)."""
+    for job in ce.values():
+        for key in ("workdir", "jobdir", "gass", "new_home"):
+            if key in job:
+                shutil.rmtree(job[key], ignore_errors=True)
+        for pattern in job.get("globs", ()):
+            for leftover in home(job["user"]).glob(pattern):
+                leftover.unlink()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,6 +278,7 @@ def job_files():
         path.write_text(text)
         os.chmod(path, 0o755)
     yield
+    (home("cms001") / "vmim-not-yours.txt").unlink(missing_ok=True)
 
 
 def parse(out: str) -> dict[str, list[str]]:
@@ -390,7 +404,7 @@ def test_gram_shaped_job_runs_unchanged_in_the_vo_vm_with_the_shared_home(cell):
     assert info["stdin"] == ["line from stdin"]
     assert info["gridtest"] == [CE_ENV["GRID_TEST"]]
     assert info["proxy"] == [f"GRAM-PROXY-FOR-{user}"]  # 0600 proxy in the home, read via 9p
-    assert "No such file" in info["other_home"][0]  # another user's home is not in this VM
+    assert info["cms001_file"] == ["absent"]  # another user's home is not in this VM
     assert err.strip() == "payload stderr line", err  # settings.sh sourced without complaint
     result = workdir / "result.dat"
     assert result.read_text() == f"written in the VM on {info['host'][0]}\n"
@@ -413,6 +427,7 @@ def test_blah_shaped_job_runs_unchanged_and_its_sandbox_lands_in_the_home(cell):
     assert info["stdin"] == ["blah stdin"]
     assert info["gridtest"] == ["from cream"]
     assert info["proxy"] == [f"BLAH-PROXY-FOR-{user}"]
+    assert info["cms001_file"] == ["visible"]  # the owner's own home is (positive control)
     assert (new_home / "err.txt").read_text() == "payload stderr line\n"
     assert (new_home / "result.dat").read_text().startswith("written in the VM on ")
     for name in ("out.txt", "err.txt", "result.dat"):

@@ -10,10 +10,11 @@ import threading
 import time
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vmimagemanager.errors import BootError
+from vmimagemanager.errors import BootError, GuestError
 from vmimagemanager.lifecycle import JobRequest, lease_files
 
 pytestmark = pytest.mark.integration
@@ -310,8 +311,39 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
         assert lines[2] == "tmp=/tmp/vmim-9301.0"
         assert lines[3] == "600 atlas001"
         assert lines[4] == "PROXY-CERT"
+        # A script sourcing a file the image lacks (the SGE settings): stopped before it runs.
+        settings = "/var/lib/vmim-no-cell/default/common/settings.sh"
+        needy = replace(job, guest_files=(settings,))
+        with pytest.raises(GuestError) as info:
+            JobRunner(needy, ctx, cfg.run_dir).run(stdin_fd=None)
+        assert f"image atlas has no {settings}, which the job script sources" in str(info.value)
     finally:
         own.end_vm(lease.slot)
+
+
+def test_images_check_fails_clearly_on_unmounted_shares_and_missing_sge_settings(
+        vm_setup, atlas_vm, tmp_path):
+    """The check can fail: a guest-mode share the image never mounts, no SGE settings file."""
+    data = yaml.safe_load(vm_setup[0].read_text())
+    data["shared_paths"] = [{"path": "/home", "mode": "hypervisor"},
+                            {"path": "/srv/vmim-site-lustre", "mode": "guest"}]
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "vmimagemanager.cli", "--config", str(path),
+                        "images", "check", "cms", "--json"], capture_output=True, text=True,
+                       env={**os.environ, "SGE_ROOT": "/var/lib/vmim-no-cell",
+                            "SGE_CELL": "default"})
+    assert r.returncode == 1, r.stdout + r.stderr
+    checks = {c["requirement"]: c for c in json.loads(r.stdout)}
+    assert checks["shared path /home/cms001 mounted"]["ok"], checks
+    assert not checks["shared path /srv/vmim-site-lustre mounted"]["ok"]
+    assert "is not a mounted file system in the guest" in \
+        checks["shared path /srv/vmim-site-lustre mounted"]["detail"]
+    keys = [c for name, c in checks.items() if name.startswith("login keys kept out")]
+    assert keys and keys[0]["ok"], checks
+    settings = checks["/var/lib/vmim-no-cell/default/common/settings.sh readable (CE job "
+                      "scripts source it)"]
+    assert not settings["ok"] and "share $SGE_ROOT/$SGE_CELL/common" in settings["detail"]
 
 
 def test_up_store_restore_down_keeps_what_the_admin_changed(vm_setup, atlas_vm):
