@@ -92,6 +92,7 @@ def latency(args) -> None:
             first_line = time.time()
             while not qacct(job).get("exit_status"):
                 time.sleep(0.5)
+            out.unlink(missing_ok=True)  # nothing left in the pool account's home
             rows.append({"job": job, "qsub -> first output s": first_line - submitted,
                          "dispatch (prolog start) -> first output s":
                          first_line - (dispatched or submitted)})
@@ -144,6 +145,7 @@ def stress(args) -> None:
             text = out.read_text() if out.exists() else ""
             if not text.startswith(f"first VO={vo} ") or rec["exit_status"] != str(int(job) % 7):
                 wrong.append((job, user, rec.get("exit_status"), text[:80]))
+            out.unlink(missing_ok=True)
         leftovers = {
             "leases": len(LeaseStore(cfg.leases_db).all()),
             "overlays": len(list(cfg.overlay_dir.iterdir())),
