@@ -250,7 +250,8 @@ def submit_blah_job(c: Cell, user: str) -> dict:
     shutil.rmtree(home(user) / f"home_{tmp_name}", ignore_errors=True)
     script = blah_sge_script(queue=QUEUE, tmp_name=tmp_name, command="payload.sh",
                              arguments=["blah arg", "two"], stdin="stdin.txt", stdout="out.txt",
-                             stderr="err.txt", environment={"GRID_TEST": "from cream"},
+                             stderr="err.txt",
+                             environment={"GRID_TEST": "from cream", "PAYLOAD_EXIT": "5"},
                              staged=staged, proxy=staged[0], submitter_host="cream.example.org")
     script_file = user_file(home(user) / f"{tmp_name}.sh", script, user, 0o600)
     job_id = sge("qsub", str(script_file), user=user).split()[2]
@@ -420,7 +421,7 @@ def test_blah_shaped_job_runs_unchanged_and_its_sandbox_lands_in_the_home(cell):
     assert out_file.exists(), sorted(p.name for p in home(user).iterdir())
     out = out_file.read_text()
     info = parse(out)
-    assert record["exit_status"] == "0", (record, out)
+    assert record["exit_status"] == "5", (record, out)  # the wrapper's `exit $user_retcode`
     assert info["marker"][0].startswith("VO=cms "), out
     assert info["pwd"] == [str(new_home)] and info["home"] == [str(new_home)]
     assert info["arg"] == ["<blah arg>", "<two>"]

@@ -9,6 +9,7 @@ starter needs it, the prolog and epilog barely.
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import os
 import re
@@ -38,7 +39,7 @@ class Endpoint:
     host: str
     port: int
     user: str
-    key_file: Path
+    key: Path | bytes  # the private key's file, or its OpenSSH text (the prolog holds it in memory)
     host_key: str  # "ssh-ed25519 AAAA..." as printed on the guest console
 
 
@@ -102,20 +103,23 @@ def _pinned_client(endpoint: Endpoint):
     return client
 
 
-def _load_private_key(path: Path):
+def _load_private_key(key: Path | bytes):
     import paramiko
 
     try:
-        return paramiko.Ed25519Key.from_private_key_file(str(path))
+        if isinstance(key, bytes):
+            return paramiko.Ed25519Key.from_private_key(io.StringIO(key.decode()))
+        return paramiko.Ed25519Key.from_private_key_file(str(key))
     except (OSError, paramiko.SSHException) as exc:
-        raise GuestError(f"cannot read the job's ssh key {path}: {exc}") from None
+        where = "(in memory)" if isinstance(key, bytes) else str(key)
+        raise GuestError(f"cannot read the job's ssh key {where}: {exc}") from None
 
 
 def connect(endpoint: Endpoint, timeout: float = 10.0):
     """One connection attempt with the pinned host key; returns a paramiko SSHClient."""
     client = _pinned_client(endpoint)
     client.connect(endpoint.host, endpoint.port, username=endpoint.user,
-                   pkey=_load_private_key(endpoint.key_file), timeout=timeout,
+                   pkey=_load_private_key(endpoint.key), timeout=timeout,
                    banner_timeout=timeout, auth_timeout=timeout, look_for_keys=False,
                    allow_agent=False)
     transport = client.get_transport()

@@ -22,7 +22,6 @@ from .context import (
     JobContext,
     check_label,
     context_dir,
-    key_path,
     list_contexts,
     read_context,
     remove_context,
@@ -193,14 +192,6 @@ class LifeCycle:
                                             hostname=slot.guest_hostname, authorized_keys=keys,
                                             mounts=mounts))
         host, port = slot.ssh_address
-        context = JobContext(
-            mode="vm", label=request.label, slot=slot.name, host=host, port=port,
-            user=request.owner, vo=request.vo, image=request.image,
-            shared_paths=tuple(s.path for s in shares),
-            guest_checked_paths=tuple(s.path for s in shares),
-            scratch_dir=self.cfg.scratch_dir)
-        write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
-
         files.console.unlink(missing_ok=True)
         spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
                           overlay=files.overlay, seed=files.seed, console_log=files.console,
@@ -218,10 +209,16 @@ class LifeCycle:
         with self.phase("guest boot (to host key on console)"):
             host_key = wait_for_host_key(files.console, deadline, running)
         endpoint = Endpoint(host=host, port=port, user=request.owner,
-                            key_file=key_path(self.cfg.run_dir, request.label), host_key=host_key)
+                            key=job_key.private_openssh, host_key=host_key)
         with self.phase("wait for ssh"):
             wait_for_ssh(endpoint, deadline, files.console, running).close()
-        context = JobContext(**{**context.__dict__, "host_key": host_key})
+        # Written once the VM answers: the starter reads the pinned host key and the job's key.
+        context = JobContext(
+            mode="vm", label=request.label, slot=slot.name, host=host, port=port,
+            user=request.owner, vo=request.vo, image=request.image, host_key=host_key,
+            shared_paths=tuple(s.path for s in shares),
+            guest_checked_paths=tuple(s.path for s in shares),
+            scratch_dir=self.cfg.scratch_dir)
         write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
         return context
 

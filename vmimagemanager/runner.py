@@ -61,7 +61,7 @@ class JobRunner:
     def run(self, stdin_fd: int | None = 0) -> int:
         ctx = self.context
         endpoint = Endpoint(host=ctx.host, port=ctx.port, user=ctx.user,
-                            key_file=key_path(self.run_dir, ctx.label), host_key=ctx.host_key)
+                            key=key_path(self.run_dir, ctx.label), host_key=ctx.host_key)
         try:
             self.session = GuestSession(connect(endpoint))
         except GuestError:
