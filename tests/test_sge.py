@@ -6,6 +6,7 @@ each test checks its own job: the node runs them in parallel, and the suite stay
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -266,6 +267,9 @@ def remove_ce_files(ce: dict) -> None:
         for key in ("workdir", "jobdir", "gass", "new_home"):
             if key in job:
                 shutil.rmtree(job[key], ignore_errors=True)
+                # and the parents made for it (~/.globus/job/...) if empty; stops at user files
+                with contextlib.suppress(OSError):
+                    os.removedirs(job[key].parent)
         for pattern in job.get("globs", ()):
             for leftover in home(job["user"]).glob(pattern):
                 leftover.unlink()

@@ -177,14 +177,14 @@ def read_spool_config(spool_dir: str | None) -> dict[str, str]:
 def sourced_sge_settings(script: str, env: dict[str, str]) -> tuple[str, ...]:
     """The cell's settings.sh if the job script sources it, as CE job managers' scripts do."""
     root, cell = env.get("SGE_ROOT"), env.get("SGE_CELL") or "default"
-    if not root or not argv_is_readable(script):
+    if not root or not _readable_file(script):
         return ()
     settings = f"{root.rstrip('/')}/{cell}/common/settings.sh"
     with open(script, encoding="utf-8", errors="replace") as fh:
         return (settings,) if settings in fh.read(1 << 20) else ()
 
 
-def argv_is_readable(path: str) -> bool:
+def _readable_file(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.R_OK)
 
 
