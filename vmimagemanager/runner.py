@@ -96,9 +96,8 @@ class JobRunner:
                              "; check 'vmimagemanager images check' and shared_paths")
         if files_missing:
             raise GuestError(f"image {self.context.image} has no {', '.join(files_missing)}, "
-                             "which the job script sources (CE job managers do); share "
-                             "$SGE_ROOT/$SGE_CELL/common read-only (shared_paths) or install "
-                             "it in the image")
+                             "which the job script sources (CE job managers do); share its "
+                             "directory read-only (shared_paths) or install it in the image")
 
     def _run_in_guest(self, stdin_fd: int | None) -> int:
         assert self.session is not None
