@@ -91,6 +91,23 @@ def test_100_mb_binary_output_arrives_intact(atlas_session):
     assert err.decode().split()[0] == hashlib.md5(out).hexdigest()
 
 
+def test_output_written_after_the_payload_exits_is_still_delivered(atlas_session):
+    """sshd may send the exit status first; the output is complete only at EOF (as in a .o file)."""
+    script = "(sleep 2; echo late; echo late-err >&2) & echo early"
+    rc, out, err = _capture(atlas_session, ["sh", "-c", script])
+    assert (rc, out, err) == (0, b"early\nlate\n", b"late-err\n")
+
+
+def test_a_background_process_holding_the_output_does_not_keep_the_job_running(atlas_session):
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(
+        r=_capture(atlas_session, ["sh", "-c", "sleep 120 & echo done"])), daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # the sleep holds stdout for 120 s; we stop waiting long before
+    assert not worker.is_alive(), "run() waited for a background process of the payload"
+    assert result["r"] == (0, b"done\n", b"")
+
+
 def test_large_output_on_both_streams_at_once_does_not_deadlock(atlas_session):
     size = 16 * 1024 * 1024
     script = f"yes out | head -c {size} & yes err | head -c {size} >&2; wait"

@@ -36,6 +36,11 @@ HOST_KEY_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 HOST_KEY_END = "-----END SSH HOST KEY KEYS-----"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 CHUNK = 256 * 1024
+# After the payload's exit status: output still in flight arrives within DRAIN_QUIET seconds; a
+# background process it left holding stdout/stderr open is not waited for longer than that
+# (or than DRAIN_MAX if it keeps writing).
+DRAIN_QUIET = 5.0
+DRAIN_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -264,28 +269,36 @@ class GuestSession:
             feeder = threading.Thread(target=_feed_stdin, args=(channel, stdin_fd), daemon=True)
             feeder.start()
         stopping_since: float | None = None
+        exited_at: float | None = None
+        last_data = time.monotonic()
         try:
             while True:
+                now = time.monotonic()
                 if self._stop.is_set() and stopping_since is None:
-                    stopping_since = time.monotonic()
+                    stopping_since = now
                     self.terminate("TERM")
-                elif stopping_since is not None and time.monotonic() - stopping_since > 10:
+                elif stopping_since is not None and now - stopping_since > 10:
                     self.terminate("KILL")
                     stopping_since = float("inf")
-                got = False
-                while channel.recv_ready():
-                    _write_all(stdout_fd, channel.recv(CHUNK))
-                    got = True
-                while channel.recv_stderr_ready():
-                    _write_all(stderr_fd, channel.recv_stderr(CHUNK))
-                    got = True
-                if channel.exit_status_ready() and not channel.recv_ready() \
-                        and not channel.recv_stderr_ready():
-                    break
-                if channel.closed and not got:
-                    break
-                if not got:
-                    select.select([channel], [], [], 0.2)
+                if _drain(channel, stdout_fd, stderr_fd):
+                    last_data = now
+                    continue
+                # OpenSSH may send the exit status before the rest of the output: the stream is
+                # complete at EOF, not at the exit status.
+                if channel.eof_received or channel.closed:
+                    _drain(channel, stdout_fd, stderr_fd)  # what came in with the EOF
+                    if channel.exit_status_ready() or channel.closed:
+                        break
+                    time.sleep(0.2)  # output closed, payload still running: wait (stoppable)
+                    continue
+                if channel.exit_status_ready():
+                    exited_at = exited_at or now
+                    if now - max(last_data, exited_at) > DRAIN_QUIET or \
+                            now - exited_at > DRAIN_MAX:
+                        log.info("payload exited but a process it left keeps its output open; "
+                                 "not waiting for it")
+                        break
+                select.select([channel], [], [], 0.2)
             status = channel.recv_exit_status()
         finally:
             channel.close()
@@ -293,6 +306,18 @@ class GuestSession:
             raise GuestError("the ssh connection to the VM ended without an exit status (the VM "
                              "was stopped or the connection broke)")
         return status
+
+
+def _drain(channel, stdout_fd: int, stderr_fd: int) -> bool:
+    """Relay whatever output the channel holds right now; True if there was any."""
+    got = False
+    while channel.recv_ready():
+        _write_all(stdout_fd, channel.recv(CHUNK))
+        got = True
+    while channel.recv_stderr_ready():
+        _write_all(stderr_fd, channel.recv_stderr(CHUNK))
+        got = True
+    return got
 
 
 def _write_all(fd: int, data: bytes) -> None:
