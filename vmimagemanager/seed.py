@@ -27,7 +27,7 @@ class KeyPair:
 
 
 def generate_keypair(comment: str) -> KeyPair:
-    """A fresh Ed25519 key pair (paramiko can load it; dropbear and OpenSSH accept it)."""
+    """A fresh Ed25519 key pair (paramiko can load it; OpenSSH and dropbear accept it)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
