@@ -233,7 +233,7 @@ class GuestSession:
         return out.decode("utf-8", "replace")
 
     def upload(self, data: bytes, path: str, mode: int = 0o600) -> None:
-        """Write a file in the guest (no sftp needed: not every image has an sftp server). Private from the start."""
+        """Write a file in the guest, private from the start (no sftp: not every image has it)."""
         q = shlex.quote
         parent = os.path.dirname(path) or "."
         self.check_call(f"umask 077; mkdir -p -- {q(parent)} && cat > {q(path)} && "
