@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from pathlib import Path
 
 from common import REPO, report, scratch_config
 
-SGE_ENV = {**os.environ, "SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
+sys.path.insert(0, str(REPO / "tests"))
+from test_sge import SGE_ENV, job_state, qacct, sge  # noqa: E402 - the tests' cell helpers
+
 QUEUE = "vmbench.q"
 PAYLOAD = """#!/bin/sh
 echo "first $(cat /etc/grid-middleware-release)"
@@ -31,25 +32,16 @@ exit $((JOB_ID % 7))
 """
 
 
-def sh(*args: str, user: str | None = None, check: bool = True) -> str:
-    cmd = list(args)
-    if user:
-        cmd = ["su", user, "-s", "/bin/sh", "-c", f"cd && {shlex.join(args)}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=SGE_ENV)
-    if check and r.returncode != 0:
-        sys.exit(f"{cmd}: {r.stderr}")
-    return r.stdout
-
-
-def qacct(job_id: str) -> dict[str, str]:
-    out = sh("qacct", "-j", job_id, check=False)
-    return {p[0]: p[1].strip() for line in out.splitlines() if len(p := line.split(None, 1)) == 2}
+def finished(job_id: str) -> dict[str, str]:
+    """The job's qacct record once it has one (empty before)."""
+    records = qacct(job_id)
+    return records[0] if records else {}
 
 
 def submit(user: str, script: Path, tag: str) -> tuple[str, Path]:
     out = Path(f"/home/{user}/vmim-bench-{tag}.out")
     out.unlink(missing_ok=True)
-    job = sh("qsub", "-terse", "-q", QUEUE, "-o", str(out), "-j", "y", str(script),
+    job = sge("qsub", "-terse", "-q", QUEUE, "-o", str(out), "-j", "y", str(script),
              user=user).strip()
     return job, out
 
@@ -59,10 +51,10 @@ def setup(slots: int):
         subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
     subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
     base, path, cfg = scratch_config(slots, prefix=f"bn{os.getpid()}s")
-    sys.path.insert(0, str(REPO / "tests"))
     cli = str(Path(sys.executable).parent / "vmimagemanager")
     subprocess.run([cli, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
-                    "--wrapper-dir", str(base / "libexec")], check=True, env=SGE_ENV)
+                    "--wrapper-dir", str(base / "libexec")], check=True,
+                   env={**os.environ, **SGE_ENV})
     script = base / "payload.sh"
     script.write_text(PAYLOAD)
     os.chmod(script, 0o755)
@@ -70,7 +62,7 @@ def setup(slots: int):
 
 
 def teardown(base: Path, path: Path, cli: str) -> None:
-    sh("qconf", "-dq", QUEUE, check=False)
+    sge("qconf", "-dq", QUEUE, check=False)
     subprocess.run([cli, "--config", str(path), "reconcile"], capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
 
@@ -82,15 +74,13 @@ def latency(args) -> None:
         for n in range(args.jobs):
             submitted = time.time()
             job, out = submit("atlas001", script, f"lat{n}")
-            from test_sge import job_state
-
             dispatched = None  # first time qstat shows the job transferring/running: prolog
             while not (out.exists() and out.read_text().startswith("first")):
                 if dispatched is None and job_state(job) in ("t", "r"):
                     dispatched = time.time()
                 time.sleep(0.05)
             first_line = time.time()
-            while not qacct(job).get("exit_status"):
+            while not finished(job).get("exit_status"):
                 time.sleep(0.5)
             out.unlink(missing_ok=True)  # nothing left in the pool account's home
             rows.append({"job": job, "qsub -> first output s": first_line - submitted,
@@ -118,7 +108,7 @@ def stress(args) -> None:
         pending = set(jobs)
         while pending:
             for job in list(pending):
-                if qacct(job).get("exit_status") is not None:
+                if finished(job).get("exit_status") is not None:
                     pending.discard(job)
             for pid in subprocess.run(["pgrep", "-f", "vmim-sge-starter"], capture_output=True,
                                       text=True).stdout.split():
@@ -140,7 +130,7 @@ def stress(args) -> None:
         elapsed = time.time() - started
         wrong = []
         for job, (user, out) in jobs.items():
-            rec = qacct(job)
+            rec = finished(job)
             vo = "atlas" if user.startswith("atlas") else "cms"
             text = out.read_text() if out.exists() else ""
             if not text.startswith(f"first VO={vo} ") or rec["exit_status"] != str(int(job) % 7):
@@ -150,7 +140,7 @@ def stress(args) -> None:
             "leases": len(LeaseStore(cfg.leases_db).all()),
             "overlays": len(list(cfg.overlay_dir.iterdir())),
             "contexts": len(list((cfg.run_dir / "jobs").iterdir())),
-            "domains": len([d for d in sh("virsh", "list", "--name").split()
+            "domains": len([d for d in sge("virsh", "list", "--name").split()
                             if d in [s.domain_name for s in cfg.slots]]),
         }
     finally:

@@ -40,9 +40,12 @@ class JobContext:
     host_key: str = ""
     vo: str = ""
     image: str = ""
-    shared_paths: tuple[str, ...] = ()
-    guest_checked_paths: tuple[str, ...] = ()
+    shared_paths: tuple[str, ...] = ()  # the job's shares: the starter checks each is mounted
     scratch_dir: str = "/tmp"
+
+    @property
+    def guest_checked_paths(self) -> tuple[str, ...]:
+        return self.shared_paths
 
 
 def jobs_dir(run_dir: Path) -> Path:
@@ -106,7 +109,7 @@ def read_context(run_dir: Path, label: str) -> JobContext:
     except (OSError, ValueError) as exc:
         raise VmimError(f"cannot read the VM context {path}: {exc}") from None
     data["shared_paths"] = tuple(data.get("shared_paths", ()))
-    data["guest_checked_paths"] = tuple(data.get("guest_checked_paths", ()))
+    data.pop("guest_checked_paths", None)  # written by earlier versions; now derived
     return JobContext(**data)
 
 

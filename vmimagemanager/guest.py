@@ -16,7 +16,6 @@ import re
 import secrets
 import select
 import shlex
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -26,11 +25,6 @@ from pathlib import Path
 from .errors import BootError, GuestError
 
 log = logging.getLogger("vmimagemanager.guest")
-
-# paramiko imports the optional `invoke` package when it is installed (paramiko 4+ requires it),
-# only to run ssh_config "Match exec" lines, which we never parse. It costs 50-130 ms of every
-# hook's start-up (invoke pulls in unittest.mock); marking it absent makes paramiko skip it.
-sys.modules.setdefault("invoke", None)  # type: ignore[arg-type]
 
 HOST_KEY_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 HOST_KEY_END = "-----END SSH HOST KEY KEYS-----"

@@ -10,6 +10,7 @@ import pwd
 import shlex
 from dataclasses import dataclass
 
+from .batch.sge import sge_settings_path
 from .config import Config
 from .errors import VmimError
 from .shares import unmounted_report
@@ -118,9 +119,8 @@ def _storage_checks(session, shared: tuple[str, ...], label: str) -> list[Check]
                         "e.g. /etc/ssh/authorized_keys/%u)", found and not leaked,
                         "the job key was written to ~/.ssh/authorized_keys: with a shared home "
                         "that is the user's real home" if leaked else "not in ~/.ssh"))
-    root, cell = os.environ.get("SGE_ROOT"), os.environ.get("SGE_CELL") or "default"
-    if root:
-        settings = f"{root.rstrip('/')}/{cell}/common/settings.sh"
+    settings = sge_settings_path(os.environ)
+    if settings is not None:
         found, _ = _probe(session, f"test -r {shlex.quote(settings)}")
         checks.append(Check(f"{settings} readable (CE job scripts source it)", found,
                             "present" if found else "missing: share $SGE_ROOT/$SGE_CELL/common "

@@ -155,8 +155,7 @@ class LifeCycle:
                                             request.owner, request.image, request.vo)
         slot = self.cfg.slot(lease.slot)
         try:
-            context = self._boot(slot, lease, request, image, (uid, gid), shares,
-                                     boot_timeout)
+            context = self._boot(slot, lease, request, image, uid, gid, shares, boot_timeout)
         except BaseException as exc:
             log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
             self._fail(slot.name)
@@ -170,7 +169,7 @@ class LifeCycle:
                                                      LeaseState.RUNNING):
             self.leases.transition(slot, LeaseState.FAILED)
 
-    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, ids: tuple[int, int],
+    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, uid: int, gid: int,
               shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
         from .guest import Endpoint, wait_for_host_key, wait_for_ssh
 
@@ -185,12 +184,10 @@ class LifeCycle:
             keys[request.owner] = [job_key.public_line]
         else:
             keys["root"].append(job_key.public_line)
-        uid, gid = ids
-        mounts = seed_mounts(shares)
         with self.phase("seed"):
             build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
                                             hostname=slot.guest_hostname, authorized_keys=keys,
-                                            mounts=mounts))
+                                            mounts=seed_mounts(shares)))
         host, port = slot.ssh_address
         files.console.unlink(missing_ok=True)
         spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
@@ -217,7 +214,6 @@ class LifeCycle:
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image, host_key=host_key,
             shared_paths=tuple(s.path for s in shares),
-            guest_checked_paths=tuple(s.path for s in shares),
             scratch_dir=self.cfg.scratch_dir)
         write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
         return context

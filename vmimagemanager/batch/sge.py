@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
 from ..errors import ImageError, NoFreeSlot, VmimError
@@ -174,18 +174,23 @@ def read_spool_config(spool_dir: str | None) -> dict[str, str]:
     return values
 
 
-def sourced_sge_settings(script: str, env: dict[str, str]) -> tuple[str, ...]:
+def sge_settings_path(env: Mapping[str, str]) -> str | None:
+    """`$SGE_ROOT/$SGE_CELL/common/settings.sh`, the file CE job scripts source (None: no SGE)."""
+    root = env.get("SGE_ROOT")
+    return f"{root.rstrip('/')}/{env.get('SGE_CELL') or 'default'}/common/settings.sh" \
+        if root else None
+
+
+def sourced_sge_settings(script: str, env: Mapping[str, str]) -> tuple[str, ...]:
     """The cell's settings.sh if the job script sources it, as CE job managers' scripts do."""
-    root, cell = env.get("SGE_ROOT"), env.get("SGE_CELL") or "default"
-    if not root or not _readable_file(script):
+    settings = sge_settings_path(env)
+    if settings is None:
         return ()
-    settings = f"{root.rstrip('/')}/{cell}/common/settings.sh"
-    with open(script, encoding="utf-8", errors="replace") as fh:
-        return (settings,) if settings in fh.read(1 << 20) else ()
-
-
-def _readable_file(path: str) -> bool:
-    return os.path.isfile(path) and os.access(path, os.R_OK)
+    try:
+        with open(script, encoding="utf-8", errors="replace") as fh:
+            return (settings,) if settings in fh.read(1 << 20) else ()
+    except OSError:  # the runner reports an unreadable script itself
+        return ()
 
 
 def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
