@@ -27,3 +27,4 @@ bench-sge: deps
 	bash harness/libvirt-up.sh
 	cd benchmarks && $(PY) sge_stress.py latency --jobs 3
 	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2 --vm-seconds 17
+	cd benchmarks && $(PY) chaos.py --jobs 100 --slots 2 --seed 11

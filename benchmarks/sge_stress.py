@@ -23,7 +23,7 @@ from pathlib import Path
 from common import REPO, report, scratch_config
 
 sys.path.insert(0, str(REPO / "tests"))
-from test_sge import SGE_ENV, job_state, qacct, sge  # noqa: E402 - the tests' cell helpers
+from sgecell import SGE_ENV, final_records, job_state, sge  # noqa: E402 - the tests' helpers
 
 QUEUE = "vmbench.q"
 PAYLOAD = """#!/bin/sh
@@ -34,8 +34,8 @@ exit $((JOB_ID % 7))
 
 def finished(job_id: str) -> dict[str, str]:
     """The job's qacct record once it has one (empty before)."""
-    records = qacct(job_id)
-    return records[0] if records else {}
+    records = final_records(job_id)
+    return records[-1] if records else {}
 
 
 def submit(user: str, script: Path, tag: str) -> tuple[str, Path]:

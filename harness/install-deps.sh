@@ -55,3 +55,7 @@ pipq() { "$venv/bin/python" -m pip -q --disable-pip-version-check "$@"; }
 # A plain (non-editable) install: the code the hooks run is a copy every user can read, whatever the
 # permissions of the checkout.
 pipq install --no-deps --no-build-isolation --force-reinstall "$here"
+# The admin commands on root's PATH (README): links to the venv's entry points.
+for cmd in vmimagemanager vmim-sge-prolog vmim-sge-starter vmim-sge-epilog; do
+  ln -sfn "$venv/bin/$cmd" "/usr/local/bin/$cmd"
+done

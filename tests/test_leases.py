@@ -114,3 +114,21 @@ def test_process_killed_mid_start_is_cleaned_by_reconcile(tmp_path, test_life):
     assert life.leases.get("s1") is None
     assert not overlay.exists()
     assert life.reconcile() == []
+
+
+def test_reconcile_keeps_a_fresh_native_or_reject_context_and_removes_old_ones(test_life):
+    """Such a job has no lease: its context is the prolog's word to the starter. A periodic
+    reconcile must not take it away in between; one whose epilog never ran goes after a while."""
+    from vmimagemanager.context import JobContext, context_dir, write_context
+    from vmimagemanager.lifecycle import CONTEXT_GRACE
+
+    life, cfg = test_life
+    write_context(cfg.run_dir, JobContext(mode="reject", label="70.0", message="no VO"), None,
+                  os.getuid(), os.getgid())
+    write_context(cfg.run_dir, JobContext(mode="vm", label="71.0"), b"key", os.getuid(),
+                  os.getgid())
+    assert life.reconcile() == [f"remove orphan job context {context_dir(cfg.run_dir, '71.0')}"]
+    old = time.time() - CONTEXT_GRACE - 10
+    os.utime(context_dir(cfg.run_dir, "70.0"), (old, old))
+    assert life.reconcile() == [f"remove orphan job context {context_dir(cfg.run_dir, '70.0')}"]
+    assert life.reconcile() == []

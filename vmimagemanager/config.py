@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,14 @@ MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                          r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
 UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+
+
+DOMAIN_PREFIX = "vmim-"
+
+
+def domain_name(slot_name: str) -> str:
+    """libvirt domain name of a slot: carries the slot name so `virsh list` makes sense."""
+    return f"{DOMAIN_PREFIX}{slot_name}"
 
 
 def valid_name(name: str) -> bool:
@@ -63,8 +71,7 @@ class Slot:
 
     @property
     def domain_name(self) -> str:
-        """libvirt domain name: carries the slot name so `virsh list` makes sense to an admin."""
-        return f"vmim-{self.name}"
+        return domain_name(self.name)
 
     @property
     def ssh_address(self) -> tuple[str, int]:
@@ -119,7 +126,6 @@ class Config:
     shared_paths: tuple[SharedPath, ...] = ()
     site_root_key: Path | None = None
     scratch_dir: str = "/tmp"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:

@@ -2,6 +2,10 @@
 
 Each error carries one line that tells an admin or user what went wrong and what to do, because
 these messages end up in SGE job error files, syslog and CLI output where nobody reads tracebacks.
+
+Two families decide what happens to a job whose VM cannot start (vmimagemanager.flow):
+RetryLater errors are the node's passing trouble (the job goes back to the queue, here or on
+another node); the others need an admin (the job is held with the reason).
 """
 
 
@@ -9,16 +13,36 @@ class VmimError(Exception):
     """Base class: str(error) is the one-line message shown to the admin or user."""
 
 
+class RetryLater(VmimError):
+    """Transient trouble on this node: put the job back in the queue, it will run later."""
+
+
 class ConfigError(VmimError):
     """The configuration file is missing, unreadable or invalid."""
 
 
-class NoFreeSlot(VmimError):
+class NoFreeSlot(RetryLater):
     """Every slot on this node is leased; the job should be retried later."""
 
 
+class HypervisorUnavailable(RetryLater):
+    """libvirtd does not answer; jobs wait until it is back."""
+
+
+class LeaseDbBusy(RetryLater):
+    """Another process held the leases database's write lock for longer than we wait."""
+
+
+class NoSpace(RetryLater):
+    """A directory we write per-job files to is full."""
+
+
+class LeaseDbBroken(VmimError):
+    """The leases database cannot be read (corrupt, wrong file, unreadable)."""
+
+
 class ImageError(VmimError):
-    """An image is missing, invalid, or in use."""
+    """An image is missing, invalid, changed since import, or in use."""
 
 
 class LeaseError(VmimError):
@@ -31,3 +55,7 @@ class BootError(VmimError):
 
 class GuestError(VmimError):
     """Running something inside the guest failed (not the payload's own exit status)."""
+
+
+class TeardownIncomplete(VmimError):
+    """A VM's teardown could not finish; its lease stays for the next reconcile to finish."""

@@ -13,11 +13,10 @@ import logging
 import os
 import time
 
-from .errors import BootError, VmimError
+from .config import DOMAIN_PREFIX
+from .errors import BootError, HypervisorUnavailable
 
 log = logging.getLogger("vmimagemanager.hypervisor")
-
-DOMAIN_PREFIX = "vmim-"
 
 
 def kvm_usable(cpuinfo: str = "/proc/cpuinfo", device: str = "/dev/kvm") -> bool:
@@ -68,44 +67,65 @@ class Hypervisor(abc.ABC):
         """Names of running vmimagemanager domains (prefix vmim-)."""
 
     @abc.abstractmethod
-    def domain_xml(self, name: str) -> str: ...
-
-    @abc.abstractmethod
-    def suspend(self, name: str) -> None: ...
-
-    @abc.abstractmethod
-    def resume(self, name: str) -> None: ...
+    def domain_xml(self, name: str) -> str | None:
+        """The running domain's XML, None if it is not running."""
 
 
 class LibvirtHypervisor(Hypervisor):
-    def __init__(self, uri: str):
-        import libvirt  # imported here: the starter path never needs it
+    """Connects on first use: an epilog with no VM to end never waits for libvirtd."""
 
-        self._libvirt = libvirt
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
-        try:
-            self._conn = libvirt.open(uri)
-        except libvirt.libvirtError as exc:
-            raise VmimError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; "
-                            "is libvirtd running? (harness/libvirt-up.sh starts it)") from None
+    def __init__(self, uri: str):
         self.uri = uri
+        self._libvirt = None
+        self._connection = None
+
+    @property
+    def _conn(self):
+        if self._connection is None:
+            import libvirt  # imported here: the starter path never needs it
+
+            self._libvirt = libvirt
+            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
+            try:
+                self._connection = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise HypervisorUnavailable(
+                    f"libvirtd is not answering at {self.uri} "
+                    f"({exc.get_error_message()}); start it (harness/libvirt-up.sh, or "
+                    "'systemctl start libvirtd')") from None
+        return self._connection
+
+    def _unavailable(self, exc) -> HypervisorUnavailable | None:
+        """The connection to libvirtd broke (daemon stopped or restarted) rather than the call
+        failing on its own: reported as such, never as 'no such domain'."""
+        lv = self._libvirt
+        if exc.get_error_code() in (lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC,
+                                    lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_INVALID_CONN):
+            self._connection = None  # the next call connects again
+            return HypervisorUnavailable(f"libvirtd stopped answering at {self.uri} "
+                                         f"({exc.get_error_message()})")
+        return None
 
     def close(self) -> None:
-        self._conn.close()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def _lookup(self, name: str):
+        conn = self._conn
         try:
-            return self._conn.lookupByName(name)
+            return conn.lookupByName(name)
         except self._libvirt.libvirtError as exc:
             if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
                 return None
-            raise
+            raise self._unavailable(exc) or exc from None
 
     def start(self, domain_xml: str) -> None:
+        conn = self._conn
         try:
-            self._conn.createXML(domain_xml, 0)
+            conn.createXML(domain_xml, 0)
         except self._libvirt.libvirtError as exc:
-            raise BootError(f"libvirt refused to start the domain: "
+            raise self._unavailable(exc) or BootError(f"libvirt refused to start the domain: "
                             f"{exc.get_error_message()}") from None
 
     def destroy(self, name: str) -> bool:
@@ -118,7 +138,7 @@ class LibvirtHypervisor(Hypervisor):
             if exc.get_error_code() in (self._libvirt.VIR_ERR_NO_DOMAIN,
                                         self._libvirt.VIR_ERR_OPERATION_INVALID):
                 return False
-            raise
+            raise self._unavailable(exc) or exc from None
         log.info("domain %s destroyed", name)
         return True
 
@@ -143,28 +163,27 @@ class LibvirtHypervisor(Hypervisor):
             return False
         try:
             return bool(dom.isActive())
-        except self._libvirt.libvirtError:
-            return False
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
+                return False  # it went away between the lookup and the question
+            raise self._unavailable(exc) or exc from None
 
     def domain_names(self) -> list[str]:
-        names = []
-        for dom in self._conn.listAllDomains(self._libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            if dom.name().startswith(DOMAIN_PREFIX):
-                names.append(dom.name())
-        return sorted(names)
+        conn = self._conn
+        try:
+            domains = conn.listAllDomains(self._libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            return sorted(d.name() for d in domains if d.name().startswith(DOMAIN_PREFIX))
+        except self._libvirt.libvirtError as exc:
+            raise self._unavailable(exc) or exc from None
 
-    def domain_xml(self, name: str) -> str:
+    def domain_xml(self, name: str) -> str | None:
+        """The running domain's XML; None if it is not running (any more)."""
         dom = self._lookup(name)
         if dom is None:
-            raise VmimError(f"domain {name} is not running")
-        return dom.XMLDesc(0)
-
-    def suspend(self, name: str) -> None:
-        dom = self._lookup(name)
-        if dom is not None:
-            dom.suspend()
-
-    def resume(self, name: str) -> None:
-        dom = self._lookup(name)
-        if dom is not None:
-            dom.resume()
+            return None
+        try:
+            return dom.XMLDesc(0)
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise self._unavailable(exc) or exc from None

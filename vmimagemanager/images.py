@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .config import valid_name
 from .domain_xml import BootSpec
-from .errors import ImageError
+from .errors import ImageError, NoSpace
 
 CHUNK = 4 * 1024 * 1024
 Progress = Callable[[int, int], None]
@@ -38,6 +38,9 @@ class Image:
     imported_at: float = 0.0
     source: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    # file name -> [size, mtime_ns] at import: a cheap check before every use (sha256 is for
+    # `images verify`); empty in records written by earlier versions (no check then).
+    stats: dict[str, list[int]] = field(default_factory=dict)
 
     def boot_spec(self, image_dir: Path) -> BootSpec:
         return BootSpec(
@@ -113,6 +116,24 @@ class ImageStore:
         self.image_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.image_dir, 0o711)
 
+    def check_unchanged(self, image: Image) -> None:
+        """Refuse an image whose files were deleted or changed after import (size or mtime):
+        a job must not boot a disk nobody verified, nor fail half-way on a missing one."""
+        for file_name, (size, mtime_ns) in sorted(image.stats.items()):
+            try:
+                st = (self.image_dir / file_name).stat()
+            except FileNotFoundError:
+                raise ImageError(f"image {image.name!r}: {self.image_dir / file_name} is missing; "
+                                 "restore it or re-import the image") from None
+            if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                raise ImageError(f"image {image.name!r}: {self.image_dir / file_name} changed "
+                                 "after import (size or modification time differ); re-import "
+                                 "the image ('images remove', then 'images import') or restore "
+                                 "the file and check it with 'images verify'")
+
+    def _stats(self, names) -> dict[str, list[int]]:
+        return {n: [(st := (self.image_dir / n).stat()).st_size, st.st_mtime_ns] for n in names}
+
     def get(self, name: str) -> Image:
         path = self._record_path(name)
         try:
@@ -163,7 +184,8 @@ class ImageStore:
             image = Image(name=name, disk=f"{name}.{fmt}", format=fmt, sha256=sums,
                           kernel=f"{name}.kernel" if kernel else None,
                           initrd=f"{name}.initrd" if initrd else None,
-                          cmdline=cmdline, imported_at=time.time(), source=str(source))
+                          cmdline=cmdline, imported_at=time.time(), source=str(source),
+                          stats=self._stats(sums))
             self._write_record(image)
         except BaseException:
             for path in written:
@@ -227,7 +249,8 @@ class ImageStore:
                     boot[role] = new_name
             image = Image(name=name, disk=target.name, format="qcow2", sha256=sums,
                           kernel=boot["kernel"], initrd=boot["initrd"], cmdline=base.cmdline,
-                          imported_at=time.time(), source=f"stored from image {base.name}")
+                          imported_at=time.time(), source=f"stored from image {base.name}",
+                          stats=self._stats(sums))
             self._write_record(image)
             return image
         except subprocess.CalledProcessError as exc:
@@ -248,6 +271,9 @@ def prepare_overlay(golden: Path, golden_format: str, overlay: Path) -> None:
                        check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         overlay.unlink(missing_ok=True)
+        if "No space left" in exc.stderr:
+            raise NoSpace(f"no space left in {overlay.parent} for the job's overlay: free space "
+                          "there (overlay_dir)") from None
         raise ImageError(f"creating overlay {overlay} on {golden} failed: "
                          f"{exc.stderr.strip()}") from None
     os.chmod(overlay, 0o600)

@@ -8,6 +8,7 @@ the pid of the process working on it, so `reconcile` can find leases whose proce
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import LeaseError, NoFreeSlot
+from .errors import LeaseDbBroken, LeaseDbBusy, LeaseError, NoFreeSlot, NoSpace, VmimError
 from .states import LeaseState, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS leases (
     vo TEXT NOT NULL DEFAULT '',
     state TEXT NOT NULL,
     pid INTEGER NOT NULL,
+    pid_start INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE (job_id, task_id)
@@ -56,6 +58,7 @@ class Lease:
     vo: str
     state: LeaseState
     pid: int
+    pid_start: int
     created: float
     updated: float
 
@@ -63,17 +66,71 @@ class Lease:
     def job_label(self) -> str:
         return f"{self.job_id}.{self.task_id}"
 
+    def holder_alive(self) -> bool:
+        """Is the process that made the last transition still there (the same process: a pid
+        reused by another program after a crash does not count)?"""
+        start = process_start(self.pid)
+        return start is not None and (self.pid_start == 0 or start == self.pid_start)
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc/PID/stat field 22); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return int(fields[19])
+
+
+def _guarded(method):
+    """Turn sqlite3 errors into one-line errors that say what happens to the job."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
+
+    return wrapper
+
 
 class LeaseStore:
-    def __init__(self, db_path: Path):
+    """Leases of one node. `wait` bounds how long a call waits for another writer's lock:
+    short in the prolog (the job is retried later), longer for the epilog and the CLI."""
+
+    def __init__(self, db_path: Path, wait: float = 60.0):
         self.db_path = db_path
+        self.wait = wait
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(db_path), timeout=60, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=60000")
-        self._conn.executescript(SCHEMA)
+        try:
+            self._conn = sqlite3.connect(str(db_path), timeout=wait, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(SCHEMA)
+            columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(leases)")}
+            if "pid_start" not in columns:  # a database made by an earlier version
+                self._conn.execute("ALTER TABLE leases ADD COLUMN pid_start INTEGER NOT NULL "
+                                   "DEFAULT 0")
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from None
         os.chmod(db_path, 0o600)
+
+    def _translate(self, exc: sqlite3.Error) -> VmimError:
+        text = str(exc)
+        if "locked" in text or "busy" in text:
+            return LeaseDbBusy(f"the leases database {self.db_path} stayed locked by another "
+                               f"process for {self.wait:.0f} s")
+        if "full" in text:
+            return NoSpace(f"no space left for the leases database {self.db_path}: free space "
+                           f"in {self.db_path.parent}")
+        return LeaseDbBroken(f"the leases database {self.db_path} cannot be used ({text}); "
+                             "when no job runs on this node, move it aside and run "
+                             "'vmimagemanager reconcile' (it starts an empty one)")
 
     def close(self) -> None:
         self._conn.close()
@@ -94,6 +151,7 @@ class LeaseStore:
         data["state"] = LeaseState(data["state"])
         return Lease(**data)
 
+    @_guarded
     def allocate(self, slots: Sequence[str], job_id: str, task_id: str, owner: str,
                  image: str, vo: str = "", pid: int | None = None) -> tuple[Lease, bool]:
         """Take a free slot for the job; returns (lease, created).
@@ -102,6 +160,7 @@ class LeaseStore:
         twice for one job is harmless.
         """
         now = time.time()
+        holder = os.getpid() if pid is None else pid
         with self._write() as db:
             row = db.execute("SELECT * FROM leases WHERE job_id=? AND task_id=?",
                              (job_id, task_id)).fetchone()
@@ -114,43 +173,55 @@ class LeaseStore:
                                  "node are in use; the job will be retried")
             db.execute(
                 "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
-                "created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "pid_start, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (free[0], job_id, task_id, owner, image, vo, LeaseState.PREPARING.value,
-                 pid if pid is not None else os.getpid(), now, now))
+                 holder, process_start(holder) or 0, now, now))
             row = db.execute("SELECT * FROM leases WHERE slot=?", (free[0],)).fetchone()
         lease = self._lease(row)
         log.info("job %s slot %s: free -> preparing (image %s, owner %s)", lease.job_label,
                  lease.slot, image, owner)
         return lease, True
 
-    def transition(self, slot: str, target: LeaseState) -> Lease:
+    @_guarded
+    def transition(self, slot: str, target: LeaseState, job_label: str | None = None) -> Lease:
+        """Move the slot's lease to `target`; with `job_label`, only if that job still holds it
+        (a slot freed and leased again in between is somebody else's)."""
         with self._write() as db:
             row = db.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
             if row is None:
                 raise LeaseError(f"slot {slot}: no lease to move to {target}")
             lease = self._lease(row)
+            if job_label is not None and lease.job_label != job_label:
+                raise LeaseError(f"slot {slot}: held by job {lease.job_label} now, not "
+                                 f"{job_label}")
             check_transition(lease.state, target, f"job {lease.job_label} slot {slot}")
             if target is LeaseState.FREE:
                 db.execute("DELETE FROM leases WHERE slot=?", (slot,))
             else:
-                db.execute("UPDATE leases SET state=?, pid=?, updated=? WHERE slot=?",
-                           (target.value, os.getpid(), time.time(), slot))
+                pid = os.getpid()
+                db.execute("UPDATE leases SET state=?, pid=?, pid_start=?, updated=? "
+                           "WHERE slot=?",
+                           (target.value, pid, process_start(pid) or 0, time.time(), slot))
         log.info("job %s slot %s: %s -> %s", lease.job_label, slot, lease.state, target)
         return lease
 
+    @_guarded
     def get(self, slot: str) -> Lease | None:
         row = self._conn.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
         return self._lease(row) if row else None
 
+    @_guarded
     def find_job(self, job_id: str, task_id: str) -> Lease | None:
         row = self._conn.execute("SELECT * FROM leases WHERE job_id=? AND task_id=?",
                                  (job_id, task_id)).fetchone()
         return self._lease(row) if row else None
 
+    @_guarded
     def all(self) -> list[Lease]:
         return [self._lease(r) for r in
                 self._conn.execute("SELECT * FROM leases ORDER BY slot")]
 
+    @_guarded
     def record_boot_failure(self, job_id: str, task_id: str, error: str) -> int:
         """Count a failed boot for a job (kept across reschedules); returns the new count."""
         with self._write() as db:
@@ -162,6 +233,7 @@ class LeaseStore:
                              (job_id, task_id)).fetchone()
         return int(row["count"])
 
+    @_guarded
     def forget_boot_failures(self, job_id: str, task_id: str) -> None:
         with self._write() as db:
             db.execute("DELETE FROM boot_failures WHERE job_id=? AND task_id=?",

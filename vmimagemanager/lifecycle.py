@@ -8,6 +8,7 @@ and `reconcile` can all call it, in any order, as often as they like.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -17,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, Slot, UserNetwork
+from .config import DOMAIN_PREFIX, Config, Slot, UserNetwork, domain_name
 from .context import (
     JobContext,
     check_label,
@@ -28,7 +29,7 @@ from .context import (
     write_context,
 )
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
-from .errors import LeaseError, VmimError
+from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimError
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
 from .leases import Lease, LeaseStore
@@ -40,6 +41,7 @@ log = logging.getLogger("vmimagemanager.lifecycle")
 
 ADMIN_KEY = "admin_ed25519"
 TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.TEARING_DOWN)
+CONTEXT_GRACE = 3600.0  # seconds a lease-less (native/reject) job context is kept for its job
 
 
 @dataclass(frozen=True)
@@ -136,12 +138,12 @@ class LifeCycle:
         """Lease a slot and boot the request's image in it; returns when ssh answers."""
         check_label(request.label)
         image = self.images.get(request.image)  # ImageError before any slot is taken
+        self.images.check_unchanged(image)
         uid, gid = owner_ids(request.owner)
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         names = slots or [s.name for s in self.cfg.slots]
         with self.phase("lease"):
-            lease, created = self.leases.allocate(names, request.job_id, request.task_id,
-                                                  request.owner, request.image, request.vo)
+            lease, created = self._allocate(names, request)
         if not created:
             if lease.state is LeaseState.RUNNING and self.hv.is_running(
                     self.cfg.slot(lease.slot).domain_name):
@@ -150,26 +152,44 @@ class LifeCycle:
                 return lease, self._existing_context(lease)
             log.info("job %s: stale lease in slot %s (%s); starting over", lease.job_label,
                      lease.slot, lease.state)
-            self.end_vm(lease.slot)
-            lease, _ = self.leases.allocate(names, request.job_id, request.task_id,
-                                            request.owner, request.image, request.vo)
+            self.end_vm(lease.slot, job_label=lease.job_label)
+            lease, _ = self._allocate(names, request)
         slot = self.cfg.slot(lease.slot)
         try:
-            context = self._boot(slot, lease, request, image, uid, gid, shares, boot_timeout)
+            context = self._boot(slot, request, image, uid, gid, shares, boot_timeout)
         except BaseException as exc:
             log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
-            self._fail(slot.name)
-            self.end_vm(slot.name)
+            try:
+                self._fail(slot.name, request.label)
+                self.end_vm(slot.name, job_label=request.label)
+            except Exception as cleanup:  # noqa: BLE001 - the start error is the one to report
+                log.error("job %s slot %s: cleanup after the failed start is incomplete (%s); "
+                          "reconcile finishes it", request.label, slot.name, cleanup)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise NoSpace(f"no space left on the device of {exc.filename or 'a work file'} "
+                              f"(overlay_dir {self.cfg.overlay_dir}, run_dir "
+                              f"{self.cfg.run_dir}): free space on this node") from None
             raise
-        return self.leases.transition(slot.name, LeaseState.RUNNING), context
+        return self.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
 
-    def _fail(self, slot: str) -> None:
+    def _allocate(self, names: list[str], request: JobRequest) -> tuple[Lease, bool]:
+        """Take a slot; when none is free, first reclaim slots whose holder died (self-healing:
+        a crashed prolog or epilog never costs the node a slot for longer than one job's wait)."""
+        args = (names, request.job_id, request.task_id, request.owner, request.image, request.vo)
+        try:
+            return self.leases.allocate(*args)
+        except NoFreeSlot:
+            if not self.reclaim_stale():
+                raise
+        return self.leases.allocate(*args)
+
+    def _fail(self, slot: str, label: str) -> None:
         current = self.leases.get(slot)
-        if current is not None and current.state in (LeaseState.PREPARING, LeaseState.BOOTING,
-                                                     LeaseState.RUNNING):
-            self.leases.transition(slot, LeaseState.FAILED)
+        if current is not None and current.job_label == label and current.state in (
+                LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.RUNNING):
+            self.leases.transition(slot, LeaseState.FAILED, label)
 
-    def _boot(self, slot: Slot, lease: Lease, request: JobRequest, image, uid: int, gid: int,
+    def _boot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
               shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
         from .guest import Endpoint, wait_for_host_key, wait_for_ssh
 
@@ -195,7 +215,7 @@ class LifeCycle:
                           boot=image.boot_spec(self.cfg.image_dir), job_label=request.label,
                           image=request.image, owner=request.owner,
                           shares=shares)
-        self.leases.transition(slot.name, LeaseState.BOOTING)
+        self.leases.transition(slot.name, LeaseState.BOOTING, request.label)
         if self.hv.is_running(slot.domain_name):
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
@@ -222,46 +242,68 @@ class LifeCycle:
         return read_context(self.cfg.run_dir, lease.job_label)
 
     # -- end ------------------------------------------------------------------------------------
-    def end_vm(self, slot_name: str, graceful: bool = False) -> bool:
-        """Destroy the slot's VM and remove everything its lease made; False if nothing to do."""
+    def end_vm(self, slot_name: str, graceful: bool = False, job_label: str | None = None
+               ) -> bool:
+        """Destroy the slot's VM and remove everything its lease made; False if nothing to do.
+
+        With `job_label`, only that job's lease is ended (the slot may belong to a newer job by
+        now). Every step is tried even when one fails; the slot is freed only once its domain is
+        gone, else TeardownIncomplete says why and the lease stays for reconcile to finish.
+        """
         lease = self.leases.get(slot_name)
-        slot = self.cfg.slot(slot_name)
-        if lease is None:
+        if lease is None or (job_label is not None and lease.job_label != job_label):
             return False
+        label = lease.job_label
         if lease.state is not LeaseState.TEARING_DOWN:
-            self.leases.transition(slot_name, LeaseState.TEARING_DOWN)
+            self.leases.transition(slot_name, LeaseState.TEARING_DOWN, label)
+        problems = []
         with self.phase("destroy"):
-            self._destroy_if_ours(slot, lease.job_label, graceful)
+            try:
+                self._destroy_if_ours(slot_name, label, graceful)
+            except Exception as exc:  # noqa: BLE001 - reported below, the files still go
+                problems.append(f"domain {domain_name(slot_name)} not destroyed: {exc}")
         with self.phase("cleanup"):
-            files = lease_files(self.cfg, slot_name, lease.job_label)
-            files.overlay.unlink(missing_ok=True)
-            files.seed.unlink(missing_ok=True)
-            remove_context(self.cfg.run_dir, lease.job_label)
+            files = lease_files(self.cfg, slot_name, label)
+            for path in (files.overlay, files.seed):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    problems.append(f"{path} not removed: {exc.strerror}")
+            try:
+                remove_context(self.cfg.run_dir, label)
+            except OSError as exc:
+                problems.append(f"job context of {label} not removed: {exc.strerror}")
+        if problems:
+            raise TeardownIncomplete(f"slot {slot_name} (job {label}): {'; '.join(problems)}; "
+                                     "the slot stays tearing-down until 'vmimagemanager "
+                                     "reconcile' (run by its timer) finishes it")
         try:
-            self.leases.transition(slot_name, LeaseState.FREE)
+            self.leases.transition(slot_name, LeaseState.FREE, label)
         except LeaseError:
             log.info("slot %s was released concurrently", slot_name)
         return True
 
     def end_job(self, job_id: str, task_id: str) -> bool:
         """Epilog: end the job's VM if it has one; cleanup already done is not an error."""
+        label = check_label(f"{job_id}.{task_id}")
         lease = self.leases.find_job(job_id, task_id)
-        removed = remove_context(self.cfg.run_dir, check_label(f"{job_id}.{task_id}"))
+        removed = remove_context(self.cfg.run_dir, label)
         if lease is None:
             return removed
-        return self.end_vm(lease.slot)
+        return self.end_vm(lease.slot, job_label=label)
 
-    def _destroy_if_ours(self, slot: Slot, label: str, graceful: bool) -> None:
-        name = slot.domain_name
-        if not self.hv.is_running(name):
+    def _destroy_if_ours(self, slot_name: str, label: str, graceful: bool) -> None:
+        name = domain_name(slot_name)
+        xml = self.hv.domain_xml(name)
+        if xml is None:
             return
-        meta = lease_metadata(self.hv.domain_xml(name))
+        meta = lease_metadata(xml)
         if meta.get("job") not in (None, label):
             log.warning("slot %s: domain %s belongs to job %s, not %s; leaving it to reconcile",
-                        slot.name, name, meta.get("job"), label)
+                        slot_name, name, meta.get("job"), label)
             return
         if graceful:
-            self._guest_poweroff(slot, label)
+            self._guest_poweroff(self.cfg.slot(slot_name), label)
             self.hv.shutdown(name, self.cfg.shutdown_timeout)
         else:
             self.hv.destroy(name)
@@ -290,72 +332,102 @@ class LifeCycle:
             session.close()
 
     # -- reconcile ------------------------------------------------------------------------------
-    def reconcile(self, dry_run: bool = False) -> list[str]:
-        """Compare leases, libvirt domains and files; clean up what no live lease explains."""
-        actions: list[str] = []
-        leases = {lease.slot: lease for lease in self.leases.all()}
-        all_leases = dict(leases)
+    def reclaim_stale(self, dry_run: bool = False) -> list[str]:
+        """End the leases no live process or VM explains (holder died, start failed, VM gone)."""
+        actions = []
         known_slots = {s.name for s in self.cfg.slots}
-        for lease in list(leases.values()):
+        for lease in self.leases.all():
             reason = self._stale_reason(lease, known_slots)
-            if reason:
-                actions.append(f"release slot {lease.slot} (job {lease.job_label}): {reason}")
-                if not dry_run:
-                    if lease.slot in known_slots:
-                        self.end_vm(lease.slot)
-                    else:
-                        self._forget_unknown_slot(lease)
-                leases.pop(lease.slot)
-        for name in self.hv.domain_names():
-            slot_name = name.removeprefix("vmim-")
-            lease = leases.get(slot_name)
-            meta = lease_metadata(self.hv.domain_xml(name))
-            if lease is None or meta.get("job") != lease.job_label:
-                actions.append(f"destroy domain {name}: no lease holds it")
-                if not dry_run:
-                    self.hv.destroy(name)
-        # Files of the leases released above are theirs to remove (already gone unless dry run).
-        live_labels = {lease.job_label for lease in all_leases.values()}
-        live_files = set()
-        for lease in all_leases.values():
-            f = lease_files(self.cfg, lease.slot, lease.job_label)
-            live_files |= {f.overlay.name, f.seed.name}
-        if self.cfg.overlay_dir.is_dir():
-            for path in sorted(self.cfg.overlay_dir.iterdir()):
-                if path.name not in live_files:
-                    actions.append(f"remove orphan file {path}")
-                    if not dry_run:
-                        path.unlink()
-        for label in list_contexts(self.cfg.run_dir):
-            if label not in live_labels:
-                actions.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
-                if not dry_run:
-                    remove_context(self.cfg.run_dir, label)
+            if not reason:
+                continue
+            actions.append(f"release slot {lease.slot} (job {lease.job_label}): {reason}")
+            if dry_run:
+                continue
+            try:
+                if lease.slot in known_slots:
+                    self.end_vm(lease.slot, job_label=lease.job_label)
+                else:
+                    self._forget_unknown_slot(lease)
+            except TeardownIncomplete as exc:
+                actions[-1] += f" (incomplete: {exc})"
         for action in actions:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         return actions
+
+    def reconcile(self, dry_run: bool = False) -> list[str]:
+        """Compare leases, libvirt domains and files; clean up what no live lease explains.
+
+        Safe beside running hooks: domains, files and contexts are listed *before* the leases
+        are read, and a prolog takes its lease before it makes any of them, so whatever a
+        starting job owns is always explained by a lease read here.
+        """
+        domains = {name: lease_metadata(xml) for name in self.hv.domain_names()
+                   if (xml := self.hv.domain_xml(name)) is not None}
+        files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
+        contexts = list_contexts(self.cfg.run_dir)
+        leases = {lease.slot: lease for lease in self.leases.all()}
+        actions = self.reclaim_stale(dry_run)
+        live = {s: lease for s, lease in leases.items()
+                if not any(a.startswith(f"release slot {s} ") for a in actions)}
+        more = []
+        for name, meta in domains.items():
+            lease = live.get(name.removeprefix(DOMAIN_PREFIX))
+            if lease is None or meta.get("job") != lease.job_label:
+                more.append(f"destroy domain {name}: no lease holds it")
+                if not dry_run:
+                    self.hv.destroy(name)
+        live_files = set()
+        for lease in leases.values():  # a released lease's files went with it (or will)
+            f = lease_files(self.cfg, lease.slot, lease.job_label)
+            live_files |= {f.overlay.name, f.seed.name}
+        for path in files:
+            if path.name not in live_files:
+                more.append(f"remove orphan file {path}")
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+        labels = {lease.job_label for lease in leases.values()}
+        for label in contexts:
+            if label not in labels and self._context_orphaned(label):
+                more.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
+                if not dry_run:
+                    remove_context(self.cfg.run_dir, label)
+        for action in more:
+            log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
+        return actions + more
+
+    def _context_orphaned(self, label: str) -> bool:
+        """A VM job's context without a lease is an orphan. A native or reject job has no
+        lease: its context is the prolog's word to the starter, removed by the epilog; only
+        one older than CONTEXT_GRACE (its epilog never ran) is an orphan."""
+        path = context_dir(self.cfg.run_dir, label)
+        try:
+            if read_context(self.cfg.run_dir, label).mode == "vm":
+                return True
+            return time.time() - path.stat().st_mtime > CONTEXT_GRACE
+        except (VmimError, OSError, TypeError):  # unreadable or half-written: not ours to keep
+            return True
 
     def _stale_reason(self, lease: Lease, known_slots: set[str]) -> str:
         if lease.slot not in known_slots:
             return "slot is no longer configured"
         if lease.state is LeaseState.FAILED:
             return "a start failed and was not cleaned up"
-        if lease.state in TRANSIENT and not _pid_alive(lease.pid):
+        if lease.state in TRANSIENT and not lease.holder_alive():
             return f"the process (pid {lease.pid}) that was {lease.state} it died"
         if lease.state is LeaseState.RUNNING and not self.hv.is_running(
-                self.cfg.slot(lease.slot).domain_name):
+                domain_name(lease.slot)):
             return "its VM is not running"
         return ""
 
     def _forget_unknown_slot(self, lease: Lease) -> None:
-        self.hv.destroy(f"vmim-{lease.slot}")
+        self.hv.destroy(domain_name(lease.slot))
         files = lease_files(self.cfg, lease.slot, lease.job_label)
         files.overlay.unlink(missing_ok=True)
         files.seed.unlink(missing_ok=True)
         remove_context(self.cfg.run_dir, lease.job_label)
         if lease.state is not LeaseState.TEARING_DOWN:
-            self.leases.transition(lease.slot, LeaseState.TEARING_DOWN)
-        self.leases.transition(lease.slot, LeaseState.FREE)
+            self.leases.transition(lease.slot, LeaseState.TEARING_DOWN, lease.job_label)
+        self.leases.transition(lease.slot, LeaseState.FREE, lease.job_label)
 
     # -- admin helpers --------------------------------------------------------------------------
     def store_slot(self, slot_name: str, new_image: str) -> None:
@@ -368,7 +440,7 @@ class LifeCycle:
         self.hv.shutdown(slot.domain_name, self.cfg.shutdown_timeout)
         files = lease_files(self.cfg, slot_name, lease.job_label)
         self.images.store_from_disk(new_image, files.overlay, self.images.get(lease.image))
-        self.end_vm(slot_name)
+        self.end_vm(slot_name, job_label=lease.job_label)
 
     def status(self) -> list[dict[str, object]]:
         leases = {lease.slot: lease for lease in self.leases.all()}
@@ -388,15 +460,3 @@ class LifeCycle:
                 if lease else "",
             })
         return rows
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import VmimError
+from .errors import NoSpace, VmimError
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ def build_seed(path: Path, seed: SeedData) -> None:
                            check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
             part.unlink(missing_ok=True)
+            if "No space left" in exc.stderr:
+                raise NoSpace(f"no space left in {path.parent} for the job's seed disk: free "
+                              "space there (overlay_dir)") from None
             raise VmimError(f"building the seed disk {path} failed: {exc.stderr.strip()}") from None
         os.chmod(part, 0o600)
         part.rename(path)

@@ -1,13 +1,12 @@
-"""What every batch-system adapter produces: a Job, and the three hook entry points.
+"""What every batch-system adapter produces: a Job.
 
 A Torque or Slurm adapter is one new module that fills a Job from its system's arguments and
-environment and maps the outcomes below to its own exit-code conventions.
+environment, calls vmimagemanager.flow.start_job, and maps the Decision's outcome to its own
+conventions.
 """
 
 from __future__ import annotations
 
-import abc
-import enum
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,22 +50,3 @@ class Job:
     @property
     def label(self) -> str:
         return f"{self.job_id}.{self.task_id}"
-
-
-class Outcome(enum.Enum):
-    """How a prolog ended; each adapter maps these to its system's exit codes."""
-
-    READY = "ready"  # VM up (or native/reject context written): run the job
-    RETRY = "retry"  # transient (no free slot, boot failed): put the job back in the queue
-    HOLD = "hold"  # needs an admin (missing image, bad config, repeated boot failures)
-
-
-class BatchAdapter(abc.ABC):
-    @abc.abstractmethod
-    def prolog_main(self, argv: Sequence[str] | None = None) -> int: ...
-
-    @abc.abstractmethod
-    def starter_main(self, argv: Sequence[str] | None = None) -> int: ...
-
-    @abc.abstractmethod
-    def epilog_main(self, argv: Sequence[str] | None = None) -> int: ...

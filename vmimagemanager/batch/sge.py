@@ -22,7 +22,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
-from ..errors import ImageError, NoFreeSlot, VmimError
+from ..errors import VmimError
 from ..logsetup import setup_logging
 from .base import Job, check_job_id, normalise_task_id
 
@@ -75,70 +75,33 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
         print(f"vmimagemanager prolog: {exc}; the job is held (Eqw) until an admin fixes "
               "this and runs 'qmod -cj'", file=sys.stderr)
         return EXIT_HOLD
-    label = f"{args.job_id}.{args.task_id}"
 
     def interrupted(signum, _frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupted)
-    try:
-        return _prolog(cfg, args, label)
-    except KeyboardInterrupt as exc:
-        log.error("job %s: prolog interrupted (%s); cleaned up, job rescheduled", label, exc)
-        return EXIT_RESCHEDULE
-    except Exception as exc:  # never exit 1 (queue E state): hold the job and say why
-        log.exception("job %s: prolog failed unexpectedly", label)
-        print(f"vmimagemanager prolog: job {label}: unexpected error: {exc}; the job is held "
-              "(Eqw); see syslog on the node", file=sys.stderr)
-        return EXIT_HOLD
+    from ..flow import Outcome, start_job
 
-
-def _prolog(cfg: Config, args: argparse.Namespace, label: str) -> int:
-    from ..context import JobContext, write_context
-    from ..hypervisor import LibvirtHypervisor
-    from ..lifecycle import JobRequest, LifeCycle, owner_ids
-    from ..policy import match_vo, unmatched_message
-    from ..shares import ShareError
-
-    uid, gid = owner_ids(args.owner)
-    rule = match_vo(cfg, args.owner, args.queue)
-    if rule is None:
-        mode = cfg.unmatched
-        message = unmatched_message(cfg, args.owner, args.queue)
-        write_context(cfg.run_dir, JobContext(mode=mode, label=label, message=message), None,
-                      uid, gid)
-        log.info("job %s: owner %s matches no VO; mode %s", label, args.owner, mode)
-        return EXIT_OK
-    hypervisor = LibvirtHypervisor(cfg.libvirt_uri)
-    life = LifeCycle(cfg, hypervisor)
-    request = JobRequest(job_id=args.job_id, task_id=args.task_id, owner=args.owner,
-                         image=rule.image, vo=rule.name)
-    try:
-        lease, _ctx = life.start_vm(request)
-    except NoFreeSlot as exc:
-        print(f"vmimagemanager prolog: {exc}", file=sys.stderr)
+    job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue)
+    decision = start_job(cfg, job, interactive=is_interactive(
+        read_spool_config(os.environ.get("SGE_JOB_SPOOL_DIR"))))
+    if decision.outcome is Outcome.RETRY:
+        log.warning("job %s: rescheduled: %s", job.label, decision.reason)
+        print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is "
+              "rescheduled", file=sys.stderr)
         return EXIT_RESCHEDULE
-    except ImageError as exc:
-        print(f"vmimagemanager prolog: job {label} (VO {rule.name}): {exc}; the job is held "
-              "(Eqw) until the image is imported", file=sys.stderr)
+    if decision.outcome is Outcome.HOLD:
+        log.error("job %s: held: %s", job.label, decision.reason)
+        print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is held "
+              f"(Eqw): fix the cause, then 'qmod -cj {job.job_id}'", file=sys.stderr)
         return EXIT_HOLD
-    except ShareError as exc:
-        print(f"vmimagemanager prolog: job {label}: {exc}; the job is held (Eqw)",
-              file=sys.stderr)
-        return EXIT_HOLD
-    except VmimError as exc:  # a failed boot (BootError) or a stale domain: counted
-        count = life.leases.record_boot_failure(args.job_id, args.task_id, str(exc))
-        if count >= cfg.max_boot_attempts:
-            print(f"vmimagemanager prolog: job {label}: the VM failed to start {count} times; "
-                  f"the job is held (Eqw). Last error: {exc}", file=sys.stderr)
-            return EXIT_HOLD
-        print(f"vmimagemanager prolog: job {label}: the VM failed to start (attempt {count} of "
-              f"{cfg.max_boot_attempts}); the job is rescheduled. Error: {exc}", file=sys.stderr)
-        return EXIT_RESCHEDULE
-    life.leases.forget_boot_failures(args.job_id, args.task_id)
-    log.info("job %s: VM ready in slot %s (VO %s, image %s)", label, lease.slot, rule.name,
-             rule.image)
     return EXIT_OK
+
+
+def is_interactive(spool: Mapping[str, str]) -> bool:
+    """qrsh, qlogin and qsh jobs: execd writes their script_file as a keyword, not a path."""
+    return spool.get("script_file") in ("QRSH", "QLOGIN", "INTERACTIVE") or \
+        "qrsh_control_port" in spool
 
 
 def epilog_main(argv: Sequence[str] | None = None) -> int:
@@ -152,19 +115,26 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
         if life.end_job(args.job_id, args.task_id):
             log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
+            usage = read_spool_config(os.environ.get("SGE_JOB_SPOOL_DIR"), "usage")
+            if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
+                print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
+                      f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "
+                      "OOM killer or an admin); its VM is destroyed", file=sys.stderr)
     except (Exception, SystemExit) as exc:  # never 99/100 here: see the module docstring
-        log.error("epilog failed (%s); 'vmimagemanager reconcile' will clean up", exc)
+        log.error("epilog: %s", exc)
+        print(f"vmimagemanager epilog: {exc}", file=sys.stderr)
     return EXIT_OK
 
 
 # -- starter_method (runs as the job's user) ------------------------------------------------------
-def read_spool_config(spool_dir: str | None) -> dict[str, str]:
-    """`$SGE_JOB_SPOOL_DIR/config`: key=value lines (handle_as_binary, shell_path, ...)."""
+def read_spool_config(spool_dir: str | None, name: str = "config") -> dict[str, str]:
+    """A key=value file of the job's spool directory: `config` (handle_as_binary, shell_path,
+    script_file, ...) or, in the epilog, `usage` (exit_status, signal, ru_*)."""
     values: dict[str, str] = {}
     if not spool_dir:
         return values
     try:
-        with open(os.path.join(spool_dir, "config"), encoding="utf-8", errors="replace") as fh:
+        with open(os.path.join(spool_dir, name), encoding="utf-8", errors="replace") as fh:
             for line in fh:
                 key, sep, value = line.rstrip("\n").partition("=")
                 if sep:

@@ -8,6 +8,7 @@ environment), then creates or updates the queue with qconf from SGE's own queue 
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -31,6 +32,63 @@ def _qconf(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
+# What a prolog or epilog wrapper does when its hook did not end normally. Exit codes as seen on
+# a real cell (batch/sge.py): prolog 99 reschedules the job; epilog 0 (99 would run the job twice).
+# A hook is idempotent, so the epilog runs once more to finish an interrupted teardown.
+_ABNORMAL = {
+    "prolog": ("0|99|100", 'say "the prolog hook failed ($why); the job is rescheduled"\n'
+                           "exit 99"),
+    "epilog": ("0", 'say "the epilog hook failed ($why); running it once more to finish the '
+                    'teardown"\n[ -x "$hook" ] && "$hook" --config "$config" "$@" </dev/null\n'
+                    "exit 0"),
+}
+
+WRAPPER = """#!/bin/sh
+# vmimagemanager SGE {hook}. Written by 'vmimagemanager sge install-queue'; do not edit.
+# Runs the Python hook as a child and maps however it ends (a crash, the OOM killer's SIGKILL, a
+# missing installation) to an exit code SGE handles per job, never to one that puts the queue
+# instance into E (any other code, or a signal, would).
+PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+hook={target}
+config={config}
+say() {{ echo "vmimagemanager {hook}: $*" >&2; logger -t vmim-sge-{hook} -- "$*" 2>/dev/null; }}
+if [ -x "$hook" ]; then
+  "$hook" --config "$config" "$@" </dev/null &
+  child=$!
+  trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
+  while :; do
+    wait $child 2>/dev/null; rc=$?
+    kill -0 $child 2>/dev/null || break  # wait was interrupted by a trapped signal
+  done
+  case $rc in {allowed}) exit $rc ;; esac
+  if [ $rc -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
+else
+  why="$hook is not installed on $(hostname)"
+fi
+{abnormal}
+"""
+
+
+def wrapper_script(hook: str, target: str, config: str) -> str:
+    """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER)."""
+    allowed, abnormal = _ABNORMAL[hook]
+    return WRAPPER.format(hook=hook, target=shlex.quote(target), config=shlex.quote(config),
+                          allowed=allowed, abnormal=abnormal)
+
+
+STARTER = """#!/bin/sh
+# vmimagemanager SGE starter_method. Written by 'vmimagemanager sge install-queue'; do not edit.
+# exec: the job's exit status, signals and stdin are the starter's own.
+exec {target} --config {config} -- "$@"
+"""
+
+
+def hook_script(hook: str, target: str, config: str) -> str:
+    if hook == "starter":
+        return STARTER.format(target=shlex.quote(target), config=shlex.quote(config))
+    return wrapper_script(hook, target, config)
+
+
 def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o755)
@@ -39,9 +97,7 @@ def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path
         target = bindir / f"vmim-sge-{hook}"
         if not target.exists():
             raise VmimError(f"{target} not found: install vmimagemanager with pip first")
-        sep = " --" if hook == "starter" else ""
-        body = (f"#!/bin/sh\n# Written by 'vmimagemanager sge install-queue'; do not edit.\n"
-                f"exec {target} --config {config}{sep} \"$@\"\n")
+        body = hook_script(hook, str(target), config)
         path = directory / hook
         tmp = directory / f".{hook}.tmp"
         tmp.write_text(body)
@@ -88,6 +144,10 @@ def install_queue(config_path: str, args) -> int:
         "starter_method": str(wrappers["starter"]),
         "shell_start_mode": "unix_behavior",
         "tmpdir": "/tmp",
+        # Batch only: SGE 8.1.9 itself fails the prolog of qrsh jobs at random (exit 143, the
+        # queue instance goes to E) before the prolog runs a single command; and an interactive
+        # session cannot be relayed into a VM. README, troubleshooting.
+        "qtype": "BATCH",
     }
     with tempfile.NamedTemporaryFile("w", prefix="vmim-queue-", suffix=".conf",
                                      delete=False) as fh:

@@ -1,0 +1,153 @@
+"""The job flow's outcome table (vmimagemanager/flow.py), every row, without daemons.
+
+The life cycle is replaced by a stand-in that raises what the real one raises in each situation;
+the real pieces are tested against libvirt, QEMU and the cell elsewhere (test_vm, test_faults).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import pytest
+
+from vmimagemanager.batch.base import Job
+from vmimagemanager.config import parse_config
+from vmimagemanager.context import read_context
+from vmimagemanager.errors import (
+    BootError,
+    HypervisorUnavailable,
+    ImageError,
+    LeaseDbBroken,
+    LeaseDbBusy,
+    LeaseError,
+    NoFreeSlot,
+    NoSpace,
+)
+from vmimagemanager.flow import Outcome, start_job
+from vmimagemanager.shares import ShareError
+
+ME = pwd.getpwuid(os.getuid()).pw_name
+
+
+class Leases:
+    def __init__(self) -> None:
+        self.failures: dict[str, int] = {}
+
+    def record_boot_failure(self, job_id: str, task_id: str, error: str) -> int:
+        self.failures[job_id] = self.failures.get(job_id, 0) + 1
+        return self.failures[job_id]
+
+    def forget_boot_failures(self, job_id: str, task_id: str) -> None:
+        self.failures.pop(job_id, None)
+
+
+class Life:
+    """Stands in for LifeCycle: start_vm raises `error`, or succeeds."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self.leases = Leases()
+        self.started: list[str] = []
+
+    def start_vm(self, request):
+        if self.error is not None:
+            raise self.error
+        self.started.append(request.label)
+        return type("Lease", (), {"slot": "s1"})(), None
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return parse_config({
+        "image_dir": str(tmp_path / "i"), "overlay_dir": str(tmp_path / "o"),
+        "state_dir": str(tmp_path / "s"), "run_dir": str(tmp_path / "r"),
+        "max_boot_attempts": 2,
+        "slots": [{"name": "s1", "network": {"type": "user", "ssh_port": 30001}}],
+        "vos": {"mine": {"image": "img", "users": [ME]}}}, str(tmp_path / "c.yaml"))
+
+
+JOB = Job(job_id="42", task_id="0", owner=ME, queue="vm.q")
+
+TABLE = [
+    (NoFreeSlot("all 2 VM slots on this node are in use"), Outcome.RETRY, "slots"),
+    (HypervisorUnavailable("libvirtd is not answering"), Outcome.RETRY, "libvirtd"),
+    (LeaseDbBusy("stayed locked"), Outcome.RETRY, "locked"),
+    (NoSpace("no space left in /o"), Outcome.RETRY, "no space left"),
+    (KeyboardInterrupt("signal 15"), Outcome.RETRY, "interrupted (signal 15)"),
+    (ImageError("image 'img' changed after import"), Outcome.HOLD, "changed after import"),
+    (ShareError("home not below /home"), Outcome.HOLD, "home not below"),
+    (LeaseDbBroken("the leases database cannot be used"), Outcome.HOLD, "cannot be used"),
+    (RuntimeError("a bug"), Outcome.HOLD, "unexpected error"),
+]
+
+
+@pytest.mark.parametrize(("error", "outcome", "words"), TABLE,
+                         ids=[type(row[0]).__name__ for row in TABLE])
+def test_each_error_of_a_start_has_its_outcome_and_reason(cfg, error, outcome, words):
+    life = Life(error)
+    decision = start_job(cfg, JOB, make_life=lambda _cfg: life)
+    assert decision.outcome is outcome
+    assert words in decision.reason
+    assert life.leases.failures == {}  # only failed boots are counted
+
+
+@pytest.mark.parametrize("error", [HypervisorUnavailable("libvirtd is not answering"),
+                                   LeaseDbBroken("the leases database cannot be used")])
+def test_a_node_that_cannot_even_open_its_state_retries_or_holds(cfg, error):
+    def broken(_cfg):
+        raise error
+
+    expected = Outcome.RETRY if isinstance(error, HypervisorUnavailable) else Outcome.HOLD
+    assert start_job(cfg, JOB, make_life=broken).outcome is expected
+
+
+@pytest.mark.parametrize("error", [BootError("no ssh host key on the console"),
+                                   LeaseError("domain running without a lease")])
+def test_failed_boots_are_retried_then_held(cfg, error):
+    life = Life(error)
+    first = start_job(cfg, JOB, make_life=lambda _cfg: life)
+    assert first.outcome is Outcome.RETRY
+    assert "the VM failed to start (attempt 1 of 2, VO mine, image img)" in first.reason
+    second = start_job(cfg, JOB, make_life=lambda _cfg: life)
+    assert second.outcome is Outcome.HOLD
+    assert second.reason.startswith("the VM failed to start 2 times")
+    assert str(error) in second.reason
+
+
+def test_a_booted_vm_is_ready_and_forgets_earlier_failures(cfg):
+    life = Life()
+    life.leases.failures["42"] = 1
+    decision = start_job(cfg, JOB, make_life=lambda _cfg: life)
+    assert decision.outcome is Outcome.READY and decision.reason == ""
+    assert life.started == ["42.0"] and life.leases.failures == {}
+
+
+def test_interactive_jobs_are_held_without_touching_the_node(cfg):
+    def never(_cfg):
+        raise AssertionError("an interactive job must not reach the life cycle")
+
+    decision = start_job(cfg, JOB, interactive=True, make_life=never)
+    assert decision.outcome is Outcome.HOLD
+    assert "interactive jobs" in decision.reason
+
+
+@pytest.mark.parametrize("mode", ["reject", "native"])
+def test_owner_of_no_vo_gets_a_context_for_the_starter(cfg, mode):
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, vos=(), unmatched=mode)
+
+    def never(_cfg):
+        raise AssertionError("a job of no VO boots no VM")
+
+    decision = start_job(cfg, JOB, make_life=never)
+    assert decision.outcome is Outcome.READY
+    context = read_context(cfg.run_dir, "42.0")
+    assert context.mode == mode and "belongs to no VO" in context.message
+
+
+def test_unknown_owner_is_held(cfg):
+    job = Job(job_id="43", task_id="0", owner="no-such-user-vmim")
+    decision = start_job(cfg, job, make_life=lambda _cfg: Life())
+    assert decision.outcome is Outcome.HOLD and "not a user on this host" in decision.reason

@@ -1,0 +1,94 @@
+"""The hook wrappers SGE calls: however the Python hook ends, SGE gets a code that never puts the
+queue instance into E (prolog: 0, 99, 100; epilog: 0). Run with the real /bin/sh."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from vmimagemanager.batch.sge_queue import hook_script, wrapper_script
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wrapper(tmp_path: Path, hook: str, body: str | None) -> Path:
+    target = tmp_path / f"vmim-sge-{hook}"
+    if body is not None:
+        target.write_text("#!/bin/sh\n" + body)
+        target.chmod(0o755)
+    path = tmp_path / hook
+    path.write_text(wrapper_script(hook, str(target), str(tmp_path / "my config.yaml")))
+    path.chmod(0o755)
+    return path
+
+
+def run(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("code", [0, 99, 100])
+def test_prolog_codes_sge_handles_pass_through(tmp_path, code):
+    r = run(wrapper(tmp_path, "prolog", f"exit {code}\n"), "7", "0", "atlas001")
+    assert r.returncode == code and r.stderr == ""
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ("exit 1\n", "exit status 1"),
+    ("kill -KILL $$\n", "killed by signal 9"),  # what the OOM killer does
+    ("kill -SEGV $$\n", "killed by signal 11"),
+])
+def test_a_prolog_that_crashes_or_is_killed_reschedules_the_job(tmp_path, body, why):
+    r = run(wrapper(tmp_path, "prolog", body), "7", "0", "atlas001")
+    assert r.returncode == 99
+    assert r.stderr.strip() == (f"vmimagemanager prolog: the prolog hook failed ({why}); "
+                                "the job is rescheduled")
+
+
+def test_a_missing_hook_reschedules_the_job(tmp_path):
+    r = run(wrapper(tmp_path, "prolog", None), "7")
+    assert r.returncode == 99 and "is not installed on" in r.stderr
+
+
+def test_the_hook_gets_the_config_and_arguments_unchanged(tmp_path):
+    out = tmp_path / "argv"
+    r = run(wrapper(tmp_path, "prolog", f'printf "<%s>" "$@" > "{out}"\n'), "7", "it's a b")
+    assert r.returncode == 0
+    assert out.read_text() == f"<--config><{tmp_path}/my config.yaml><7><it's a b>"
+
+
+def test_sigterm_to_the_wrapper_reaches_the_hook_and_maps_its_status(tmp_path):
+    started = tmp_path / "started"
+    path = wrapper(tmp_path, "prolog",
+                   f"trap 'exit 99' TERM\ntouch {started}\nwhile :; do sleep 0.1; done\n")
+    proc = subprocess.Popen([str(path), "7"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 99  # not 143: a signal death would put the queue in E
+
+
+def test_an_epilog_killed_mid_teardown_runs_once_more_and_exits_0(tmp_path):
+    runs = tmp_path / "runs"
+    body = f'echo run >> "{runs}"\n[ "$(wc -l < "{runs}")" -gt 1 ] || kill -KILL $$\n'
+    r = run(wrapper(tmp_path, "epilog", body), "7", "0", "atlas001")
+    assert r.returncode == 0
+    assert runs.read_text() == "run\nrun\n"
+    assert "the epilog hook failed (killed by signal 9); running it once more" in r.stderr
+
+
+def test_an_epilog_that_keeps_failing_still_exits_0(tmp_path):
+    r = run(wrapper(tmp_path, "epilog", "exit 3\n"), "7")
+    assert r.returncode == 0
+    assert run(wrapper(tmp_path / ".." / tmp_path.name, "epilog", None), "7").returncode == 0
+
+
+@pytest.mark.parametrize("hook", ["prolog", "starter", "epilog"])
+def test_the_shipped_sge_files_are_the_generated_wrappers(hook):
+    expected = hook_script(hook, f"/opt/vmimagemanager/bin/vmim-sge-{hook}",
+                           "/etc/vmimagemanager/vmimagemanager.yaml")
+    assert (REPO / "sge" / hook).read_text() == expected

@@ -1,0 +1,127 @@
+"""What happens to a job when it starts: every decision in one batch-neutral place.
+
+An adapter turns its batch system's hook arguments into a Job, calls `start_job`, and maps the
+Decision to its own conventions (SGE: 0, 99, 100; see batch/sge.py). No batch system is named
+here. The table (tests/test_flow.py checks every row):
+
+| situation                                                     | outcome | counted |
+|---------------------------------------------------------------|---------|---------|
+| owner matches no VO (context says reject or native)           | READY   |         |
+| VM booted and answering                                       | READY   |         |
+| interactive job (cannot be relayed into a VM)                 | HOLD    |         |
+| no free slot, libvirtd down, leases DB locked, disk full      | RETRY   |         |
+| hook interrupted (SIGTERM)                                    | RETRY   |         |
+| image missing or changed, share unresolvable, owner unknown,  | HOLD    |         |
+| leases DB unreadable, configuration invalid                   |         |         |
+| VM failed to boot, fewer than max_boot_attempts times         | RETRY   | yes     |
+| VM failed to boot max_boot_attempts times                     | HOLD    | yes     |
+| anything unexpected (a bug)                                   | HOLD    |         |
+
+RETRY is for the node's passing trouble: the job goes back to the queue and runs later, here or
+elsewhere. HOLD is for what needs an admin: the job waits, with the reason, instead of failing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimError
+
+if TYPE_CHECKING:
+    from .batch.base import Job
+    from .config import Config
+    from .lifecycle import LifeCycle
+
+log = logging.getLogger("vmimagemanager.flow")
+
+# How long a starting job waits for another process's lock on the leases database before it is
+# retried later (normal transactions take milliseconds).
+START_DB_WAIT = 20.0
+
+
+class Outcome(enum.Enum):
+    READY = "ready"  # VM up (or a native/reject context written): run the job
+    RETRY = "retry"  # passing trouble on this node: put the job back in the queue
+    HOLD = "hold"  # needs an admin: keep the job, with the reason, until released
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: str = ""  # one line for the job's error file; empty when READY
+
+    @classmethod
+    def retry(cls, reason: str) -> Decision:
+        return cls(Outcome.RETRY, reason)
+
+    @classmethod
+    def hold(cls, reason: str) -> Decision:
+        return cls(Outcome.HOLD, reason)
+
+
+def default_life(cfg: Config) -> LifeCycle:
+    from .hypervisor import LibvirtHypervisor
+    from .leases import LeaseStore
+    from .lifecycle import LifeCycle
+
+    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri),
+                     LeaseStore(cfg.leases_db, wait=START_DB_WAIT))
+
+
+def start_job(cfg: Config, job: Job, interactive: bool = False,
+              make_life: Callable[[Config], LifeCycle] = default_life) -> Decision:
+    """Decide what happens to `job` and do it (boot its VM, or write its context)."""
+    try:
+        return _start(cfg, job, interactive, make_life)
+    except KeyboardInterrupt as exc:  # the adapter's signal handler: cleanup is done
+        return Decision.retry(f"the hook was interrupted ({exc})")
+    except RetryLater as exc:
+        return Decision.retry(str(exc))
+    except VmimError as exc:  # image, share, owner, configuration, leases DB: an admin's
+        return Decision.hold(str(exc))
+    except Exception as exc:  # a bug: keep the job and say so, never crash the hook
+        log.exception("job %s: unexpected error", job.label)
+        return Decision.hold(f"unexpected error: {exc!r}; see the node's log")
+
+
+def _start(cfg: Config, job: Job, interactive: bool,
+           make_life: Callable[[Config], LifeCycle]) -> Decision:
+    from .context import JobContext, write_context
+    from .lifecycle import JobRequest, owner_ids
+    from .policy import match_vo, unmatched_message
+
+    if interactive:
+        return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
+                             "queue; submit a batch job, or use a queue without VMs")
+    uid, gid = owner_ids(job.owner)
+    rule = match_vo(cfg, job.owner, job.queue)
+    if rule is None:
+        message = unmatched_message(cfg, job.owner, job.queue)
+        write_context(cfg.run_dir, JobContext(mode=cfg.unmatched, label=job.label,
+                                              message=message), None, uid, gid)
+        log.info("job %s: owner %s matches no VO; mode %s", job.label, job.owner,
+                 cfg.unmatched)
+        return Decision(Outcome.READY)
+    life = make_life(cfg)
+    request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
+                         image=rule.image, vo=rule.name)
+    try:
+        lease, _ = life.start_vm(request)
+    except (RetryLater, ImageError, ConfigError, LeaseDbBroken, KeyboardInterrupt):
+        raise
+    except VmimError as exc:  # the VM did not come up (BootError, a stale domain): counted
+        count = life.leases.record_boot_failure(job.job_id, job.task_id, str(exc))
+        if count >= cfg.max_boot_attempts:
+            return Decision.hold(f"the VM failed to start {count} times (VO {rule.name}, "
+                                 f"image {rule.image}); last error: {exc}")
+        return Decision.retry(f"the VM failed to start (attempt {count} of "
+                              f"{cfg.max_boot_attempts}, VO {rule.name}, image {rule.image}): "
+                              f"{exc}")
+    life.leases.forget_boot_failures(job.job_id, job.task_id)
+    log.info("job %s: VM ready in slot %s (VO %s, image %s)", job.label, lease.slot, rule.name,
+             rule.image)
+    return Decision(Outcome.READY)
