@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+from vmimagemanager.leases import LeaseStore
+
 SGE_ENV = {"SGE_ROOT": "/var/lib/gridengine", "SGE_CELL": "default"}
 TIMEOUT = 900
+CLI = str(Path(sys.executable).parent / "vmimagemanager")
+JOB = "/tmp/vmim-test-sleep-job.sh"  # prints "started", sleeps $SLEEP s, prints "finished"
+JOB_SCRIPT = """#!/bin/bash
+echo "started on $(hostname)"
+sleep ${SLEEP:-0}
+echo "finished"
+"""
 
 
 def sge(*args: str, user: str | None = None, check: bool = True) -> str:
@@ -107,3 +118,119 @@ def release_held(job_id: str) -> None:
 def wait_done(job_id: str, tasks: int = 1) -> list[dict[str, str]]:
     return wait_for(lambda: (r := final_records(job_id)) and len(r) >= tasks and r,
                     f"job {job_id} in qacct")
+
+
+def virsh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
+                          text=True)
+
+
+class VmCell(Cell):
+    """A VM queue of a test module, with what tests look at: leases, domains, files."""
+
+    def run_job(self, name: str, user: str = "atlas001", sleep: int = 0) -> str:
+        return self.submit(name, user, "-v", f"SLEEP={sleep}", JOB)
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([CLI, "--config", str(self.config_path), *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def lease(self, job_id: str):
+        return LeaseStore(self.cfg.leases_db).find_job(job_id, "0")
+
+    def all_leases(self):
+        return LeaseStore(self.cfg.leases_db).all()
+
+    def wait_lease_state(self, job_id: str, state: str, timeout: float = 120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lease = self.lease(job_id)
+            if lease is not None and str(lease.state) == state:
+                return lease
+            time.sleep(0.02)
+        raise AssertionError(f"job {job_id} never had a lease in state {state}")
+
+    def wait_started(self, name: str, user: str = "atlas001") -> None:
+        wait_for(lambda: "started on" in self.output(name, user)[0], f"job {name} to start",
+                 timeout=240, interval=0.5)
+
+    def domains(self) -> list[str]:
+        ours = {s.domain_name for s in self.cfg.slots}
+        return [d for d in virsh("list", "--name").stdout.split() if d in ours]
+
+    def queue_states(self) -> list[str]:
+        out = sge("qstat", "-f", "-q", self.queue, check=False)
+        return [line.split()[5] if len(line.split()) > 5 else ""
+                for line in out.splitlines() if line.startswith(f"{self.queue}@")]
+
+    def assert_queue_usable(self) -> None:
+        states = self.queue_states()
+        assert states and not any("E" in s for s in states), \
+            sge("qstat", "-f", "-explain", "E", "-q", self.queue, check=False)
+
+    def leftovers(self, keep: tuple[str, ...] = ()) -> list[str]:
+        found = [f"lease {lease.slot} ({lease.job_label}, {lease.state})"
+                 for lease in LeaseStore(self.cfg.leases_db).all()]
+        found += [f"domain {d}" for d in self.domains()]
+        found += [f"file {p.name}" for p in self.cfg.overlay_dir.iterdir() if p.name not in keep]
+        jobs = self.cfg.run_dir / "jobs"
+        found += [f"context {p.name}" for p in jobs.iterdir()] if jobs.is_dir() else []
+        return found
+
+    def assert_clean(self, within: float = 60, keep: tuple[str, ...] = ()) -> None:
+        """Nothing of ended jobs left within `within` seconds, with no admin command run."""
+        deadline = time.monotonic() + within
+        while (found := self.leftovers(keep)) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not found, f"left behind after {within:.0f} s: {found}"
+        self.assert_queue_usable()
+
+
+def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None = None,
+                 small_overlay_fs: bool = False) -> VmCell:
+    """A 2-slot configuration and a VM queue on the running cell, installed as a site would."""
+    from conftest import (
+        HARNESS,
+        import_test_images,
+        make_base_dir,
+        require,
+        run_script,
+        write_config,
+    )
+
+    from vmimagemanager.config import load_config
+
+    up = run_script(str(HARNESS / "sge-cell.sh"), "up")
+    require(up.returncode == 0, f"gridengine cell did not come up: {up.stderr.strip()}")
+    base = make_base_dir(prefix)
+    overlays = base / "overlays"
+    overlays.mkdir()
+    if small_overlay_fs:  # a file system of its own, small enough to fill
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0711", "vmim-test",
+                        overlays], check=True)
+    path = write_config(base, slots=2, prefix=f"{queue[:4]}{os.getpid()}s", extra={
+        "boot_timeout": 60, "max_boot_attempts": 2,
+        "shared_paths": [{"path": "/home", "mode": "hypervisor"}], **(extra or {})})
+    cfg = load_config(str(path))
+    import_test_images(cfg, guest_images, names=("atlas", "cms"))
+    Path(JOB).write_text(JOB_SCRIPT)
+    os.chmod(JOB, 0o755)
+    r = subprocess.run([CLI, "--config", str(path), "sge", "install-queue", "--queue", queue,
+                        "--wrapper-dir", str(base / "libexec")],
+                       capture_output=True, text=True, env={**os.environ, **SGE_ENV})
+    assert r.returncode == 0, r.stderr
+    return VmCell(cfg, path, base, queue)
+
+
+def close_vm_cell(cell: VmCell) -> None:
+    from conftest import HARNESS, run_script
+
+    run_script(str(HARNESS / "libvirt-up.sh"))  # in case a test stopped it and failed
+    for job_id in cell.jobs.values():
+        sge("qdel", "-f", job_id, check=False)
+    wait_for(lambda: not any(job_state(j) for j in cell.jobs.values()), "jobs to go",
+             timeout=120)
+    sge("qconf", "-dq", cell.queue, check=False)
+    cell.cli("reconcile")
+    subprocess.run(["umount", "-l", str(cell.cfg.overlay_dir)], capture_output=True)
+    shutil.rmtree(cell.base, ignore_errors=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -24,135 +23,51 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HARNESS, import_test_images, make_base_dir, require, run_script, write_config
-from sgecell import SGE_ENV, Cell, job_state, qacct, release_held, sge, wait_done, wait_for
-
-from vmimagemanager.leases import LeaseStore
+from conftest import HARNESS, run_script
+from sgecell import (
+    JOB,
+    SGE_ENV,
+    VmCell,
+    close_vm_cell,
+    job_state,
+    open_vm_cell,
+    qacct,
+    release_held,
+    sge,
+    virsh,
+    wait_done,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge]
 
 QUEUE = "vmfault.q"
-JOB = "/tmp/vmim-fault-job.sh"
-JOB_SCRIPT = """#!/bin/bash
-echo "started on $(hostname)"
-sleep ${SLEEP:-0}
-echo "finished"
-"""
-CLI = str(Path(sys.executable).parent / "vmimagemanager")
-
-
-def virsh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
-                          text=True)
-
-
-class FaultCell(Cell):
-    def run_job(self, name: str, user: str = "atlas001", sleep: int = 0) -> str:
-        return self.submit(name, user, "-v", f"SLEEP={sleep}", JOB)
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([CLI, "--config", str(self.config_path), *args],
-                              capture_output=True, text=True, timeout=timeout)
-
-    def lease(self, job_id: str):
-        return LeaseStore(self.cfg.leases_db).find_job(job_id, "0")
-
-    def wait_lease_state(self, job_id: str, state: str, timeout: float = 120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lease = self.lease(job_id)
-            if lease is not None and str(lease.state) == state:
-                return lease
-            time.sleep(0.02)
-        raise AssertionError(f"job {job_id} never had a lease in state {state}")
-
-    def wait_started(self, name: str, user: str = "atlas001") -> None:
-        wait_for(lambda: "started on" in self.output(name, user)[0], f"job {name} to start",
-                 timeout=240, interval=0.5)
-
-    def domains(self) -> list[str]:
-        ours = {s.domain_name for s in self.cfg.slots}
-        return [d for d in virsh("list", "--name").stdout.split() if d in ours]
-
-    def queue_states(self) -> list[str]:
-        out = sge("qstat", "-f", "-q", self.queue, check=False)
-        return [line.split()[5] if len(line.split()) > 5 else ""
-                for line in out.splitlines() if line.startswith(f"{self.queue}@")]
-
-    def assert_queue_usable(self) -> None:
-        states = self.queue_states()
-        assert states and not any("E" in s for s in states), \
-            sge("qstat", "-f", "-explain", "E", "-q", self.queue, check=False)
-
-    def leftovers(self, keep: tuple[str, ...] = ()) -> list[str]:
-        found = [f"lease {lease.slot} ({lease.job_label}, {lease.state})"
-                 for lease in LeaseStore(self.cfg.leases_db).all()]
-        found += [f"domain {d}" for d in self.domains()]
-        found += [f"file {p.name}" for p in self.cfg.overlay_dir.iterdir() if p.name not in keep]
-        jobs = self.cfg.run_dir / "jobs"
-        found += [f"context {p.name}" for p in jobs.iterdir()] if jobs.is_dir() else []
-        return found
-
-    def assert_clean(self, within: float = 60, keep: tuple[str, ...] = ()) -> None:
-        """Nothing of ended jobs left within `within` seconds, with no admin command run."""
-        deadline = time.monotonic() + within
-        while (found := self.leftovers(keep)) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not found, f"left behind after {within:.0f} s: {found}"
-        self.assert_queue_usable()
 
 
 @pytest.fixture(scope="module")
 def faults(libvirt_system, guest_images):
-    up = run_script(str(HARNESS / "sge-cell.sh"), "up")
-    require(up.returncode == 0, f"gridengine cell did not come up: {up.stderr.strip()}")
-    from vmimagemanager.config import load_config
-    from vmimagemanager.images import ImageStore
-
-    base = make_base_dir("vmim-fault-")
-    overlays = base / "overlays"  # a small file system of its own: the disk-full test fills it
-    overlays.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0711", "vmim-fault", overlays],
-                   check=True)
-    path = write_config(base, slots=2, prefix=f"f{os.getpid()}s", extra={
-        "boot_timeout": 60, "max_boot_attempts": 2,
-        "shared_paths": [{"path": "/home", "mode": "hypervisor"}],
+    cell = open_vm_cell(QUEUE, "vmim-fault-", guest_images, small_overlay_fs=True, extra={
         "vos": {"changed": {"image": "atlas-changed", "users": ["atlas003"]},
                 "atlas": {"image": "atlas", "groups": ["atlas"]},
                 "cms": {"image": "cms", "groups": ["cms"]}}})
-    cfg = load_config(str(path))
-    import_test_images(cfg, guest_images, names=("atlas", "cms"))
+    from vmimagemanager.images import ImageStore
+
     d = guest_images["dir"]
-    ImageStore(cfg.image_dir).import_image(
+    ImageStore(cell.cfg.image_dir).import_image(
         "atlas-changed", d / guest_images["images"]["atlas"]["disk"],
         kernel=d / guest_images["kernel"], initrd=d / guest_images["initrd"],
         cmdline=guest_images["cmdline"])
-    Path(JOB).write_text(JOB_SCRIPT)
-    os.chmod(JOB, 0o755)
-    r = subprocess.run([CLI, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
-                        "--wrapper-dir", str(base / "libexec")],
-                       capture_output=True, text=True, env={**os.environ, **SGE_ENV})
-    assert r.returncode == 0, r.stderr
-    cell = FaultCell(cfg, path, base, QUEUE)
     yield cell
-    run_script(str(HARNESS / "libvirt-up.sh"))  # in case a test stopped it and failed
-    for job_id in cell.jobs.values():
-        sge("qdel", "-f", job_id, check=False)
-    wait_for(lambda: not any(job_state(j) for j in cell.jobs.values()), "jobs to go",
-             timeout=120)
-    sge("qconf", "-dq", QUEUE, check=False)
-    cell.cli("reconcile")
-    subprocess.run(["umount", "-l", str(overlays)], check=False)
-    shutil.rmtree(base, ignore_errors=True)
+    close_vm_cell(cell)
 
 
-def ended_with_reason(cell: FaultCell, name: str, user: str = "atlas001") -> tuple[dict, str]:
+def ended_with_reason(cell: VmCell, name: str, user: str = "atlas001") -> tuple[dict, str]:
     record = wait_done(cell.jobs[name])[0]
     _, err = cell.output(name, user)
     return record, err
 
 
-def ran_to_the_end(cell: FaultCell, name: str, user: str = "atlas001") -> str:
+def ran_to_the_end(cell: VmCell, name: str, user: str = "atlas001") -> str:
     record = wait_done(cell.jobs[name])[0]
     out, err = cell.output(name, user)
     assert record["exit_status"] == "0" and "finished" in out, (record, out, err)
@@ -160,15 +75,15 @@ def ran_to_the_end(cell: FaultCell, name: str, user: str = "atlas001") -> str:
 
 
 # -- the guest goes away under a running job -------------------------------------------------
-def _destroy(cell: FaultCell, slot: str) -> None:
+def _destroy(cell: VmCell, slot: str) -> None:
     assert virsh("destroy", f"vmim-{slot}").returncode == 0
 
 
-def _poweroff(cell: FaultCell, slot: str) -> None:
+def _poweroff(cell: VmCell, slot: str) -> None:
     cell.cli("exec", slot, "--", "poweroff", "-f", timeout=60)
 
 
-def _panic(cell: FaultCell, slot: str) -> None:
+def _panic(cell: VmCell, slot: str) -> None:
     cell.cli("exec", slot, "--", "sh", "-c", "echo c > /proc/sysrq-trigger", timeout=60)
 
 

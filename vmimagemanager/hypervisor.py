@@ -67,6 +67,10 @@ class Hypervisor(abc.ABC):
         """Names of running vmimagemanager domains (prefix vmim-)."""
 
     @abc.abstractmethod
+    def usage(self, name: str) -> dict[str, float] | None:
+        """CPU seconds and peak memory of a running domain; None if it is not running."""
+
+    @abc.abstractmethod
     def domain_xml(self, name: str) -> str | None:
         """The running domain's XML, None if it is not running."""
 
@@ -175,6 +179,35 @@ class LibvirtHypervisor(Hypervisor):
             return sorted(d.name() for d in domains if d.name().startswith(DOMAIN_PREFIX))
         except self._libvirt.libvirtError as exc:
             raise self._unavailable(exc) or exc from None
+
+    def usage(self, name: str) -> dict[str, float] | None:
+        """CPU seconds of the whole QEMU process (vCPUs and emulator threads) and its peak
+        resident memory, read just before the domain is destroyed."""
+        dom = self._lookup(name)
+        if dom is None:
+            return None
+        try:
+            cpu = dom.getCPUStats(True)[0]
+            memory = dom.memoryStats()
+        except self._libvirt.libvirtError as exc:
+            if exc.get_error_code() in (self._libvirt.VIR_ERR_NO_DOMAIN,
+                                        self._libvirt.VIR_ERR_OPERATION_INVALID):
+                return None
+            raise self._unavailable(exc) or exc from None
+        usage = {"cpu_seconds": cpu["cpu_time"] / 1e9,
+                 "user_seconds": cpu.get("user_time", 0) / 1e9,
+                 "system_seconds": cpu.get("system_time", 0) / 1e9,
+                 "rss_kib": float(memory.get("rss", 0))}
+        try:  # the QEMU process's peak (qemu:///system keeps its pid here)
+            with open(f"/run/libvirt/qemu/{name}.pid", encoding="ascii") as fh:
+                pid = int(fh.read().strip())
+            with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        usage["peak_rss_kib"] = float(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return usage
 
     def domain_xml(self, name: str) -> str | None:
         """The running domain's XML; None if it is not running (any more)."""

@@ -9,6 +9,7 @@ and `reconcile` can all call it, in any order, as often as they like.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import pwd
@@ -131,6 +132,7 @@ class LifeCycle:
         ensure_state_dirs(cfg)
         self.leases = leases or LeaseStore(cfg.leases_db)
         self.images = ImageStore(cfg.image_dir)
+        self.usage: dict[str, dict[str, float]] = {}  # job label -> what its VM used (end_vm)
 
     # -- start ----------------------------------------------------------------------------------
     def start_vm(self, request: JobRequest, slots: list[str] | None = None,
@@ -302,11 +304,31 @@ class LifeCycle:
             log.warning("slot %s: domain %s belongs to job %s, not %s; leaving it to reconcile",
                         slot_name, name, meta.get("job"), label)
             return
+        try:  # accounting never stands in the way of a teardown
+            self._record_usage(slot_name, label, meta, self.hv.usage(name))
+        except Exception as exc:  # noqa: BLE001 - logged; the VM goes regardless
+            log.warning("job %s slot %s: VM usage not recorded: %s", label, slot_name, exc)
         if graceful:
             self._guest_poweroff(self.cfg.slot(slot_name), label)
             self.hv.shutdown(name, self.cfg.shutdown_timeout)
         else:
             self.hv.destroy(name)
+
+    def _record_usage(self, slot_name: str, label: str, meta: dict[str, str],
+                      usage: dict[str, float] | None) -> None:
+        """One JSON line per job in state_dir/usage.jsonl (root-only): what libvirt says the
+        VM used, beside what the batch system accounted (README, job path)."""
+        if usage is None:
+            return
+        self.usage[label] = usage
+        record = {"time": time.time(), "job": label, "slot": slot_name,
+                  "owner": meta.get("owner", ""), "image": meta.get("image", ""), **usage}
+        path = self.cfg.state_dir / "usage.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        log.info("job %s slot %s: VM used %.2f s CPU, peak RSS %.0f KiB", label, slot_name,
+                 usage["cpu_seconds"], usage.get("peak_rss_kib", usage["rss_kib"]))
 
     def _guest_poweroff(self, slot: Slot, label: str) -> None:
         """Ask the guest over ssh (as root, admin key) to sync its disks and power off.

@@ -115,7 +115,14 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
         if life.end_job(args.job_id, args.task_id):
             log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
-            usage = read_spool_config(os.environ.get("SGE_JOB_SPOOL_DIR"), "usage")
+            spool_dir = os.environ.get("SGE_JOB_SPOOL_DIR")
+            usage = read_spool_config(spool_dir, "usage")
+            vm = life.usage.get(f"{args.job_id}.{args.task_id}")
+            if vm is not None:
+                from .sge_accounting import append_record, record_line
+
+                append_record(cfg.state_dir / "accounting", record_line(
+                    args, read_spool_config(spool_dir), usage, vm))
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
                 print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
                       f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "
