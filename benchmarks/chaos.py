@@ -72,7 +72,7 @@ def inject(kind: str, rnd: random.Random, cfg, jobs: dict, deleted: set) -> str:
             return ""
         return f"SIGKILLed the prolog of job {lease.job_label}"
     subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    while subprocess.run(["pgrep", "-x", "libvirtd"]).returncode == 0:
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
         time.sleep(0.2)
     subprocess.run(["bash", str(REPO / "harness/libvirt-up.sh")], check=True,
                    capture_output=True)

@@ -172,6 +172,7 @@ def test_libvirtd_down_at_prolog_time_reschedules_until_it_is_back(faults):
         _start_libvirtd()
     err = ran_to_the_end(faults, "nolibvirt")
     assert "; the job is rescheduled" in err, err
+    assert "not destroyed" not in err  # no slot was taken while libvirtd was away
     faults.assert_clean()
 
 

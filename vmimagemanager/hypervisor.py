@@ -49,6 +49,10 @@ class Hypervisor(abc.ABC):
     """What the life cycle needs from a hypervisor; every call reads live state."""
 
     @abc.abstractmethod
+    def connect(self) -> None:
+        """Make sure the hypervisor answers (HypervisorUnavailable if not)."""
+
+    @abc.abstractmethod
     def start(self, domain_xml: str) -> None: ...
 
     @abc.abstractmethod
@@ -109,6 +113,9 @@ class LibvirtHypervisor(Hypervisor):
             return HypervisorUnavailable(f"libvirtd stopped answering at {self.uri} "
                                          f"({exc.get_error_message()})")
         return None
+
+    def connect(self) -> None:
+        self._conn  # noqa: B018 - connects, or raises HypervisorUnavailable
 
     def close(self) -> None:
         if self._connection is not None:

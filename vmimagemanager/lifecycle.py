@@ -143,6 +143,7 @@ class LifeCycle:
         self.images.check_unchanged(image)
         uid, gid = owner_ids(request.owner)
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
+        self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
         names = slots or [s.name for s in self.cfg.slots]
         with self.phase("lease"):
             lease, created = self._allocate(names, request)
