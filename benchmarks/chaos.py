@@ -80,8 +80,16 @@ def inject(kind: str, rnd: random.Random, cfg, jobs: dict, deleted: set) -> str:
 
 
 def reason(out: Path) -> str:
+    """The job's last vmimagemanager line (earlier ones may be of attempts rescheduled)."""
     text = out.read_text(errors="replace") if out.exists() else ""
-    return next((line for line in text.splitlines() if line.startswith("vmimagemanager")), "")
+    return ([line for line in text.splitlines() if line.startswith("vmimagemanager")]
+            or [""])[-1]
+
+
+def states() -> dict[str, str]:
+    """job id -> qstat state, for every job in the cell (one qstat a round)."""
+    out = sge("qstat", "-u", "*", check=False)
+    return {f[0]: f[4] for line in out.splitlines()[2:] if len(f := line.split()) > 4}
 
 
 def queue_in_error() -> bool:
@@ -120,7 +128,7 @@ def main() -> None:
             jobs[job] = (user, out)
         next_fault = time.time() + rnd.uniform(5, 15)
         next_reconcile = time.time() + 30
-        while any(job_state(j) for j in jobs):
+        while any(j in (current := states()) for j in jobs):
             now = time.time()
             if now >= next_fault:
                 kind = rnd.choice(FAULTS)
@@ -134,7 +142,7 @@ def main() -> None:
                 next_reconcile = now + 30
             samples += 1
             e_samples += queue_in_error()
-            held = [j for j in jobs if "E" in job_state(j)]
+            held = [j for j in jobs if "E" in current.get(j, "")]
             for job in held:  # held with a reason (visible): count it, then let it go
                 print(f"job {job} held: {reason(jobs[job][1])}", flush=True)
                 sge("qdel", job, check=False)

@@ -286,8 +286,8 @@ def test_interactive_jobs_are_refused_and_the_queue_stays_usable(faults, client)
 
 def test_the_prolog_itself_refuses_an_interactive_job_without_disabling_the_queue(faults, tmp_path):
     """A queue an admin made interactive anyway: the hook holds such a job (exit 100)."""
-    spool = tmp_path / "spool"
-    spool.mkdir()
+    spool = tmp_path / "active_jobs" / "777.1"  # as execd lays it out (root-owned)
+    spool.mkdir(parents=True)
     (spool / "config").write_text("script_file=QRSH\nqrsh_control_port=host:1234\n")
     prolog = faults.base / "libexec" / "prolog"
     r = subprocess.run([str(prolog), "777", "0", "atlas001", QUEUE, "host"],

@@ -86,3 +86,23 @@ def test_a_script_that_sources_the_cell_settings_needs_them_in_the_guest(tmp_pat
         "/var/lib/gridengine/default/common/settings.sh",)
     assert job_from_starter([str(plain)], env).guest_files == ()
     assert job_from_starter([str(gram)], {**env, "SGE_ROOT": ""}).guest_files == ()
+
+
+def test_root_hooks_trust_only_execds_spool_directory_of_the_job(tmp_path, monkeypatch):
+    """`qsub -v SGE_JOB_SPOOL_DIR=...` reaches the root hooks: a directory of the job's owner,
+    or of another job, is not read."""
+    import os
+    import pwd
+
+    from vmimagemanager.batch.sge import trusted_spool_dir
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    other = next(p.pw_name for p in pwd.getpwall() if p.pw_uid != os.getuid())
+    spool = tmp_path / "active_jobs" / "42.1"
+    spool.mkdir(parents=True)
+    monkeypatch.setenv("SGE_JOB_SPOOL_DIR", str(spool))
+    assert trusted_spool_dir("42", other) == str(spool)
+    assert trusted_spool_dir("43", other) is None  # another job's
+    assert trusted_spool_dir("42", me) is None  # owned by the job's owner: the user made it
+    monkeypatch.setenv("SGE_JOB_SPOOL_DIR", str(tmp_path))
+    assert trusted_spool_dir("42", other) is None  # not below active_jobs

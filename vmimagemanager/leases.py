@@ -169,8 +169,7 @@ class LeaseStore:
             taken = {r["slot"] for r in db.execute("SELECT slot FROM leases")}
             free = [s for s in slots if s not in taken]
             if not free:
-                raise NoFreeSlot(f"job {job_id}.{task_id}: all {len(slots)} VM slots on this "
-                                 "node are in use; the job will be retried")
+                raise NoFreeSlot(f"all {len(slots)} VM slots on this node are in use")
             db.execute(
                 "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
                 "pid_start, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",

@@ -84,7 +84,7 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 
     job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue)
     decision = start_job(cfg, job, interactive=is_interactive(
-        read_spool_config(os.environ.get("SGE_JOB_SPOOL_DIR"))))
+        read_spool_config(trusted_spool_dir(args.job_id, args.owner))))
     if decision.outcome is Outcome.RETRY:
         log.warning("job %s: rescheduled: %s", job.label, decision.reason)
         print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is "
@@ -96,6 +96,28 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
               f"(Eqw): fix the cause, then 'qmod -cj {job.job_id}'", file=sys.stderr)
         return EXIT_HOLD
     return EXIT_OK
+
+
+def trusted_spool_dir(job_id: str, owner: str) -> str | None:
+    """$SGE_JOB_SPOOL_DIR for a root hook, only if it is execd's directory of this job: the
+    root hooks' environment carries the user's `qsub -v` variables."""
+    import pwd
+
+    path = os.environ.get("SGE_JOB_SPOOL_DIR")
+    if not path:
+        return None
+    real = os.path.realpath(path)
+    try:
+        st = os.stat(real)
+        owner_uid = pwd.getpwnam(owner).pw_uid
+    except (OSError, KeyError):
+        return None
+    if (os.path.basename(os.path.dirname(real)) != "active_jobs"
+            or not os.path.basename(real).startswith(f"{job_id}.") or st.st_uid == owner_uid):
+        log.warning("job %s: ignoring SGE_JOB_SPOOL_DIR %r: not execd's spool directory of "
+                    "the job", job_id, path)
+        return None
+    return real
 
 
 def is_interactive(spool: Mapping[str, str]) -> bool:
@@ -115,7 +137,7 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
         if life.end_job(args.job_id, args.task_id):
             log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
-            spool_dir = os.environ.get("SGE_JOB_SPOOL_DIR")
+            spool_dir = trusted_spool_dir(args.job_id, args.owner)
             usage = read_spool_config(spool_dir, "usage")
             vm = life.usage.get(f"{args.job_id}.{args.task_id}")
             if vm is not None:
