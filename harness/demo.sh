@@ -93,7 +93,10 @@ for id in "${!owner[@]}"; do
   echo "--- job $id of $user: stdout"
   sed 's/^/    /' /home/$user/vmim-demo.out
   if [ -s /home/$user/vmim-demo.err ]; then echo "--- stderr"; sed 's/^/    /' /home/$user/vmim-demo.err; fi
-  qacct -j "$id" | awk '$1 ~ /^(qname|owner|failed|exit_status|ru_wallclock)$/ {print "    qacct " $0}'
+  qacct -j "$id" | awk '$1 ~ /^(qname|owner|failed|exit_status|ru_wallclock|cpu|maxvmem)$/ {print "    qacct " $0}'
+  # qacct sees only the job's ssh client on the host; the epilog's line has the VM (docs/accounting.md)
+  awk -F: -v j="$id" '$6 == j {printf "    with its VM (state_dir/accounting, for APEL): cpu %.2f s, maxvmem %.0f MB\n", $37, $43 / 1048576}' \
+    /var/lib/vmimagemanager-demo/state/accounting
   echo "--- the file the job wrote in its home, seen on the host:"
   ls -l /home/$user/vmim-demo-result.txt | sed 's/^/    /'
   sed 's/^/    /' /home/$user/vmim-demo-result.txt
