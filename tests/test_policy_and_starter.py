@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmimagemanager.batch.base import normalise_task_id
-from vmimagemanager.batch.sge import job_from_starter, read_spool_config
+from vmimagemanager.batch.sge import job_from_starter, read_spool_file
 from vmimagemanager.config import parse_config
 from vmimagemanager.errors import VmimError
 from vmimagemanager.policy import match_vo
@@ -43,7 +43,7 @@ def test_task_ids():
 def test_spool_config_decides_script_or_binary(tmp_path, monkeypatch):
     (tmp_path / "config").write_text("job_owner=atlas001\nhandle_as_binary=1\n"
                                      "shell_path=/bin/csh\nweird line\n")
-    assert read_spool_config(str(tmp_path))["handle_as_binary"] == "1"
+    assert read_spool_file(str(tmp_path))["handle_as_binary"] == "1"
     monkeypatch.chdir(tmp_path)
     env = {"JOB_ID": "12", "SGE_TASK_ID": "undefined", "USER": "atlas001",
            "SGE_JOB_SPOOL_DIR": str(tmp_path), "SGE_STARTER_SHELL_PATH": "/bin/bash"}

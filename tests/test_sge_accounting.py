@@ -8,7 +8,8 @@ import pwd
 
 from pytest import approx
 
-from vmimagemanager.batch.sge_accounting import FIELDS, append_record, record_line
+from vmimagemanager.batch.sge_accounting import FIELDS, record_line
+from vmimagemanager.files import append_line
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 ARGS = argparse.Namespace(job_id="42", task_id="3", owner=ME, queue="vm.q", host="wn1")
@@ -38,7 +39,7 @@ def test_one_line_of_45_fields_with_the_vm_in_cpu_and_memory():
 def test_records_are_appended_whole(tmp_path):
     path = tmp_path / "accounting"
     for _ in range(3):
-        append_record(path, record_line(ARGS, CONFIG, USAGE, VM))
+        append_line(path, record_line(ARGS, CONFIG, USAGE, VM), 0o640)
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and all(len(line.split(":")) == 45 for line in lines)
     assert path.stat().st_mode & 0o777 == 0o640

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import VmimError
+from .files import write_private_file
 
 LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,32}$")
 KEY_NAME = "id_ed25519"
@@ -76,9 +77,10 @@ def write_context(run_dir: Path, context: JobContext, private_key: bytes | None,
     shutil.rmtree(tmp, ignore_errors=True)
     os.mkdir(tmp, 0o700)
     try:
-        _write_file(tmp / "context.json", json.dumps(asdict(context)).encode(), uid, gid)
+        write_private_file(tmp / "context.json", json.dumps(asdict(context)).encode(), uid,
+                           gid, 0o400)
         if private_key is not None:
-            _write_file(tmp / KEY_NAME, private_key, uid, gid)
+            write_private_file(tmp / KEY_NAME, private_key, uid, gid, 0o400)
         os.chown(tmp, uid, gid)
         os.chmod(tmp, 0o500)
         remove_context(run_dir, context.label)
@@ -87,16 +89,6 @@ def write_context(run_dir: Path, context: JobContext, private_key: bytes | None,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _write_file(path: Path, data: bytes, uid: int, gid: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
-    try:
-        os.write(fd, data)
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o400)
-    finally:
-        os.close(fd)
 
 
 def read_context(run_dir: Path, label: str) -> JobContext:

@@ -31,10 +31,11 @@ from .context import (
 )
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
 from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimError
+from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
 from .leases import Lease, LeaseStore
-from .seed import SeedData, build_seed, generate_keypair, write_private_file
+from .seed import SeedData, build_seed, generate_keypair
 from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
 
@@ -324,10 +325,7 @@ class LifeCycle:
         self.usage[label] = usage
         record = {"time": time.time(), "job": label, "slot": slot_name,
                   "owner": meta.get("owner", ""), "image": meta.get("image", ""), **usage}
-        path = self.cfg.state_dir / "usage.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        append_line(self.cfg.state_dir / "usage.jsonl", json.dumps(record, sort_keys=True))
         log.info("job %s slot %s: VM used %.2f s CPU, peak RSS %.0f KiB", label, slot_name,
                  usage["cpu_seconds"], usage.get("peak_rss_kib", usage["rss_kib"]))
 

@@ -39,18 +39,6 @@ def generate_keypair(comment: str) -> KeyPair:
     return KeyPair(private, f"{public} {comment}")
 
 
-def write_private_file(path: Path, data: bytes, uid: int = 0, gid: int = 0,
-                       mode: int = 0o600) -> None:
-    """Create a file that is private from its first byte (no window with looser permissions)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchown(fd, uid, gid)
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 @dataclass(frozen=True)
 class SeedData:
     instance_id: str

@@ -84,7 +84,7 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 
     job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue)
     decision = start_job(cfg, job, interactive=is_interactive(
-        read_spool_config(trusted_spool_dir(args.job_id, args.owner))))
+        read_spool_file(trusted_spool_dir(args.job_id, args.owner))))
     if decision.outcome is Outcome.RETRY:
         log.warning("job %s: rescheduled: %s", job.label, decision.reason)
         print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is "
@@ -138,13 +138,14 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         if life.end_job(args.job_id, args.task_id):
             log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
             spool_dir = trusted_spool_dir(args.job_id, args.owner)
-            usage = read_spool_config(spool_dir, "usage")
+            usage = read_spool_file(spool_dir, "usage")
             vm = life.usage.get(f"{args.job_id}.{args.task_id}")
             if vm is not None:
-                from .sge_accounting import append_record, record_line
+                from ..files import append_line
+                from .sge_accounting import record_line
 
-                append_record(cfg.state_dir / "accounting", record_line(
-                    args, read_spool_config(spool_dir), usage, vm))
+                append_line(cfg.state_dir / "accounting", record_line(
+                    args, read_spool_file(spool_dir), usage, vm), 0o640)
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
                 print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
                       f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "
@@ -156,7 +157,7 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
 
 
 # -- starter_method (runs as the job's user) ------------------------------------------------------
-def read_spool_config(spool_dir: str | None, name: str = "config") -> dict[str, str]:
+def read_spool_file(spool_dir: str | None, name: str = "config") -> dict[str, str]:
     """A key=value file of the job's spool directory: `config` (handle_as_binary, shell_path,
     script_file, ...) or, in the epilog, `usage` (exit_status, signal, ru_*)."""
     values: dict[str, str] = {}
@@ -193,7 +194,7 @@ def sourced_sge_settings(script: str, env: Mapping[str, str]) -> tuple[str, ...]
 
 
 def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
-    spool = read_spool_config(env.get("SGE_JOB_SPOOL_DIR"))
+    spool = read_spool_file(env.get("SGE_JOB_SPOOL_DIR"))
     is_script = spool.get("handle_as_binary", "0") != "1"
     shell = env.get("SGE_STARTER_SHELL_PATH") or spool.get("shell_path") or "/bin/sh"
     needs = sourced_sge_settings(argv[0], env) if is_script and argv else ()

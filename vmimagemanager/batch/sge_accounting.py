@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import grp
-import os
 import pwd
 from collections.abc import Mapping
-from pathlib import Path
 
 # sge_accounting(5), gridengine 8.1.9: 45 colon-separated fields.
 FIELDS = (
@@ -87,10 +85,3 @@ def record_line(args: argparse.Namespace, config: Mapping[str, str], usage: Mapp
     return ":".join(_clean(fields[name]) for name in FIELDS)
 
 
-def append_record(path: Path, line: str) -> None:
-    """One write per record (O_APPEND): concurrent epilogs never interleave their lines."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
