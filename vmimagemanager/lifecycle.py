@@ -355,13 +355,17 @@ class LifeCycle:
     # -- reconcile ------------------------------------------------------------------------------
     def reclaim_stale(self, dry_run: bool = False) -> list[str]:
         """End the leases no live process or VM explains (holder died, start failed, VM gone)."""
-        actions = []
+        return list(self._reclaim(dry_run).values())
+
+    def _reclaim(self, dry_run: bool) -> dict[str, str]:
+        """reclaim_stale's work: slot -> what was done (or would be) about its lease."""
+        actions: dict[str, str] = {}
         known_slots = {s.name for s in self.cfg.slots}
         for lease in self.leases.all():
             reason = self._stale_reason(lease, known_slots)
             if not reason:
                 continue
-            actions.append(f"release slot {lease.slot} (job {lease.job_label}): {reason}")
+            actions[lease.slot] = f"release slot {lease.slot} (job {lease.job_label}): {reason}"
             if dry_run:
                 continue
             try:
@@ -370,8 +374,8 @@ class LifeCycle:
                 else:
                     self._forget_unknown_slot(lease)
             except TeardownIncomplete as exc:
-                actions[-1] += f" (incomplete: {exc})"
-        for action in actions:
+                actions[lease.slot] += f" (incomplete: {exc})"
+        for action in actions.values():
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         return actions
 
@@ -387,9 +391,9 @@ class LifeCycle:
         files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
         contexts = list_contexts(self.cfg.run_dir)
         leases = {lease.slot: lease for lease in self.leases.all()}
-        actions = self.reclaim_stale(dry_run)
-        live = {s: lease for s, lease in leases.items()
-                if not any(a.startswith(f"release slot {s} ") for a in actions)}
+        released = self._reclaim(dry_run)
+        actions = list(released.values())
+        live = {s: lease for s, lease in leases.items() if s not in released}
         more = []
         for name, meta in domains.items():
             lease = live.get(name.removeprefix(DOMAIN_PREFIX))

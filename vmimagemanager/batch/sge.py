@@ -101,7 +101,7 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 def trusted_spool_dir(job_id: str, owner: str) -> str | None:
     """$SGE_JOB_SPOOL_DIR for a root hook, only if it is execd's directory of this job: the
     root hooks' environment carries the user's `qsub -v` variables."""
-    import pwd
+    from ..lifecycle import owner_ids
 
     path = os.environ.get("SGE_JOB_SPOOL_DIR")
     if not path:
@@ -109,8 +109,8 @@ def trusted_spool_dir(job_id: str, owner: str) -> str | None:
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
-        owner_uid = pwd.getpwnam(owner).pw_uid
-    except (OSError, KeyError):
+        owner_uid = owner_ids(owner)[0]
+    except (OSError, VmimError):
         return None
     if (os.path.basename(os.path.dirname(real)) != "active_jobs"
             or not os.path.basename(real).startswith(f"{job_id}.") or st.st_uid == owner_uid):

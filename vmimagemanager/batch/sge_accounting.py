@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import grp
-import pwd
 from collections.abc import Mapping
+
+from ..errors import VmimError
 
 # sge_accounting(5), gridengine 8.1.9: 45 colon-separated fields.
 FIELDS = (
@@ -45,9 +46,11 @@ def record_fields(args: argparse.Namespace, config: Mapping[str, str], usage: Ma
                   vm: Mapping[str, float]) -> dict[str, object]:
     """`config` and `usage` are the job's spool files (execd's, not the user's); `vm` is what
     libvirt said the domain used. Host-side usage (the starter relaying over ssh) is added."""
+    from ..lifecycle import owner_ids
+
     try:
-        group = grp.getgrgid(pwd.getpwnam(args.owner).pw_gid).gr_name
-    except KeyError:
+        group = grp.getgrgid(owner_ids(args.owner)[1]).gr_name
+    except (KeyError, VmimError):
         group = "NONE"
     utime = _number(usage, "ru_utime") + vm.get("user_seconds", 0.0)
     stime = _number(usage, "ru_stime") + vm.get("system_seconds", 0.0)
