@@ -92,66 +92,80 @@ def latency(args) -> None:
                                    "dispatch (prolog start) -> first output s"])
 
 
-def stress(args) -> None:
-    base, path, cfg, cli, script = setup(args.slots)
+def run_jobs(cfg, script: Path, count: int, timeout: float, tag: str = "st") -> dict:
+    """Submit `count` jobs at once (atlas001-3, cms001-3 in turn), wait for all; what happened:
+    elapsed time, wrong results, double-lease samples, the largest starter RSS."""
+    from vmimagemanager.leases import LeaseStore
+
     users = ["atlas001", "atlas002", "atlas003", "cms001", "cms002", "cms003"]
     jobs = {}
     max_rss_kib, double, samples = 0, 0, 0
+    started = time.time()
+    for n in range(count):
+        user = users[n % len(users)]
+        job, out = submit(user, script, f"{tag}{n}")
+        jobs[job] = (user, out)
+    pending = set(jobs)
+    while pending:
+        for job in list(pending):
+            if finished(job).get("exit_status") is not None:
+                pending.discard(job)
+        for pid in subprocess.run(["pgrep", "-f", "vmim-sge-starter"], capture_output=True,
+                                  text=True).stdout.split():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    max_rss_kib = max(max_rss_kib, int(line.split()[1]))
+        leases = [lease for lease in LeaseStore(cfg.leases_db).all() if not lease.is_spare]
+        samples += 1
+        if len({lease.slot for lease in leases}) != len(leases) or \
+                len({lease.job_label for lease in leases}) != len(leases):
+            double += 1
+        if time.time() - started > timeout:
+            sys.exit(f"timeout: {len(pending)} jobs unfinished")
+        time.sleep(2)
+    elapsed = time.time() - started
+    wrong = []
+    for job, (user, out) in jobs.items():
+        rec = finished(job)
+        vo = "atlas" if user.startswith("atlas") else "cms"
+        text = out.read_text() if out.exists() else ""
+        if not text.startswith(f"first VO={vo} ") or rec["exit_status"] != str(int(job) % 7):
+            wrong.append((job, user, rec.get("exit_status"), text[:80]))
+        out.unlink(missing_ok=True)
+    return {"jobs": count, "elapsed s": elapsed, "jobs/min": 60 * count / elapsed,
+            "wrong": wrong, "double-lease samples": double, "samples": samples,
+            "max starter RSS MiB": max_rss_kib / 1024}
+
+
+def leftovers(cfg) -> dict[str, int]:
     from vmimagemanager.leases import LeaseStore
 
+    jobs = cfg.run_dir / "jobs"
+    return {
+        "leases": len(LeaseStore(cfg.leases_db).all()),
+        "overlays": len(list(cfg.overlay_dir.iterdir())),
+        "contexts": len(list(jobs.iterdir())) if jobs.is_dir() else 0,
+        "domains": len([d for d in sge("virsh", "list", "--name").split()
+                        if d in [s.domain_name for s in cfg.slots]]),
+    }
+
+
+def stress(args) -> None:
+    base, path, cfg, cli, script = setup(args.slots)
     try:
-        started = time.time()
-        for n in range(args.jobs):
-            user = users[n % len(users)]
-            job, out = submit(user, script, f"st{n}")
-            jobs[job] = (user, out)
-        pending = set(jobs)
-        while pending:
-            for job in list(pending):
-                if finished(job).get("exit_status") is not None:
-                    pending.discard(job)
-            for pid in subprocess.run(["pgrep", "-f", "vmim-sge-starter"], capture_output=True,
-                                      text=True).stdout.split():
-                try:
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                for line in status.splitlines():
-                    if line.startswith("VmHWM:"):
-                        max_rss_kib = max(max_rss_kib, int(line.split()[1]))
-            leases = LeaseStore(cfg.leases_db).all()
-            samples += 1
-            if len({lease.slot for lease in leases}) != len(leases) or \
-                    len({lease.job_label for lease in leases}) != len(leases):
-                double += 1
-            if time.time() - started > args.timeout:
-                sys.exit(f"timeout: {len(pending)} jobs unfinished")
-            time.sleep(2)
-        elapsed = time.time() - started
-        wrong = []
-        for job, (user, out) in jobs.items():
-            rec = finished(job)
-            vo = "atlas" if user.startswith("atlas") else "cms"
-            text = out.read_text() if out.exists() else ""
-            if not text.startswith(f"first VO={vo} ") or rec["exit_status"] != str(int(job) % 7):
-                wrong.append((job, user, rec.get("exit_status"), text[:80]))
-            out.unlink(missing_ok=True)
-        leftovers = {
-            "leases": len(LeaseStore(cfg.leases_db).all()),
-            "overlays": len(list(cfg.overlay_dir.iterdir())),
-            "contexts": len(list((cfg.run_dir / "jobs").iterdir())),
-            "domains": len([d for d in sge("virsh", "list", "--name").split()
-                            if d in [s.domain_name for s in cfg.slots]]),
-        }
+        result = run_jobs(cfg, script, args.jobs, args.timeout)
+        left = leftovers(cfg)
     finally:
         teardown(base, path, cli)
     per_job_vm = args.vm_seconds
     bound = 60 * args.slots / per_job_vm if per_job_vm else None
-    row = {"jobs": args.jobs, "slots": args.slots, "elapsed s": elapsed,
-           "jobs/min": 60 * args.jobs / elapsed, "bound jobs/min": bound,
-           "wrong": len(wrong), "double-lease samples": double, "samples": samples,
-           "max starter RSS MiB": max_rss_kib / 1024, **{f"leftover {k}": v
-                                                          for k, v in leftovers.items()}}
+    wrong = result.pop("wrong")
+    row = {**result, "slots": args.slots, "bound jobs/min": bound, "wrong": len(wrong),
+           **{f"leftover {k}": v for k, v in left.items()}}
     report("stress", [row], list(row), {"wrong_jobs": wrong})
 
 

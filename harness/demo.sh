@@ -48,9 +48,19 @@ for vo in atlas cms; do
 done
 echo "$images" > "$source_mark"
 vmim images list
-say "configuring the SGE queue $queue (prolog, starter_method, epilog)"
-vmim sge install-queue --queue "$queue"
+say "configuring the SGE queue $queue (prolog, starter_method, epilog): 2 job slots"
+vmim sge install-queue --queue "$queue" --slots 2
 qconf -sq "$queue" | grep -E '^(hostlist|slots|prolog|epilog|starter_method)'
+
+say "starting the agent: it boots a warm spare VM for atlas ahead of any job"
+bash "$here/harness/agent.sh" start "$config"
+trap 'bash "$here/harness/agent.sh" stop "$config" || true' EXIT
+deadline=$((SECONDS + 300))
+until vmim spares --json | grep -q '"state": "spare"'; do
+  [ $SECONDS -gt $deadline ] && { echo "demo: no spare after 5 minutes; see /var/log/vmimagemanager-agent.demo-*.log" >&2; exit 1; }
+  sleep 1
+done
+vmim spares
 
 say "submitting jobs as Grid pool accounts (as the lcg-CE would)"
 job=/tmp/vmim-demo-job.sh
@@ -66,15 +76,16 @@ echo "  working directory: $(pwd) (the shared home)"
 echo "written inside the VM $(hostname) by $(id -un)" > vmim-demo-result.txt
 JOB
 chmod 755 "$job"
-declare -A owner
+declare -A owner submitted
 for user in atlas001 cms001; do
   rm -f /home/$user/vmim-demo.* /home/$user/vmim-demo-result.txt
+  submitted[$user]=$(date +%s.%N)
   id=$(su "$user" -s /bin/sh -c "cd && qsub -terse -q $queue -N vmim-demo -o \$HOME/vmim-demo.out -e \$HOME/vmim-demo.err -v 'DEMO_VAR=hello from $user' $job 'first arg' \"it's quoted\"")
   owner[$id]=$user
   echo "$user submitted job $id"
 done
 
-say "waiting for the jobs (each boots its own VM: about 15-30 s without KVM)"
+say "waiting for the jobs (atlas binds the spare; cms boots its own VM: about 15-30 s without KVM)"
 deadline=$((SECONDS + 600))
 while :; do
   pending=0
@@ -92,6 +103,12 @@ for id in "${!owner[@]}"; do
   user=${owner[$id]}
   echo "--- job $id of $user: stdout"
   sed 's/^/    /' /home/$user/vmim-demo.out
+  started=$(stat -c %.3Y /home/$user/vmim-demo-result.txt)  # written by the job through 9p
+  how="booted its own VM"
+  grep "\"job\": \"$id.0\"" /var/lib/vmimagemanager-demo/state/usage.jsonl | grep -q spare_cpu_seconds \
+    && how="started on a warm spare"
+  awk -v a="${submitted[$user]}" -v b="$started" -v how="$how" \
+    'BEGIN {printf "    %s: qsub -> the job wrote its file in %.1f s\n", how, b - a}'
   if [ -s /home/$user/vmim-demo.err ]; then echo "--- stderr"; sed 's/^/    /' /home/$user/vmim-demo.err; fi
   qacct -j "$id" | awk '$1 ~ /^(qname|owner|failed|exit_status|ru_wallclock|cpu|maxvmem)$/ {print "    qacct " $0}'
   # qacct sees only the job's ssh client on the host; the epilog's line has the VM (docs/accounting.md)
@@ -102,13 +119,16 @@ for id in "${!owner[@]}"; do
   sed 's/^/    /' /home/$user/vmim-demo-result.txt
 done
 
-say "after the jobs: slots and leftovers"
+say "after the jobs: slots and leftovers (the agent booted a new spare for the next atlas job)"
 vmim slots
 vmim reconcile --dry-run
 if [ "${KEEP:-0}" = 1 ]; then
-  echo "KEEP=1: leaving the cell, libvirtd and queue $queue running"
+  trap - EXIT
+  echo "KEEP=1: leaving the cell, libvirtd, the agent and queue $queue running"
   exit 0
 fi
+bash "$here/harness/agent.sh" stop "$config"
+vmim spares --retire
 qconf -dq "$queue" >/dev/null
 [ $started_cell = 1 ] && bash "$here/harness/sge-cell.sh" down
 if [ $started_libvirt = 1 ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi

@@ -187,8 +187,10 @@ class VmCell(Cell):
 
 
 def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None = None,
-                 small_overlay_fs: bool = False) -> VmCell:
-    """A 2-slot configuration and a VM queue on the running cell, installed as a site would."""
+                 small_overlay_fs: bool = False, slots: int = 2,
+                 queue_slots: int | None = None) -> VmCell:
+    """A configuration with `slots` VM slots (2) and a VM queue with `queue_slots` job slots
+    (as many) on the running cell, installed as a site would."""
     from conftest import (
         HARNESS,
         import_test_images,
@@ -208,15 +210,16 @@ def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None
     if small_overlay_fs:  # a file system of its own, small enough to fill
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0711", "vmim-test",
                         overlays], check=True)
-    path = write_config(base, slots=2, prefix=f"{queue[:4]}{os.getpid()}s", extra={
+    path = write_config(base, slots=slots, prefix=f"{queue[:4]}{os.getpid()}s", extra={
         "boot_timeout": 60, "max_boot_attempts": 2,
         "shared_paths": [{"path": "/home", "mode": "hypervisor"}], **(extra or {})})
     cfg = load_config(str(path))
     import_test_images(cfg, guest_images, names=("atlas", "cms"))
     Path(JOB).write_text(JOB_SCRIPT)
     os.chmod(JOB, 0o755)
+    sized = ["--slots", str(queue_slots)] if queue_slots else []
     r = subprocess.run([CLI, "--config", str(path), "sge", "install-queue", "--queue", queue,
-                        "--wrapper-dir", str(base / "libexec")],
+                        "--wrapper-dir", str(base / "libexec"), *sized],
                        capture_output=True, text=True, env={**os.environ, **SGE_ENV})
     assert r.returncode == 0, r.stderr
     return VmCell(cfg, path, base, queue)

@@ -49,8 +49,10 @@ class Life:
         self.error = error
         self.leases = Leases()
         self.started: list[str] = []
+        self.bound_spare = ""
+        self.phase = type("Phases", (), {"seconds": {"lease": 0.001}})()
 
-    def start_vm(self, request):
+    def start_vm(self, request, bind=None):
         if self.error is not None:
             raise self.error
         self.started.append(request.label)
@@ -121,6 +123,20 @@ def test_a_booted_vm_is_ready_and_forgets_earlier_failures(cfg):
     decision = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert decision.outcome is Outcome.READY and decision.reason == ""
     assert life.started == ["42.0"] and life.leases.failures == {}
+
+
+def test_a_started_job_leaves_one_root_only_start_record(cfg):
+    import json
+    import os
+
+    cfg.state_dir.mkdir(parents=True)
+    start_job(cfg, JOB, make_life=lambda _cfg: Life())
+    path = cfg.state_dir / "starts.jsonl"
+    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (record["job"], record["slot"], record["image"], record["spare"]) == (
+        "42.0", "s1", "img", "")
+    assert 0 < record["hook_seconds"] < 3600 and record["phases"] == {"lease": 0.001}
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 def test_interactive_jobs_are_held_without_touching_the_node(cfg):

@@ -62,6 +62,34 @@ def cmd_slots(cfg: Config, args) -> int:
     return 0
 
 
+def cmd_spares(cfg: Config, args) -> int:
+    """Warm spares: the idle ones and those being booted, with their age."""
+    life = _life(cfg)
+    if args.retire:
+        while slot := life.retire_spare():
+            print(f"retired the idle spare in slot {slot}")
+    rows = [row for row in life.status() if row["spare"]]
+    wanted = dict(cfg.spares.counts)
+    if args.json:
+        print(json.dumps({"configured": wanted, "max_age": cfg.spares.max_age,
+                          "spares": rows}, indent=2))
+        return 0
+    print(_table(rows, ["slot", "state", "job", "image", "vo", "domain", "age_s"]))
+    have = {image: sum(1 for r in rows if r["image"] == image and r["state"] == "spare")
+            for image in wanted}
+    print("configured: " + (", ".join(f"{image} {have[image]}/{n} ready"
+                                      for image, n in sorted(wanted.items()))
+                            or "no spares (spares: in the configuration)"))
+    return 0
+
+
+def cmd_agent(cfg: Config, args) -> int:
+    from .agent import run
+
+    setup_logging("vmimagemanager-agent", verbose=args.verbose, stderr_level=logging.INFO)
+    return run(_life(cfg), lambda: _life(cfg), once=args.once, interval=args.interval)
+
+
 def cmd_images(cfg: Config, args) -> int:
     from .images import ImageStore
 
@@ -97,10 +125,16 @@ def cmd_images(cfg: Config, args) -> int:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
     if args.images_command == "remove":
-        from .leases import LeaseStore
+        from .states import LeaseState
 
+        store.get(args.name)  # an unknown name says so before anything is done
+        life = _life(cfg)
+        for lease in life.leases.all():  # idle spares of the image go with it
+            if lease.is_spare and lease.state is LeaseState.SPARE and lease.image == args.name:
+                life.retire_spare(slot=lease.slot)
+                print(f"retired spare {lease.job_label} in slot {lease.slot}")
         users = [f"job {lease.job_label} (slot {lease.slot})"
-                 for lease in LeaseStore(cfg.leases_db).all() if lease.image == args.name]
+                 for lease in life.leases.all() if lease.image == args.name]
         store.remove(args.name, users)
         print(f"removed image {args.name}")
         return 0
@@ -169,7 +203,13 @@ def cmd_exec(cfg: Config, args) -> int:
                         f"'vmimagemanager up {slot.name} --image NAME'")
     from .context import read_context
 
-    host_key = read_context(cfg.run_dir, lease.job_label).host_key
+    if lease.is_spare:  # an idle spare has no job context: its key is on its console
+        from .lifecycle import lease_files
+        from .spares import spare_host_key
+
+        host_key = spare_host_key(lease_files(cfg, slot.name, lease.job_label).console)
+    else:
+        host_key = read_context(cfg.run_dir, lease.job_label).host_key
     key_file, _ = admin_key(cfg)
     host, port = slot.ssh_address
     session = GuestSession(connect(Endpoint(host, port, "root", key_file, host_key)))
@@ -203,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("slots", "status"):
         s = sub.add_parser(name, help="show every slot: state, job, image, domain")
         s.add_argument("--json", action="store_true")
+    s = sub.add_parser("spares", help="show the warm spares (idle VMs booted ahead of jobs)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--retire", action="store_true", help="destroy every idle spare first (stop "
+                   "the agent before, or it boots new ones)")
+    s = sub.add_parser("agent", help="keep warm spares ready and heal the node (long-running)")
+    s.add_argument("--once", action="store_true", help="one round, then exit (cron, tests)")
+    s.add_argument("--interval", type=float, help="seconds between rounds (default: "
+                   "spares.interval, 5)")
     img = sub.add_parser("images", help="manage golden images")
     isub = img.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     i = isub.add_parser("import", help="copy a disk image into the image store (sha256 recorded)")
@@ -257,6 +305,7 @@ COMMANDS = {
     "slots": cmd_slots, "status": cmd_slots, "images": cmd_images, "up": cmd_up,
     "restore": cmd_up, "down": cmd_down, "kill": cmd_down, "store": cmd_store,
     "reconcile": cmd_reconcile, "print-config": cmd_print_config, "exec": cmd_exec,
+    "spares": cmd_spares, "agent": cmd_agent,
 }
 
 

@@ -109,6 +109,18 @@ class VoRule:
 
 
 @dataclass(frozen=True)
+class SparePolicy:
+    """Warm spares the agent keeps booted on this node (README, "Warm spares")."""
+
+    counts: tuple[tuple[str, int], ...] = ()  # (image, how many idle spares of it), by image
+    max_age: float = 86400.0  # seconds; an older idle spare is replaced by a fresh one
+    interval: float = 5.0  # seconds between two agent rounds
+
+    def count(self, image: str) -> int:
+        return sum(n for name, n in self.counts if name == image)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     libvirt_uri: str
@@ -126,6 +138,7 @@ class Config:
     shared_paths: tuple[SharedPath, ...] = ()
     site_root_key: Path | None = None
     scratch_dir: str = "/tmp"
+    spares: SparePolicy = SparePolicy()
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:
@@ -142,7 +155,7 @@ class Config:
 TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
-    "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf",
+    "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
 }
 
 
@@ -334,6 +347,33 @@ def _parse_shared(c: _Checker, raw: Any) -> tuple[SharedPath, ...]:
     return tuple(result)
 
 
+def _parse_spares(c: _Checker, raw: Any, vos: tuple[VoRule, ...], slots: int) -> SparePolicy:
+    if raw is None:
+        return SparePolicy()
+    raw = c.mapping(raw, "spares", {"vos", "images", "max_age", "interval"})
+    counts: dict[str, int] = {}
+    by_vo = {rule.name: rule.image for rule in vos}
+    for section in ("vos", "images"):
+        entries = c.mapping(raw.get(section) or {}, f"spares.{section}", set(by_vo)
+                            if section == "vos" else {str(k) for k in raw.get(section) or {}})
+        for name, count in entries.items():
+            key = f"spares.{section}.{name}"
+            count = c.typed(count, key, int, "a number of spares >= 0", lambda v: v >= 0)
+            image = by_vo[name] if section == "vos" else c.typed(
+                name, key, str, "an image name", valid_name)
+            counts[image] = counts.get(image, 0) + count
+    if sum(counts.values()) > slots:
+        raise c.fail("spares", f"at most as many spares as VM slots ({slots}): spares count "
+                     "against the node's slots", sum(counts.values()))
+    positive = lambda v: v > 0  # noqa: E731
+    return SparePolicy(
+        counts=tuple(sorted((i, n) for i, n in counts.items() if n)),
+        max_age=c.typed(raw.get("max_age", 86400), "spares.max_age", float, "seconds > 0",
+                        positive),
+        interval=c.typed(raw.get("interval", 5), "spares.interval", float, "seconds > 0",
+                         positive))
+
+
 def parse_config(data: Any, path: str) -> Config:
     """Validate the parsed YAML document `data` (from file `path`) and build a Config."""
     c = _Checker(path)
@@ -361,6 +401,7 @@ def parse_config(data: Any, path: str) -> Config:
             raise c.fail("yaim_groups_conf", "a readable YAIM groups.conf",
                          f"{groups_conf} ({exc.strerror})") from None
     vos = _parse_vos(c, data.get("vos"), yaim_groups)
+    slots = _parse_slots(c, data.get("slots"), defaults)
     return Config(
         path=path,
         libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,
@@ -379,13 +420,14 @@ def parse_config(data: Any, path: str) -> Config:
                                  "seconds > 0", positive),
         max_boot_attempts=c.typed(data.get("max_boot_attempts", 3), "max_boot_attempts", int,
                                   "an integer >= 1", lambda v: v >= 1),
-        slots=_parse_slots(c, data.get("slots"), defaults),
+        slots=slots,
         vos=vos,
         unmatched=unmatched,
         shared_paths=_parse_shared(c, data.get("shared_paths")),
         site_root_key=root_key,
         scratch_dir=c.typed(data.get("scratch_dir", "/tmp"), "scratch_dir", str,
                             "an absolute path in the guest", os.path.isabs),
+        spares=_parse_spares(c, data.get("spares"), vos, len(slots)),
     )
 
 

@@ -85,15 +85,35 @@ def _bridge_network(devices: etree._Element, net: BridgeNetwork) -> None:
     _sub(iface, "model", type="virtio")
 
 
+def lease_attributes(job_label: str, image: str, owner: str, slot: str,
+                     **extra: str) -> dict[str, str]:
+    """What a domain's metadata says about its lease: the one place these names are made."""
+    return {"job": job_label, "image": image, "owner": owner, "slot": slot, **extra}
+
+
+def lease_element(attributes: dict[str, str]) -> str:
+    """The lease element for libvirt's setMetadata (libvirt adds the namespace)."""
+    from lxml import etree
+
+    return etree.tostring(etree.Element("lease", attributes), encoding="unicode")
+
+
+def exported_tags(domain_xml: str) -> dict[str, str]:
+    """9p tag -> host directory of a running domain's <filesystem> exports."""
+    root = ElementTree.fromstring(domain_xml)
+    return {fs.find("target").get("dir", ""): fs.find("source").get("dir", "")
+            for fs in root.iter("filesystem")
+            if fs.find("target") is not None and fs.find("source") is not None}
+
+
 def build_domain_xml(spec: DomainSpec) -> str:
     from lxml import etree
 
     root = etree.Element("domain", {"type": spec.domain_type}, nsmap={"qemu": QEMU_NS})
     _sub(root, "name", spec.slot.domain_name)
     metadata = _sub(root, "metadata")
-    etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", nsmap={"vmim": VMIM_NS},
-                     job=spec.job_label, image=spec.image, owner=spec.owner,
-                     slot=spec.slot.name)
+    etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", lease_attributes(
+        spec.job_label, spec.image, spec.owner, spec.slot.name), nsmap={"vmim": VMIM_NS})
     _sub(root, "memory", str(spec.slot.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.slot.vcpus))
 

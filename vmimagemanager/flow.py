@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -109,8 +110,11 @@ def _start(cfg: Config, job: Job, interactive: bool,
     life = make_life(cfg)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
                          image=rule.image, vo=rule.name)
+    bind = None
+    if cfg.spares.counts:  # this node keeps warm spares: try to bind one first
+        from .spares import bind_spare as bind
     try:
-        lease, _ = life.start_vm(request)
+        lease, _ = life.start_vm(request, bind=bind)
     except (RetryLater, ImageError, ConfigError, LeaseDbBroken, KeyboardInterrupt):
         raise
     except VmimError as exc:  # the VM did not come up (BootError, a stale domain): counted
@@ -122,6 +126,29 @@ def _start(cfg: Config, job: Job, interactive: bool,
                               f"{cfg.max_boot_attempts}, VO {rule.name}, image {rule.image}): "
                               f"{exc}")
     life.leases.forget_boot_failures(job.job_id, job.task_id)
-    log.info("job %s: VM ready in slot %s (VO %s, image %s)", job.label, lease.slot, rule.name,
-             rule.image)
+    how = f"on spare {life.bound_spare}" if life.bound_spare else "booted"
+    log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
+             rule.name, rule.image, how)
+    record_start(cfg, job, lease.slot, rule.image, life)
     return Decision(Outcome.READY)
+
+
+def record_start(cfg: Config, job: Job, slot: str, image: str, life: LifeCycle) -> None:
+    """One JSON line per started VM job in state_dir/starts.jsonl (root-only): how long the hook
+    took from its process start (interpreter included), and whether a warm spare served it."""
+    import json
+    import time
+
+    from .files import append_line
+    from .leases import process_start
+
+    try:
+        with open("/proc/uptime", encoding="ascii") as fh:
+            since_boot = float(fh.read().split()[0])
+        hook_seconds = since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
+        append_line(cfg.state_dir / "starts.jsonl", json.dumps({
+            "time": time.time(), "job": job.label, "owner": job.owner, "slot": slot,
+            "image": image, "spare": life.bound_spare, "hook_seconds": round(hook_seconds, 3),
+            "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}}))
+    except OSError as exc:  # a record never stands in the way of the job
+        log.warning("job %s: start not recorded: %s", job.label, exc)

@@ -78,6 +78,14 @@ class Hypervisor(abc.ABC):
     def domain_xml(self, name: str) -> str | None:
         """The running domain's XML, None if it is not running."""
 
+    @abc.abstractmethod
+    def set_lease_metadata(self, name: str, element: str) -> None:
+        """Replace the running domain's vmimagemanager lease element (a warm spare's binding)."""
+
+    @abc.abstractmethod
+    def process_id(self, name: str) -> int:
+        """The pid of the process that runs the domain (QEMU), to enter its mount namespace."""
+
 
 class LibvirtHypervisor(Hypervisor):
     """Connects on first use: an epilog with no VM to end never waits for libvirtd."""
@@ -205,16 +213,36 @@ class LibvirtHypervisor(Hypervisor):
                  "user_seconds": cpu.get("user_time", 0) / 1e9,
                  "system_seconds": cpu.get("system_time", 0) / 1e9,
                  "rss_kib": float(memory.get("rss", 0))}
-        try:  # the QEMU process's peak (qemu:///system keeps its pid here)
-            with open(f"/run/libvirt/qemu/{name}.pid", encoding="ascii") as fh:
-                pid = int(fh.read().strip())
-            with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        try:  # the QEMU process's peak
+            with open(f"/proc/{self.process_id(name)}/status", encoding="ascii") as fh:
                 for line in fh:
                     if line.startswith("VmHWM:"):
                         usage["peak_rss_kib"] = float(line.split()[1])
-        except (OSError, ValueError):
+        except (OSError, ValueError, BootError):
             pass
         return usage
+
+    def set_lease_metadata(self, name: str, element: str) -> None:
+        from .domain_xml import VMIM_NS
+
+        dom = self._lookup(name)
+        if dom is None:
+            raise BootError(f"domain {name} is not running")
+        lv = self._libvirt
+        try:
+            dom.setMetadata(lv.VIR_DOMAIN_METADATA_ELEMENT, element, "vmim", VMIM_NS,
+                            lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise self._unavailable(exc) or BootError(
+                f"libvirt refused to update domain {name}: {exc.get_error_message()}") from None
+
+    def process_id(self, name: str) -> int:
+        """qemu:///system keeps each running domain's QEMU pid in /run/libvirt/qemu/NAME.pid."""
+        try:
+            with open(f"/run/libvirt/qemu/{name}.pid", encoding="ascii") as fh:
+                return int(fh.read().strip())
+        except (OSError, ValueError) as exc:
+            raise BootError(f"no QEMU pid for domain {name} ({exc})") from None
 
     def domain_xml(self, name: str) -> str | None:
         """The running domain's XML; None if it is not running (any more)."""

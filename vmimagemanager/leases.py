@@ -23,6 +23,10 @@ from .states import LeaseState, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
 
+# The job id of a warm spare's lease (a spare's task id is a fresh random name): batch job ids
+# are digits (batch/base.py), so no job can ever be mistaken for a spare or the other way round.
+SPARE_JOB_ID = "vmim-spare"
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
     slot TEXT PRIMARY KEY,
@@ -65,6 +69,11 @@ class Lease:
     @property
     def job_label(self) -> str:
         return f"{self.job_id}.{self.task_id}"
+
+    @property
+    def is_spare(self) -> bool:
+        """A VM booted ahead of any job (the agent's), not yet bound to one."""
+        return self.job_id == SPARE_JOB_ID
 
     def holder_alive(self) -> bool:
         """Is the process that made the last transition still there (the same process: a pid
@@ -203,6 +212,61 @@ class LeaseStore:
                            (target.value, pid, process_start(pid) or 0, time.time(), slot))
         log.info("job %s slot %s: %s -> %s", lease.job_label, slot, lease.state, target)
         return lease
+
+    @_guarded
+    def claim_spare(self, image: str, job_id: str, task_id: str, owner: str, vo: str
+                    ) -> tuple[Lease, Lease] | None:
+        """Give the job the oldest idle spare of `image`: (the spare's lease as it was, the
+        job's lease, now `binding`). None if there is none, or if the job holds a lease already.
+
+        One write transaction: two prologs never get the same spare, and the agent (which only
+        touches `spare` leases it re-reads inside its own transaction) never replaces it.
+        """
+        holder = os.getpid()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM leases WHERE job_id=? AND task_id=?",
+                          (job_id, task_id)).fetchone() is not None:
+                return None
+            row = db.execute("SELECT * FROM leases WHERE job_id=? AND image=? AND state=? "
+                             "ORDER BY created LIMIT 1",
+                             (SPARE_JOB_ID, image, LeaseState.SPARE.value)).fetchone()
+            if row is None:
+                return None
+            spare = self._lease(row)
+            check_transition(spare.state, LeaseState.BINDING, f"spare {spare.job_label}")
+            db.execute("UPDATE leases SET job_id=?, task_id=?, owner=?, vo=?, state=?, pid=?, "
+                       "pid_start=?, updated=? WHERE slot=?",
+                       (job_id, task_id, owner, vo, LeaseState.BINDING.value, holder,
+                        process_start(holder) or 0, time.time(), spare.slot))
+            row = db.execute("SELECT * FROM leases WHERE slot=?", (spare.slot,)).fetchone()
+        lease = self._lease(row)
+        log.info("job %s slot %s: spare %s -> binding (image %s, owner %s)", lease.job_label,
+                 lease.slot, spare.job_label, image, owner)
+        return spare, lease
+
+    @_guarded
+    def retire_spare(self, slot: str | None = None, not_image: str | None = None
+                     ) -> Lease | None:
+        """Move one idle spare to `tearing-down` so its slot can be used otherwise: the one in
+        `slot`, or else the oldest whose image is not `not_image`. None if there is none (it
+        was bound or retired in the meantime)."""
+        query = "SELECT * FROM leases WHERE job_id=? AND state=?"
+        params: list[str] = [SPARE_JOB_ID, LeaseState.SPARE.value]
+        if slot is not None:
+            query, params = query + " AND slot=?", params + [slot]
+        if not_image is not None:
+            query, params = query + " AND image<>?", params + [not_image]
+        with self._write() as db:
+            row = db.execute(query + " ORDER BY created LIMIT 1", params).fetchone()
+            if row is None:
+                return None
+            spare = self._lease(row)
+            pid = os.getpid()
+            db.execute("UPDATE leases SET state=?, pid=?, pid_start=?, updated=? WHERE slot=?",
+                       (LeaseState.TEARING_DOWN.value, pid, process_start(pid) or 0,
+                        time.time(), spare.slot))
+        log.info("spare %s slot %s: spare -> tearing-down", spare.job_label, spare.slot)
+        return spare
 
     @_guarded
     def get(self, slot: str) -> Lease | None:

@@ -14,9 +14,10 @@ import logging
 import os
 import pwd
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 
 from .config import DOMAIN_PREFIX, Config, Slot, UserNetwork, domain_name
@@ -34,7 +35,7 @@ from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimErr
 from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
-from .leases import Lease, LeaseStore
+from .leases import SPARE_JOB_ID, Lease, LeaseStore
 from .seed import SeedData, build_seed, generate_keypair
 from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
@@ -42,8 +43,11 @@ from .states import LeaseState
 log = logging.getLogger("vmimagemanager.lifecycle")
 
 ADMIN_KEY = "admin_ed25519"
-TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.TEARING_DOWN)
+TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.BINDING,
+             LeaseState.TEARING_DOWN)
 CONTEXT_GRACE = 3600.0  # seconds a lease-less (native/reject) job context is kept for its job
+# What a warm spare used before its job came: subtracted from the job's VM usage (accounting).
+IDLE_FIGURES = ("cpu_seconds", "user_seconds", "system_seconds")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,11 @@ class JobRequest:
     @property
     def label(self) -> str:
         return f"{self.job_id}.{self.task_id}"
+
+
+# (life cycle, request, uid, gid, shares) -> the bound lease and context, or None
+SpareBinder = Callable[["LifeCycle", JobRequest, int, int, tuple[GuestShare, ...]],
+                       "tuple[Lease, JobContext] | None"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,10 @@ def owner_ids(owner: str) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
+def is_spare_label(label: str) -> bool:
+    return label.startswith(f"{SPARE_JOB_ID}.")
+
+
 class PhaseTimer:
     """Wall time per life-cycle phase (benchmarks read it; logging it costs nothing)."""
 
@@ -134,11 +147,16 @@ class LifeCycle:
         self.leases = leases or LeaseStore(cfg.leases_db)
         self.images = ImageStore(cfg.image_dir)
         self.usage: dict[str, dict[str, float]] = {}  # job label -> what its VM used (end_vm)
+        self.bound_spare = ""  # the spare the last start_vm bound ('' when it booted a VM)
 
     # -- start ----------------------------------------------------------------------------------
     def start_vm(self, request: JobRequest, slots: list[str] | None = None,
-                 boot_timeout: float | None = None) -> tuple[Lease, JobContext]:
-        """Lease a slot and boot the request's image in it; returns when ssh answers."""
+                 boot_timeout: float | None = None, bind: SpareBinder | None = None
+                 ) -> tuple[Lease, JobContext]:
+        """Lease a slot and boot the request's image in it; returns when ssh answers.
+
+        `bind` (spares.bind_spare) is tried first: it gives the job an idle warm spare, or None
+        and the VM is booted here (the cold path)."""
         check_label(request.label)
         image = self.images.get(request.image)  # ImageError before any slot is taken
         self.images.check_unchanged(image)
@@ -146,6 +164,11 @@ class LifeCycle:
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
         names = slots or [s.name for s in self.cfg.slots]
+        self.bound_spare = ""
+        if bind is not None and slots is None:
+            bound = bind(self, request, uid, gid, shares)
+            if bound is not None:
+                return bound
         with self.phase("lease"):
             lease, created = self._allocate(names, request)
         if not created:
@@ -163,12 +186,7 @@ class LifeCycle:
             context = self._boot(slot, request, image, uid, gid, shares, boot_timeout)
         except BaseException as exc:
             log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
-            try:
-                self._fail(slot.name, request.label)
-                self.end_vm(slot.name, job_label=request.label)
-            except Exception as cleanup:  # noqa: BLE001 - the start error is the one to report
-                log.error("job %s slot %s: cleanup after the failed start is incomplete (%s); "
-                          "reconcile finishes it", request.label, slot.name, cleanup)
+            self.abandon(slot.name, request.label)
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                 raise NoSpace(f"no space left on the device of {exc.filename or 'a work file'} "
                               f"(overlay_dir {self.cfg.overlay_dir}, run_dir "
@@ -183,23 +201,40 @@ class LifeCycle:
         try:
             return self.leases.allocate(*args)
         except NoFreeSlot:
-            if not self.reclaim_stale():
+            if not self.reclaim_stale() and not self.retire_spare(not_image=request.image):
                 raise
         return self.leases.allocate(*args)
 
-    def _fail(self, slot: str, label: str) -> None:
-        current = self.leases.get(slot)
-        if current is not None and current.job_label == label and current.state in (
-                LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.RUNNING):
-            self.leases.transition(slot, LeaseState.FAILED, label)
+    def retire_spare(self, slot: str | None = None, not_image: str | None = None) -> str:
+        """Destroy one idle spare (the one in `slot`, else the oldest not of `not_image`) and
+        free its slot; returns the slot, or '' if there was none. A job never waits behind a
+        spare of another image: the cold path takes its slot."""
+        spare = self.leases.retire_spare(slot, not_image)
+        if spare is None:
+            return ""
+        self.end_vm(spare.slot, job_label=spare.job_label)
+        return spare.slot
+
+    def abandon(self, slot: str, label: str) -> None:
+        """After a failed start or bind: mark the lease failed and tear everything down. A
+        cleanup that cannot finish is logged (the start error is the one to report); reconcile
+        finishes it."""
+        try:
+            current = self.leases.get(slot)
+            if current is not None and current.job_label == label and current.state in (
+                    LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.RUNNING,
+                    LeaseState.SPARE, LeaseState.BINDING):
+                self.leases.transition(slot, LeaseState.FAILED, label)
+            self.end_vm(slot, job_label=label)
+        except Exception as cleanup:  # noqa: BLE001 - see above
+            log.error("job %s slot %s: cleanup after the failed start is incomplete (%s); "
+                      "reconcile finishes it", label, slot, cleanup)
 
     def _boot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
               shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
-        from .guest import Endpoint, wait_for_host_key, wait_for_ssh
+        """The cold path: boot a VM that already holds the job's key and shares."""
+        from .guest import Endpoint
 
-        files = lease_files(self.cfg, slot.name, request.label)
-        with self.phase("overlay"):
-            prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
         with self.phase("keys"):
             job_key = generate_keypair(f"vmim-job-{request.label}")
             _admin_path, admin_public = admin_key(self.cfg)
@@ -208,18 +243,35 @@ class LifeCycle:
             keys[request.owner] = [job_key.public_line]
         else:
             keys["root"].append(job_key.public_line)
+        host, port = slot.ssh_address
+        login = Endpoint(host=host, port=port, user=request.owner, key=job_key.private_openssh,
+                         host_key="")
+        host_key = self.launch(slot, request.label, image, request.owner, keys, shares, login,
+                               boot_timeout)
+        return self.write_job_context(slot, request, host_key, job_key.private_openssh, uid,
+                                      gid, shares)
+
+    def launch(self, slot: Slot, label: str, image, owner: str, keys: dict[str, list[str]],
+               shares: tuple[GuestShare, ...], login, boot_timeout: float | None) -> str:
+        """Overlay, seed, domain; returns the host key once `login` (an Endpoint without its
+        host key) gets in. The lease is `preparing`; it is `booting` when this returns."""
+        from dataclasses import replace
+
+        from .guest import wait_for_host_key, wait_for_ssh
+
+        files = lease_files(self.cfg, slot.name, label)
+        with self.phase("overlay"):
+            prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
         with self.phase("seed"):
-            build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{request.label}",
+            build_seed(files.seed, SeedData(instance_id=f"vmim-{slot.name}-{label}",
                                             hostname=slot.guest_hostname, authorized_keys=keys,
                                             mounts=seed_mounts(shares)))
-        host, port = slot.ssh_address
         files.console.unlink(missing_ok=True)
         spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
                           overlay=files.overlay, seed=files.seed, console_log=files.console,
-                          boot=image.boot_spec(self.cfg.image_dir), job_label=request.label,
-                          image=request.image, owner=request.owner,
-                          shares=shares)
-        self.leases.transition(slot.name, LeaseState.BOOTING, request.label)
+                          boot=image.boot_spec(self.cfg.image_dir), job_label=label,
+                          image=image.name, owner=owner, shares=shares)
+        self.leases.transition(slot.name, LeaseState.BOOTING, label)
         if self.hv.is_running(slot.domain_name):
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
@@ -229,17 +281,22 @@ class LifeCycle:
         running = lambda: self.hv.is_running(slot.domain_name)  # noqa: E731
         with self.phase("guest boot (to host key on console)"):
             host_key = wait_for_host_key(files.console, deadline, running)
-        endpoint = Endpoint(host=host, port=port, user=request.owner,
-                            key=job_key.private_openssh, host_key=host_key)
         with self.phase("wait for ssh"):
-            wait_for_ssh(endpoint, deadline, files.console, running).close()
-        # Written once the VM answers: the starter reads the pinned host key and the job's key.
+            wait_for_ssh(replace(login, host_key=host_key), deadline, files.console,
+                         running).close()
+        return host_key
+
+    def write_job_context(self, slot: Slot, request: JobRequest, host_key: str, private: bytes,
+                          uid: int, gid: int, shares: tuple[GuestShare, ...]) -> JobContext:
+        """Written once the VM answers: the starter reads the pinned host key and the job's
+        key from it."""
+        host, port = slot.ssh_address
         context = JobContext(
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image, host_key=host_key,
             shared_paths=tuple(s.path for s in shares),
             scratch_dir=self.cfg.scratch_dir)
-        write_context(self.cfg.run_dir, context, job_key.private_openssh, uid, gid)
+        write_context(self.cfg.run_dir, context, private, uid, gid)
         return context
 
     def _existing_context(self, lease: Lease) -> JobContext:
@@ -268,7 +325,7 @@ class LifeCycle:
                 problems.append(f"domain {domain_name(slot_name)} not destroyed: {exc}")
         with self.phase("cleanup"):
             files = lease_files(self.cfg, slot_name, label)
-            for path in (files.overlay, files.seed):
+            for path in (files.overlay, files.seed, *self._spare_files(slot_name, lease)):
                 try:
                     path.unlink(missing_ok=True)
                 except OSError as exc:
@@ -287,6 +344,13 @@ class LifeCycle:
             log.info("slot %s was released concurrently", slot_name)
         return True
 
+    def _spare_files(self, slot_name: str, lease: Lease) -> list[Path]:
+        """A bound spare's files under its spare name (a bind that died before renaming them):
+        the slot is this lease's, so they are its own."""
+        if lease.is_spare or not self.cfg.overlay_dir.is_dir():
+            return []
+        return sorted(self.cfg.overlay_dir.glob(f"{glob_escape(slot_name)}.{SPARE_JOB_ID}.*"))
+
     def end_job(self, job_id: str, task_id: str) -> bool:
         """Epilog: end the job's VM if it has one; cleanup already done is not an error."""
         label = check_label(f"{job_id}.{task_id}")
@@ -302,7 +366,7 @@ class LifeCycle:
         if xml is None:
             return
         meta = lease_metadata(xml)
-        if meta.get("job") not in (None, label):
+        if meta.get("job") not in (None, label) and not is_spare_label(meta.get("job", "")):
             log.warning("slot %s: domain %s belongs to job %s, not %s; leaving it to reconcile",
                         slot_name, name, meta.get("job"), label)
             return
@@ -322,6 +386,10 @@ class LifeCycle:
         VM used, beside what the batch system accounted (README, job path)."""
         if usage is None:
             return
+        if "cpu_seconds_at_bind" in meta:  # a warm spare: what it used idle is not the job's
+            idle = {k: float(meta.get(f"{k}_at_bind", 0)) for k in IDLE_FIGURES}
+            usage = {**usage, **{k: max(0.0, usage.get(k, 0.0) - v) for k, v in idle.items()},
+                     "spare_cpu_seconds": idle["cpu_seconds"]}
         self.usage[label] = usage
         record = {"time": time.time(), "job": label, "slot": slot_name,
                   "owner": meta.get("owner", ""), "image": meta.get("image", ""), **usage}
@@ -397,7 +465,10 @@ class LifeCycle:
         more = []
         for name, meta in domains.items():
             lease = live.get(name.removeprefix(DOMAIN_PREFIX))
-            if lease is None or meta.get("job") != lease.job_label:
+            # A job lease on a domain still labelled as a spare: bound while this ran (the
+            # metadata was read before the lease).
+            if lease is None or (meta.get("job") != lease.job_label and not (
+                    not lease.is_spare and is_spare_label(meta.get("job", "")))):
                 more.append(f"destroy domain {name}: no lease holds it")
                 if not dry_run:
                     self.hv.destroy(name)
@@ -405,6 +476,7 @@ class LifeCycle:
         for lease in leases.values():  # a released lease's files went with it (or will)
             f = lease_files(self.cfg, lease.slot, lease.job_label)
             live_files |= {f.overlay.name, f.seed.name}
+            live_files |= {p.name for p in self._spare_files(lease.slot, lease)}
         for path in files:
             if path.name not in live_files:
                 more.append(f"remove orphan file {path}")
@@ -439,7 +511,7 @@ class LifeCycle:
             return "a start failed and was not cleaned up"
         if lease.state in TRANSIENT and not lease.holder_alive():
             return f"the process (pid {lease.pid}) that was {lease.state} it died"
-        if lease.state is LeaseState.RUNNING and not self.hv.is_running(
+        if lease.state in (LeaseState.RUNNING, LeaseState.SPARE) and not self.hv.is_running(
                 domain_name(lease.slot)):
             return "its VM is not running"
         return ""
@@ -483,5 +555,8 @@ class LifeCycle:
                 "network": "user" if isinstance(slot.network, UserNetwork) else "bridge",
                 "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.updated))
                 if lease else "",
+                "spare": bool(lease and lease.is_spare) or bool(
+                    lease and lease.state is LeaseState.BINDING),
+                "age_s": round(time.time() - lease.created) if lease else "",
             })
         return rows

@@ -34,6 +34,8 @@ class GuestShare:
     tag: str  # 9p mount tag (hypervisor mode)
     accessmode: str = "passthrough"
     readonly: bool = False
+    scope: str = "tree"  # "owner": the job owner's home (a warm spare binds it late)
+    source: str = ""  # host directory exported, if not `path` itself (a warm spare's export)
 
 
 def share_tag(index: int, path: str) -> str:
@@ -78,13 +80,13 @@ def resolve_shares(shared: Iterable[SharedPath], owner: str) -> tuple[GuestShare
             raise ShareError(f"shared_paths[{index}]: the home directory {home} of {owner} does "
                              "not exist on this host; create it (as for a physical worker node)")
         result.append(GuestShare(os.path.normpath(home), item.mode, tag, item.accessmode,
-                                 item.readonly))
+                                 item.readonly, scope="owner"))
     return tuple(result)
 
 
 def hypervisor_source(share: GuestShare) -> str:
     """The host directory libvirt exports (symlinks resolved, so the export is what was checked)."""
-    return os.path.realpath(share.path)
+    return os.path.realpath(share.source or share.path)
 
 
 def seed_mounts(shares: Iterable[GuestShare]) -> list[list[str]]:

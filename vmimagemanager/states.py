@@ -2,7 +2,14 @@
 
     free -> preparing -> booting -> running -> tearing-down -> free
                |            |          |            ^
-               +------------+----------+--> failed -+
+               |            |          +--> failed -+   (every state but free may fail or be
+               |            v                  ^         torn down)
+               |          spare -> binding ----+
+               |                       |
+               |                       +--> running
+
+A warm spare (vmimagemanager agent) is booted ahead of any job: booting -> spare, and a prolog
+later binds it to its job (spare -> binding -> running) instead of booting one.
 
 "free" is not stored: a free slot is a slot without a lease row. Every transition is checked
 here and logged by the lease store with the job and slot, so an admin can follow one job's VM
@@ -22,6 +29,8 @@ class LeaseState(StrEnum):
     PREPARING = "preparing"  # slot taken; overlay, keys and seed being made
     BOOTING = "booting"  # domain started; waiting for ssh
     RUNNING = "running"  # ssh answered; the job may use the VM
+    SPARE = "spare"  # booted ahead of any job, holds only the admin key; waits for a job
+    BINDING = "binding"  # a job claimed the spare; its key and home are being put in
     TEARING_DOWN = "tearing-down"  # domain being destroyed, files removed
     FAILED = "failed"  # a step failed; cleanup still owed
 
@@ -33,7 +42,11 @@ ALLOWED: dict[LeaseState, frozenset[LeaseState]] = {
     LeaseState.FREE: frozenset({LeaseState.PREPARING}),
     LeaseState.PREPARING: frozenset({LeaseState.BOOTING, LeaseState.FAILED,
                                      LeaseState.TEARING_DOWN}),
-    LeaseState.BOOTING: frozenset({LeaseState.RUNNING, LeaseState.FAILED,
+    LeaseState.BOOTING: frozenset({LeaseState.RUNNING, LeaseState.SPARE, LeaseState.FAILED,
+                                   LeaseState.TEARING_DOWN}),
+    LeaseState.SPARE: frozenset({LeaseState.BINDING, LeaseState.FAILED,
+                                 LeaseState.TEARING_DOWN}),
+    LeaseState.BINDING: frozenset({LeaseState.RUNNING, LeaseState.FAILED,
                                    LeaseState.TEARING_DOWN}),
     LeaseState.RUNNING: frozenset({LeaseState.TEARING_DOWN, LeaseState.FAILED}),
     LeaseState.FAILED: frozenset({LeaseState.TEARING_DOWN}),

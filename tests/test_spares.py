@@ -1,0 +1,365 @@
+"""Warm spares on real parts: the agent boots them, jobs of the real cell start on them.
+
+The security invariants each have a test here: a spare holds no job key and no home before bind;
+a bound VM sees its owner's home and no other; every VM serves one job and is destroyed after it
+(a later job gets a freshly booted spare, never a used one); the starter pins the host key the
+spare printed at its boot. Plus the fallbacks: a broken spare or one of another image never
+fails a job, it only makes it boot cold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from sgecell import CLI, close_vm_cell, open_vm_cell, virsh, wait_done
+
+from vmimagemanager.config import ConfigError, load_config, parse_config
+from vmimagemanager.leases import SPARE_JOB_ID, LeaseStore
+from vmimagemanager.states import LeaseState
+
+QUEUE = "vmspare.q"
+SECRET = Path("/home/cms001/vmim-spare-secret")
+PROBE = "/tmp/vmim-test-spare-probe.sh"
+PROBE_SCRIPT = """#!/bin/sh
+# What a job sees of its VM: which boot it is, whether another job ran here, other homes.
+echo "boot $(cat /proc/sys/kernel/random/boot_id)"
+test -e /tmp/vmim-payload-marker && echo "marker found" || echo "marker absent"
+echo ran > /tmp/vmim-payload-marker
+cat /home/cms001/vmim-spare-secret 2>/dev/null && echo "secret visible" || echo "secret hidden"
+ls /run/vmim-spare/*/home 2>&1 | tr '\\n' ' '; echo
+echo "written by the job" > "$HOME/vmim-spare-from-job"
+sleep ${SLEEP:-0}
+echo done
+"""
+
+
+# -- configuration and lease store (no VM) -----------------------------------------------------
+def _config(tmp_path: Path, spares) -> dict:
+    return {"image_dir": str(tmp_path), "overlay_dir": str(tmp_path),
+            "state_dir": str(tmp_path), "run_dir": str(tmp_path),
+            "slots": [{"name": f"s{i}", "network": {"type": "user", "ssh_port": 40000 + i}}
+                      for i in range(3)],
+            "vos": {"atlas": {"image": "atlas-wn", "groups": ["atlas"]},
+                    "cms": {"image": "cms-wn", "groups": ["cms"]}},
+            "spares": spares}
+
+
+def test_spares_config_counts_by_image(tmp_path):
+    cfg = parse_config(_config(tmp_path, {"vos": {"atlas": 1}, "images": {"atlas-wn": 1,
+                                                                          "other": 0},
+                                          "max_age": 600}), "c.yaml")
+    assert cfg.spares.counts == (("atlas-wn", 2),)
+    assert cfg.spares.count("atlas-wn") == 2 and cfg.spares.count("cms-wn") == 0
+    assert cfg.spares.max_age == 600.0
+    assert parse_config(_config(tmp_path, None), "c.yaml").spares.counts == ()
+
+
+@pytest.mark.parametrize("spares, says", [
+    ({"vos": {"lhcb": 1}}, "spares.vos.lhcb: unknown key"),
+    ({"vos": {"atlas": 2}, "images": {"cms-wn": 2}}, "at most as many spares as VM slots (3)"),
+    ({"vos": {"atlas": -1}}, "a number of spares >= 0"),
+    ({"images": {"../x": 1}}, "an image name"),
+    ({"max_age": 0}, "seconds > 0"),
+])
+def test_spares_config_errors_say_what_to_fix(tmp_path, spares, says):
+    with pytest.raises(ConfigError, match="c.yaml: " + ".*" + says.replace("(", r"\(")
+                       .replace(")", r"\)")):
+        parse_config(_config(tmp_path, spares), "c.yaml")
+
+
+def _spare(store: LeaseStore, slot: str, image: str) -> None:
+    store.allocate([slot], SPARE_JOB_ID, f"x{slot}", "", image)
+    store.transition(slot, LeaseState.BOOTING)
+    store.transition(slot, LeaseState.SPARE)
+
+
+def test_a_spare_goes_to_exactly_one_of_racing_jobs(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    _spare(store, "s1", "atlas")
+    _spare(store, "s2", "cms")
+    results = []
+
+    def claim(job: str) -> None:
+        results.append(LeaseStore(tmp_path / "l.sqlite").claim_spare("atlas", job, "0",
+                                                                     "atlas001", "atlas"))
+
+    threads = [threading.Thread(target=claim, args=(str(100 + i),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if r is not None]
+    assert len(won) == 1
+    spare, lease = won[0]
+    assert spare.is_spare and spare.slot == "s1" and spare.state is LeaseState.SPARE
+    assert lease.state is LeaseState.BINDING and lease.owner == "atlas001" and not lease.is_spare
+    # the cms spare is not the atlas job's; a job that holds a lease claims nothing more
+    assert store.claim_spare("atlas", "200", "0", "atlas001", "atlas") is None
+    assert store.claim_spare("cms", lease.job_id, "0", "atlas001", "atlas") is None
+    # retiring takes only idle spares, and never one of the image the caller needs
+    assert store.retire_spare(not_image="cms") is None
+    assert store.retire_spare(slot="s1") is None  # bound: a job's now
+    assert store.retire_spare(not_image="atlas").slot == "s2"
+
+
+def test_spare_states_follow_the_table(tmp_path):
+    store = LeaseStore(tmp_path / "l.sqlite")
+    store.allocate(["s1"], SPARE_JOB_ID, "a", "", "atlas")
+    from vmimagemanager.errors import LeaseError
+
+    with pytest.raises(LeaseError, match="cannot go from preparing to spare"):
+        store.transition("s1", LeaseState.SPARE)
+    store.transition("s1", LeaseState.BOOTING)
+    store.transition("s1", LeaseState.SPARE)
+    with pytest.raises(LeaseError, match="cannot go from spare to running"):
+        store.transition("s1", LeaseState.RUNNING)  # only through binding
+
+
+# -- on real VMs and the real cell ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spares_cell(libvirt_system, guest_images):
+    Path(PROBE).write_text(PROBE_SCRIPT)
+    os.chmod(PROBE, 0o755)
+    SECRET.write_text("cms001's secret\n")
+    os.chmod(SECRET, 0o644)  # world-readable on the host: only the VM boundary hides it
+    os.chown(SECRET, pwd.getpwnam("cms001").pw_uid, pwd.getpwnam("cms001").pw_gid)
+    cell = open_vm_cell(QUEUE, "vmim-spare-", guest_images, slots=3, queue_slots=2,
+                        extra={"spares": {"vos": {"atlas": 1}}})
+    yield cell
+    close_vm_cell(cell)
+    SECRET.unlink(missing_ok=True)
+
+
+def agent_once(cell, config: Path | None = None) -> list[str]:
+    """One real agent round (the CLI, as cron would run it); its action lines."""
+    r = subprocess.run([CLI, "--config", str(config or cell.config_path), "agent", "--once"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stderr.splitlines() if "agent:" in line]
+
+
+def assert_only_spares(cell, idle: int) -> None:
+    """Nothing but `idle` idle spares (lease, domain, overlay and seed each) is left."""
+    leases = cell.all_leases()
+    assert [str(lease.state) for lease in leases] == ["spare"] * idle, leases
+    assert len(cell.domains()) == idle
+    files = [p.name for p in cell.cfg.overlay_dir.iterdir()]
+    assert len(files) == 2 * idle and all(SPARE_JOB_ID in f for f in files), files
+
+
+def spares(cell) -> list[dict]:
+    r = cell.cli("spares", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["spares"]
+
+
+def in_guest(cell, slot: str, command: str) -> str:
+    r = cell.cli("exec", slot, "--", "sh", "-c", command)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    return r.stdout
+
+
+def spare_facts(cell) -> dict:
+    """The one idle spare: its slot, boot id, domain UUID, the host key on its console."""
+    (row,) = [r for r in spares(cell) if r["state"] == "spare"]
+    slot = row["slot"]
+    console = (cell.cfg.state_dir / "console" / f"{slot}.log").read_text()
+    from vmimagemanager.guest import parse_console_host_keys
+
+    return {"slot": slot, "label": row["job"],
+            "boot": in_guest(cell, slot, "cat /proc/sys/kernel/random/boot_id").strip(),
+            "uuid": virsh("domuuid", f"vmim-{slot}").stdout.strip(),
+            "host_key": parse_console_host_keys(console)[0]}
+
+
+@pytest.mark.integration
+def test_the_agent_boots_a_spare_that_holds_no_job_key_and_no_home(spares_cell):
+    lines = agent_once(spares_cell)
+    assert any("ready in slot" in line for line in lines), lines
+    rows = spares(spares_cell)
+    assert [(r["state"], r["image"], r["vo"]) for r in rows] == [("spare", "atlas", "atlas")]
+    slot = rows[0]["slot"]
+    seen = in_guest(spares_cell, slot, "ls /etc/ssh/authorized_keys; echo ---; "
+                    "ls -A /run/vmim-spare/v0_home/home; echo ---; "
+                    "[ $(stat -c %d /home/atlas001) = $(stat -c %d /) ] && echo home-not-mounted;"
+                    "test -e /tmp/vmim-payload-marker && echo marker || echo no-marker")
+    keys, exported, rest = seen.split("---\n")
+    assert keys.split() == ["root"]  # the admin key only: no pool account can log in
+    assert exported.strip() == ""  # the slot's export is empty until a job binds it
+    assert rest.split() == ["home-not-mounted", "no-marker"]
+    # a second round changes nothing: the count is met, the spare stays
+    assert not any("ready in slot" in line or "retired" in line
+                   for line in agent_once(spares_cell))
+    assert [r["job"] for r in spares(spares_cell)] == [rows[0]["job"]]
+
+
+def _run_probe(cell, name: str, user: str = "atlas001", sleep: int = 0,
+               during=None) -> tuple[str, str]:
+    job = cell.submit(name, user, "-v", f"SLEEP={sleep}", PROBE)
+    if during is not None:
+        during(job)
+    wait_done(job)
+    return job, cell.output(name, user)[0]
+
+
+@pytest.mark.integration
+def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
+    cell = spares_cell
+    if not spares(cell):
+        agent_once(cell)
+    spare = spare_facts(cell)
+    seen = {}
+
+    def while_running(job: str) -> None:
+        lease = cell.wait_lease_state(job, "running", timeout=120)
+        seen["slot"] = lease.slot
+        ctx = json.loads((cell.cfg.run_dir / "jobs" / f"{job}.0" / "context.json").read_text())
+        seen["host_key"] = ctx["host_key"]
+        seen["uuid"] = virsh("domuuid", f"vmim-{lease.slot}").stdout.strip()
+        seen["keys"] = in_guest(cell, lease.slot, "ls /etc/ssh/authorized_keys").split()
+
+    job, out = _run_probe(cell, "spare1", sleep=4, during=while_running)
+    assert f"boot {spare['boot']}" in out, out  # it ran in the spare, not in a new VM
+    assert "marker absent" in out and "secret hidden" in out and "done" in out, out
+    assert "vmim-spare-secret" not in out, out  # not in the export either
+    assert seen["slot"] == spare["slot"] and seen["uuid"] == spare["uuid"]
+    assert seen["host_key"] == spare["host_key"]  # the starter pins the key of the spare's boot
+    assert sorted(seen["keys"]) == ["atlas001", "root"]
+    written = Path("/home/atlas001/vmim-spare-from-job")
+    assert written.read_text() == "written by the job\n"
+    assert (written.stat().st_uid, written.stat().st_gid) == (5001, 5000)
+    written.unlink()
+    # the VM is gone with its job; what it used idle is not the job's
+    cell.assert_clean(within=30)
+    assert spare["uuid"] not in virsh("list", "--uuid").stdout
+    usage = [json.loads(line) for line in
+             (cell.cfg.state_dir / "usage.jsonl").read_text().splitlines()]
+    (record,) = [u for u in usage if u["job"] == f"{job}.0"]
+    assert record["spare_cpu_seconds"] > 0 and record["owner"] == "atlas001"
+
+
+@pytest.mark.integration
+def test_every_job_gets_a_freshly_booted_vm(spares_cell):
+    cell = spares_cell
+    boots = []
+    for n in range(2):
+        agent_once(cell)
+        spare = spare_facts(cell)
+        _job, out = _run_probe(cell, f"fresh{n}")
+        assert f"boot {spare['boot']}" in out and "marker absent" in out, out
+        boots.append(spare["boot"])
+        cell.assert_clean(within=30)
+    assert boots[0] != boots[1]
+
+
+@pytest.mark.integration
+def test_a_job_of_another_image_takes_a_spares_slot_and_a_broken_spare_is_no_failure(
+        spares_cell):
+    from vmimagemanager.hypervisor import LibvirtHypervisor
+    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+    from vmimagemanager.spares import bind_spare, provision_spare
+
+    cell = spares_cell
+    life = LifeCycle(cell.cfg, LibvirtHypervisor(cell.cfg.libvirt_uri))
+    while len(spares(cell)) < len(cell.cfg.slots):  # every slot holds an idle atlas spare
+        provision_spare(life, "atlas", "atlas")
+    life.start_vm(JobRequest("7001", "0", "cms001", "cms", "cms"), bind=bind_spare)
+    assert "guest boot (to host key on console)" in life.phase.seconds  # booted cold
+    assert sum(1 for s in spares(cell) if s["state"] == "spare") == 2
+    # spares whose VMs died are no failure: the job boots cold instead
+    for row in spares(cell):
+        virsh("destroy", f"vmim-{row['slot']}")
+    life.phase.seconds.clear()
+    life.start_vm(JobRequest("7002", "0", "atlas001", "atlas", "atlas"), bind=bind_spare)
+    assert life.bound_spare == ""
+    assert "guest boot (to host key on console)" in life.phase.seconds
+    assert life.leases.find_job("7002", "0").state is LeaseState.RUNNING
+    for job in ("7001", "7002"):
+        life.end_job(job, "0")
+    # the agent's round reclaims the dead spare and boots the one configured
+    lines = agent_once(cell)
+    assert any("its VM is not running" in line for line in lines), lines
+    assert_only_spares(cell, idle=1)
+
+
+@pytest.mark.integration
+def test_outdated_spares_are_replaced_and_a_removed_image_takes_its_spares(spares_cell,
+                                                                            guest_images):
+    cell = spares_cell
+    if not spares(cell):
+        agent_once(cell)
+    old = spare_facts(cell)
+    time.sleep(1.5)
+    data = yaml.safe_load(cell.config_path.read_text())
+    data["spares"]["max_age"] = 1
+    aged = cell.base / "aged.yaml"
+    aged.write_text(yaml.safe_dump(data, sort_keys=False))
+    lines = agent_once(cell, aged)
+    assert any("older than spares.max_age" in line for line in lines), lines
+    new = spare_facts(cell)
+    assert new["label"] != old["label"] and new["boot"] != old["boot"]
+    assert old["uuid"] not in virsh("list", "--uuid").stdout
+    # removing the image retires its idle spare first
+    from conftest import import_test_images
+
+    r = cell.cli("images", "remove", "atlas")
+    assert r.returncode == 0 and f"retired spare {new['label']}" in r.stdout, r.stderr
+    assert spares(cell) == []
+    import_test_images(load_config(str(cell.config_path)), guest_images, names=("atlas",))
+    cell.assert_clean(within=30)
+    # an image changed on disk after its spare booted: the spare goes, no new one boots
+    agent_once(cell)
+    disk = cell.cfg.image_dir / "atlas.qcow2"
+    os.utime(disk, ns=(disk.stat().st_atime_ns, disk.stat().st_mtime_ns + 10**9))
+    lines = agent_once(cell)
+    assert any("its image cannot be used any more" in line and "changed after import" in line
+               for line in lines), lines
+    assert any("spare of atlas failed, next try in 30 s" in line for line in lines)
+    assert spares(cell) == []
+    cell.assert_clean(within=30)
+    assert cell.cli("images", "remove", "atlas").returncode == 0
+    import_test_images(load_config(str(cell.config_path)), guest_images, names=("atlas",))
+
+
+@pytest.mark.integration
+def test_the_running_agent_keeps_a_spare_ready_for_each_next_job(spares_cell):
+    """The long-running agent as the harness (and systemd) runs it: jobs from the cell bind its
+    spares one after the other, it boots a replacement after each, and TERM stops it cleanly."""
+    from conftest import HARNESS
+
+    cell = spares_cell
+    agent = ["bash", str(HARNESS / "agent.sh")]
+    started = subprocess.run([*agent, "start", str(cell.config_path)], capture_output=True,
+                             text=True, env={**os.environ,
+                                             "VMIM_VENV": str(Path(CLI).parent.parent)})
+    assert started.returncode == 0, started.stderr
+    try:
+        labels = []
+        for n in range(2):
+            deadline = time.monotonic() + 120
+            while not [r for r in spares(cell) if r["state"] == "spare"]:
+                assert time.monotonic() < deadline, "the agent booted no spare in 120 s"
+                time.sleep(0.5)
+            job, out = _run_probe(cell, f"agent{n}")
+            starts = [json.loads(line) for line in
+                      (cell.cfg.state_dir / "starts.jsonl").read_text().splitlines()]
+            (record,) = [r for r in starts if r["job"] == f"{job}.0"]
+            assert record["spare"].startswith(f"{SPARE_JOB_ID}.") and "done" in out, record
+            assert "guest boot (to host key on console)" not in record["phases"]
+            labels.append(record["spare"])
+        assert labels[0] != labels[1]
+    finally:
+        stopped = subprocess.run([*agent, "stop", str(cell.config_path)], capture_output=True,
+                                 text=True)
+    assert stopped.returncode == 0, stopped.stderr
+    retired = cell.cli("spares", "--retire")
+    assert retired.returncode == 0, retired.stderr
+    cell.assert_clean(within=30)

@@ -1,0 +1,182 @@
+"""`vmimagemanager agent`: the node's long-running helper (warm spares and self-healing).
+
+Each round: reconcile (the periodic self-healing), replace idle spares that are outdated (image
+re-imported, changed or removed, older than spares.max_age, more than configured), then boot
+spares into free slots until each image has its count. It only ever touches leases in the
+`spare` state (re-read inside the lease store's write transaction) and the ones it is booting
+itself, so a slot a job holds is never touched. Jobs never depend on it: without a spare the
+prolog boots a VM itself (the cold path).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import NoFreeSlot, RetryLater, VmimError
+from .leases import Lease
+from .lifecycle import LifeCycle
+from .states import LeaseState
+
+log = logging.getLogger("vmimagemanager.agent")
+
+BACKOFF_FIRST = 30.0  # seconds before an image whose spare failed to boot is tried again
+BACKOFF_MAX = 900.0
+
+
+@dataclass
+class Agent:
+    """`make_life` gives each boot its own life cycle (a lease-store and a libvirt connection of
+    its own): spares boot in parallel threads, up to `parallel` at once, while rounds go on."""
+
+    life: LifeCycle
+    make_life: Callable[[], LifeCycle]
+    parallel: int = field(default_factory=lambda: os.cpu_count() or 1)
+    backoff: dict[str, tuple[float, float]] = field(default_factory=dict)  # image: until, delay
+    booting: dict[Future, str] = field(default_factory=dict)  # boot -> image
+    pool: ThreadPoolExecutor | None = None
+
+    def round(self) -> list[str]:
+        """One round; returns what was done, one line each."""
+        actions = self._collect()
+        actions += self.life.reconcile()
+        actions += self._replace_outdated()
+        actions += self._fill()
+        return actions
+
+    def wait(self) -> list[str]:
+        """Let the boots under way finish (agent --once, shutdown)."""
+        for future in list(self.booting):
+            future.exception()
+        return self._collect()
+
+    def outdated(self, lease: Lease, idle_of_image: int, now: float) -> str:
+        """Why an idle spare must go ('' if it may stay). `idle_of_image` counts the idle
+        spares of its image older than it, so only the surplus ones are retired."""
+        spares = self.life.cfg.spares
+        try:
+            image = self.life.images.get(lease.image)
+            self.life.images.check_unchanged(image)
+        except VmimError as exc:
+            return f"its image cannot be used any more ({exc})"
+        if image.imported_at > lease.created:
+            return f"image {lease.image} was imported again after the spare booted"
+        if idle_of_image >= spares.count(lease.image):
+            return f"more idle spares of {lease.image} than configured"
+        if now - lease.created > spares.max_age:
+            return f"older than spares.max_age ({spares.max_age:.0f} s)"
+        return ""
+
+    def _replace_outdated(self) -> list[str]:
+        actions, seen, now = [], {}, time.time()
+        idle = [lease for lease in self.life.leases.all()
+                if lease.is_spare and lease.state is LeaseState.SPARE]
+        for lease in sorted(idle, key=lambda lease: lease.created):
+            reason = self.outdated(lease, seen.get(lease.image, 0), now)
+            if not reason:
+                seen[lease.image] = seen.get(lease.image, 0) + 1
+                continue
+            if self.life.retire_spare(slot=lease.slot):
+                actions.append(f"retired spare {lease.job_label} in slot {lease.slot}: {reason}")
+        return actions
+
+    def _fill(self) -> list[str]:
+        """Start boots so that each image has its count (idle + booting); never more boots at
+        once than `parallel`, nor than free slots (a spare never takes a job's slot)."""
+        leases = self.life.leases.all()
+        free = len(self.life.cfg.slots) - len(leases)
+        for image, wanted in self.life.cfg.spares.counts:
+            if time.monotonic() < self.backoff.get(image, (0.0, 0.0))[0]:
+                continue
+            idle = sum(1 for lease in leases if lease.is_spare and lease.image == image
+                       and lease.state is LeaseState.SPARE)
+            coming = idle + sum(1 for i in self.booting.values() if i == image)
+            while coming < wanted and free > 0 and len(self.booting) < self.parallel:
+                if self.pool is None:
+                    self.pool = ThreadPoolExecutor(self.parallel, "vmim-spare-boot")
+                self.booting[self.pool.submit(self._provision, image)] = image
+                coming, free = coming + 1, free - 1
+        return []
+
+    def _provision(self, image: str) -> Lease:
+        from .spares import provision_spare
+
+        vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
+        life = self.make_life()
+        try:
+            return provision_spare(life, image, vo)
+        finally:
+            life.leases.close()
+            close = getattr(life.hv, "close", None)
+            if close is not None:
+                close()
+
+    def _collect(self) -> list[str]:
+        actions = []
+        for future in [f for f in self.booting if f.done()]:
+            image = self.booting.pop(future)
+            exc = future.exception()
+            if exc is None:
+                self.backoff.pop(image, None)
+                lease = future.result()
+                actions.append(f"spare {lease.job_label} of {image} ready in slot {lease.slot}")
+            elif isinstance(exc, NoFreeSlot):
+                pass  # a job took the last slot first: jobs come first
+            else:
+                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(image, (0, 0))[1]),
+                            BACKOFF_MAX)
+                self.backoff[image] = (time.monotonic() + delay, delay)
+                actions.append(f"spare of {image} failed, next try in {delay:.0f} s: {exc}")
+        return actions
+
+
+def _interrupt(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
+        interval: float | None = None) -> int:
+    """The agent's main loop; one instance per node (a lock in the state directory)."""
+    lock_path = life.cfg.state_dir / "agent.lock"
+    lock = open(lock_path, "w")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise VmimError(f"another vmimagemanager agent runs on this node ({lock_path} is "
+                        "locked); stop it first") from None
+    signal.signal(signal.SIGTERM, _interrupt)
+    agent = Agent(life, make_life)
+    pause = interval or life.cfg.spares.interval
+    try:
+        while True:
+            try:
+                actions = agent.round()
+                if once:
+                    actions += agent.wait()
+                for action in actions:
+                    log.info("agent: %s", action)
+            except RetryLater as exc:  # libvirtd down, database busy: try again next round
+                log.warning("agent: round skipped: %s", exc)
+            except VmimError as exc:
+                log.error("agent: round failed: %s", exc)
+                if once:
+                    return 1
+            if once:
+                return 0
+            time.sleep(pause)
+    except KeyboardInterrupt:
+        # Boots under way are finished (a half-booted spare would only be reclaimed later).
+        for action in agent.wait():
+            log.info("agent: %s", action)
+        log.info("agent: stopped; idle spares stay for the next agent or job")
+        return 0
+    finally:
+        if agent.pool is not None:
+            agent.pool.shutdown(wait=True)
+        lock.close()

@@ -1,0 +1,251 @@
+"""Warm spares: a VM booted ahead of any job, later bound to one (docs/warm-spares.md).
+
+Provision (the agent): slot + image -> a booted, idle VM holding only the node's admin key. Its
+owner-scoped shares (the job owner's home, unknown yet) are exported as per-slot *empty*
+directories, mounted in the guest below SPARE_MOUNT_ROOT. Bind (the prolog): the job's fresh
+key goes into the image's AuthorizedKeysFile for the pool account, the owner's home is
+bind-mounted into the slot's export inside QEMU's own mount namespace (libvirt cannot hot-plug
+9p, and a host-side mount is not seen by the running QEMU), then onto the home path in the guest.
+So a spare sees no home at all, and a bound VM sees its owner's home and nothing else: the trust
+boundary of docs/shared-storage.md holds before and after bind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import Config, Slot
+from .errors import GuestError, VmimError
+from .leases import SPARE_JOB_ID, Lease
+from .lifecycle import IDLE_FIGURES, JobRequest, LifeCycle, admin_key, lease_files
+from .shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
+from .states import LeaseState
+
+if TYPE_CHECKING:
+    from .context import JobContext
+
+log = logging.getLogger("vmimagemanager.spares")
+
+SPARE_MOUNT_ROOT = "/run/vmim-spare"  # in the guest: where a spare mounts its empty exports
+HOME_SLOT = "home"  # the subdirectory of an export the owner's home is bound onto
+
+
+def export_dir(cfg: Config, slot: str, tag: str) -> Path:
+    """The host directory a spare in `slot` exports for share `tag` (root's, empty until bind)."""
+    return cfg.run_dir / "exports" / slot / tag
+
+
+def provision_shares(cfg: Config, slot: str) -> tuple[GuestShare, ...]:
+    """A spare's shares: tree shares as for any job, owner shares as the slot's empty exports."""
+    shares = list(resolve_shares(cfg.shared_paths, "root"))  # root: tree shares only
+    for index, item in enumerate(cfg.shared_paths):
+        if item.mode != "hypervisor" or item.scope != "owner":
+            continue
+        tag = share_tag(index, item.path)
+        root = export_dir(cfg, slot, tag)
+        (root / HOME_SLOT).mkdir(parents=True, exist_ok=True)
+        for path in (root.parent.parent, root.parent, root, root / HOME_SLOT):
+            os.chmod(path, 0o755)
+        if any((root / HOME_SLOT).iterdir()):
+            raise VmimError(f"{root / HOME_SLOT} is not empty; a spare's export must be: "
+                            "remove what is in it")
+        shares.append(GuestShare(path=f"{SPARE_MOUNT_ROOT}/{tag}", mode="hypervisor", tag=tag,
+                                 accessmode=item.accessmode, readonly=item.readonly,
+                                 source=str(root)))
+    return tuple(shares)
+
+
+def owner_binds(cfg: Config, slot: str, owner_shares: tuple[GuestShare, ...],
+                exported: dict[str, str]) -> list[tuple[str, str, GuestShare]]:
+    """(host export, guest staging path, the job's share) for each owner share of the job.
+
+    `exported` is the running domain's 9p tag -> source directory: a spare made under another
+    configuration (a share added since) cannot serve the job, and the prolog boots one instead.
+    """
+    binds = []
+    for share in owner_shares:
+        if share.mode != "hypervisor" or share.scope != "owner":
+            continue
+        root = export_dir(cfg, slot, share.tag)
+        if exported.get(share.tag) != str(root):
+            raise VmimError(f"the spare in slot {slot} does not export {share.tag} from {root} "
+                            "(made under another configuration)")
+        binds.append((str(root), f"{SPARE_MOUNT_ROOT}/{share.tag}", share))
+    return binds
+
+
+def attach_home(qemu_pid: int, home: GuestShare, export: str) -> None:
+    """Bind the owner's home onto the export's HOME_SLOT inside QEMU's mount namespace."""
+    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
+    target = f"{export}/{HOME_SLOT}"
+    commands = [[nsenter, "-t", str(qemu_pid), "-m", "--", "mount", "--bind",
+                 hypervisor_source(home), target]]
+    if home.readonly:
+        commands.append([nsenter, "-t", str(qemu_pid), "-m", "--", "mount", "-o",
+                         "remount,bind,ro", target])
+    for argv in commands:
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise VmimError(f"cannot bind {home.path} into the spare's export ({' '.join(argv)}:"
+                            f" {done.stderr.strip() or done.returncode})")
+
+
+def bind_script(user: str, home: str, public_key: str,
+                mounts: list[tuple[str, str, bool]]) -> str:
+    """The root shell script that binds a spare to its job inside the guest.
+
+    The job's key goes where the image's sshd reads it (`sshd -T` names AuthorizedKeysFile) and
+    never into the home (the user's real, shared home: the key would outlive the VM); each
+    staged share is bind-mounted onto its home path and checked to be a file system of its own.
+    """
+    q = shlex.quote
+    lines = [
+        "set -e",
+        f"user={q(user)}; home={q(home)}; key={q(public_key)}",
+        'grep -q "^$user:" /etc/passwd || { echo "vmim-bind: no account $user in this image"'
+        " >&2; exit 3; }",
+        "sshd=$(command -v sshd || echo /usr/sbin/sshd)",
+        'akf=$("$sshd" -T -C "user=$user,host=vmim,addr=127.0.0.1" 2>/dev/null |'
+        " awk 'tolower($1)==\"authorizedkeysfile\" {print $2; exit}')",
+        '[ -n "$akf" ] || { echo "vmim-bind: sshd -T names no AuthorizedKeysFile" >&2; exit 3; }',
+        'file=$(printf %s "$akf" | sed -e "s|%u|$user|g" -e "s|%h|$home|g" -e "s|%%|%|g")',
+        'case $file in /*) ;; *) file="$home/$file" ;; esac',
+        'case $file in "$home"/*) echo "vmim-bind: AuthorizedKeysFile $akf is in the home'
+        ' directory; the image must use /etc/ssh/authorized_keys/%u" >&2; exit 3 ;; esac',
+        'mkdir -p "${file%/*}"',
+        "umask 022",
+        'printf "%s\\n" "$key" > "$file.vmim"; chmod 644 "$file.vmim"; mv -f "$file.vmim" "$file"',
+        "rootdev=$(stat -c %d /)",
+    ]
+    for staging, target, readonly in mounts:
+        lines += [
+            f"mkdir -p {q(target)}",
+            f"mount --bind {q(staging + '/' + HOME_SLOT)} {q(target)}",
+        ]
+        if readonly:
+            lines.append(f"mount -o remount,bind,ro {q(target)}")
+        lines.append(f'[ "$(stat -c %d {q(target)})" != "$rootdev" ] || {{ echo "vmim-bind: '
+                     f'{target} is not mounted" >&2; exit 3; }}')
+    return "\n".join(lines) + "\n"
+
+
+def run_bind(session, script: str) -> None:
+    try:
+        session.check_call("sh -s", stdin=script.encode())
+    except GuestError as exc:
+        raise VmimError(f"binding the spare failed: {exc}") from None
+
+
+# -- provision and bind ---------------------------------------------------------------------------
+def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
+    """Boot a spare of `image_name` in a free slot; returns its lease (`spare`). NoFreeSlot if
+    every slot is taken: a spare never takes a slot from a job."""
+    from .guest import Endpoint
+
+    cfg = life.cfg
+    image = life.images.get(image_name)
+    life.images.check_unchanged(image)
+    life.hv.connect()
+    lease, _ = life.leases.allocate([s.name for s in cfg.slots], SPARE_JOB_ID,
+                                    secrets.token_hex(6), "", image_name, vo)
+    slot = cfg.slot(lease.slot)
+    try:
+        shares = provision_shares(cfg, slot.name)
+        admin_path, admin_public = admin_key(cfg)
+        host, port = slot.ssh_address
+        login = Endpoint(host=host, port=port, user="root", key=admin_path, host_key="")
+        life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
+                    None)
+    except BaseException as exc:
+        log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
+        life.abandon(slot.name, lease.job_label)
+        raise
+    return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
+
+
+def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
+               shares: tuple[GuestShare, ...]) -> tuple[Lease, JobContext] | None:
+    """Give the job an idle spare of its image: None if there is none, or if binding failed
+    (the spare is destroyed, the caller boots a VM for the job: slower, never failing)."""
+    with life.phase("lease"):
+        claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
+                                          request.owner, request.vo)
+    if claimed is None:
+        return None
+    spare, lease = claimed
+    slot = life.cfg.slot(lease.slot)
+    try:
+        with life.phase("bind"):
+            context = _bind(life, slot, spare, request, uid, gid, shares)
+    except Exception as exc:  # noqa: BLE001 - the cold path follows; the reason is logged
+        log.warning("job %s slot %s: binding spare %s failed (%s); booting a VM for the job "
+                    "instead", request.label, slot.name, spare.job_label, exc)
+        life.abandon(slot.name, request.label)
+        return None
+    except BaseException:
+        life.abandon(slot.name, request.label)
+        raise
+    log.info("job %s: bound spare %s in slot %s", request.label, spare.job_label, slot.name)
+    life.bound_spare = spare.job_label
+    return life.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
+
+
+def spare_host_key(console: Path) -> str:
+    """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
+    from .guest import parse_console_host_keys
+
+    try:
+        keys = parse_console_host_keys(console.read_text("utf-8", "replace"))
+    except OSError:
+        keys = []
+    ed25519 = [k for k in keys if k.startswith("ssh-ed25519 ")]
+    if not keys:
+        raise VmimError(f"no host key on the spare's console {console}")
+    return (ed25519 or keys)[0]
+
+
+def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
+          shares: tuple[GuestShare, ...]) -> JobContext:
+    from .domain_xml import exported_tags, lease_attributes, lease_element
+    from .guest import Endpoint, GuestSession, connect
+    from .seed import generate_keypair
+
+    cfg, name = life.cfg, slot.domain_name
+    old, new = lease_files(cfg, slot.name, spare.job_label), lease_files(cfg, slot.name,
+                                                                          request.label)
+    host_key = spare_host_key(old.console)
+    # The domain says which job it serves now, and what it used while idle (not the job's).
+    idle = life.hv.usage(name)
+    if idle is None:
+        raise VmimError(f"the spare's domain {name} is not running")
+    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
+        request.label, request.image, request.owner, slot.name,
+        spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
+    os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
+    os.replace(old.seed, new.seed)
+    xml = life.hv.domain_xml(name) or ""
+    binds = owner_binds(cfg, slot.name, shares, exported_tags(xml))
+    if binds:
+        pid = life.hv.process_id(name)
+        for export, _staging, share in binds:
+            attach_home(pid, share, export)
+    job_key = generate_keypair(f"vmim-job-{request.label}")
+    host, port = slot.ssh_address
+    session = GuestSession(connect(Endpoint(host, port, "root", admin_key(cfg)[0], host_key),
+                                   timeout=10))
+    try:
+        run_bind(session, bind_script(request.owner, owner_home(request.owner),
+                                      job_key.public_line,
+                                      [(staging, share.path, share.readonly)
+                                       for _export, staging, share in binds]))
+    finally:
+        session.close()
+    return life.write_job_context(slot, request, host_key, job_key.private_openssh, uid, gid,
+                                  shares)
