@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -215,6 +216,33 @@ def test_fresh_overlay_per_lease_and_nothing_left_behind(life, vm_setup):
     s.close()
     life.end_vm("t2")
     assert life.reconcile(dry_run=True) == [] or all("t1" in a for a in [])
+
+
+def test_the_epilog_leaves_the_destroy_to_a_detached_process_and_the_slot_waits(life,
+                                                                                 vm_setup):
+    """flow.end_job (the epilog) records the VM's usage and returns; a process of its own, out
+    of the job's session and groups, destroys the VM and frees the slot. A job that wants the
+    slot meanwhile waits for it instead of being handed a slot whose VM still runs."""
+    from vmimagemanager.flow import end_job
+
+    cfg = vm_setup[1]
+    life.start_vm(JobRequest("9111", "0", "atlas001", "atlas", "atlas"), slots=["t2"])
+    assert end_job(life, "9111", "0")
+    assert "9111.0" in life.usage  # measured before the VM went
+    lease = life.leases.get("t2")
+    if lease is not None:  # the detached teardown is still at work (it usually is)
+        assert str(lease.state) == "tearing-down" and lease.pid != os.getpid()
+        holder = lease.pid
+        status = Path(f"/proc/{holder}/status").read_text().splitlines()
+        assert [line.split()[1:] for line in status if line.startswith("Groups:")] == [[]]
+        assert os.getsid(holder) == holder  # a session of its own
+    life.start_vm(JobRequest("9112", "0", "atlas001", "atlas", "atlas"), slots=["t2"])
+    assert life.leases.get("t2").job_label == "9112.0"
+    life.end_vm("t2")
+    records = [json.loads(line)["job"] for line in
+               (cfg.state_dir / "usage.jsonl").read_text().splitlines()]
+    assert records.count("9111.0") == 1  # recorded once, by the epilog, not again by the child
+    assert not list(cfg.overlay_dir.glob("t2.*"))
 
 
 def test_guest_without_sshd_times_out_clearly_and_is_cleaned_up(life, vm_setup):

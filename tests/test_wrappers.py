@@ -3,8 +3,10 @@ queue instance into E (prolog: 0, 99, 100; epilog: 0). Run with the real /bin/sh
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,30 +18,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def wrapper(tmp_path: Path, hook: str, body: str | None) -> Path:
+    """The generated wrapper around a stand-in hook: a Python console script running `body`."""
     target = tmp_path / f"vmim-sge-{hook}"
     if body is not None:
-        target.write_text("#!/bin/sh\n" + body)
+        target.write_text(f"#!{sys.executable}\nimport os, signal, sys, time\n{body}")
         target.chmod(0o755)
     path = tmp_path / hook
-    path.write_text(wrapper_script(hook, str(target), str(tmp_path / "my config.yaml")))
+    path.write_text(wrapper_script(hook, str(target), str(tmp_path / "my config.yaml"),
+                                   sys.executable))
     path.chmod(0o755)
     return path
 
 
-def run(path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30)
+def run(path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(path), *args], capture_output=True, text=True, timeout=30,
+                          env=env)
 
 
 @pytest.mark.parametrize("code", [0, 99, 100])
 def test_prolog_codes_sge_handles_pass_through(tmp_path, code):
-    r = run(wrapper(tmp_path, "prolog", f"exit {code}\n"), "7", "0", "atlas001")
+    r = run(wrapper(tmp_path, "prolog", f"sys.exit({code})\n"), "7", "0", "atlas001")
     assert r.returncode == code and r.stderr == ""
 
 
 @pytest.mark.parametrize(("body", "why"), [
-    ("exit 1\n", "exit status 1"),
-    ("kill -KILL $$\n", "killed by signal 9"),  # what the OOM killer does
-    ("kill -SEGV $$\n", "killed by signal 11"),
+    ("sys.exit(1)\n", "exit status 1"),
+    ("os.kill(os.getpid(), signal.SIGKILL)\n", "killed by signal 9"),  # the OOM killer's way
+    ("os.kill(os.getpid(), signal.SIGSEGV)\n", "killed by signal 11"),
 ])
 def test_a_prolog_that_crashes_or_is_killed_reschedules_the_job(tmp_path, body, why):
     r = run(wrapper(tmp_path, "prolog", body), "7", "0", "atlas001")
@@ -55,7 +60,8 @@ def test_a_missing_hook_reschedules_the_job(tmp_path):
 
 def test_the_hook_gets_the_config_and_arguments_unchanged(tmp_path):
     out = tmp_path / "argv"
-    r = run(wrapper(tmp_path, "prolog", f'printf "<%s>" "$@" > "{out}"\n'), "7", "it's a b")
+    r = run(wrapper(tmp_path, "prolog", f"open({str(out)!r}, 'w').write(''.join("
+                                        "f'<{a}>' for a in sys.argv[1:]))\n"), "7", "it's a b")
     assert r.returncode == 0
     assert out.read_text() == f"<--config><{tmp_path}/my config.yaml><7><it's a b>"
 
@@ -63,7 +69,8 @@ def test_the_hook_gets_the_config_and_arguments_unchanged(tmp_path):
 def test_sigterm_to_the_wrapper_reaches_the_hook_and_maps_its_status(tmp_path):
     started = tmp_path / "started"
     path = wrapper(tmp_path, "prolog",
-                   f"trap 'exit 99' TERM\ntouch {started}\nwhile :; do sleep 0.1; done\n")
+                   "signal.signal(signal.SIGTERM, lambda *_: sys.exit(99))\n"
+                   f"open({str(started)!r}, 'w').close()\nwhile True: time.sleep(0.1)\n")
     proc = subprocess.Popen([str(path), "7"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     while not started.exists() and time.monotonic() < deadline:
@@ -74,7 +81,8 @@ def test_sigterm_to_the_wrapper_reaches_the_hook_and_maps_its_status(tmp_path):
 
 def test_an_epilog_killed_mid_teardown_runs_once_more_and_exits_0(tmp_path):
     runs = tmp_path / "runs"
-    body = f'echo run >> "{runs}"\n[ "$(wc -l < "{runs}")" -gt 1 ] || kill -KILL $$\n'
+    body = (f"open({str(runs)!r}, 'a').write('run\\n')\n"
+            f"if open({str(runs)!r}).read().count('run') < 2: os.kill(os.getpid(), 9)\n")
     r = run(wrapper(tmp_path, "epilog", body), "7", "0", "atlas001")
     assert r.returncode == 0
     assert runs.read_text() == "run\nrun\n"
@@ -82,13 +90,30 @@ def test_an_epilog_killed_mid_teardown_runs_once_more_and_exits_0(tmp_path):
 
 
 def test_an_epilog_that_keeps_failing_still_exits_0(tmp_path):
-    r = run(wrapper(tmp_path, "epilog", "exit 3\n"), "7")
+    r = run(wrapper(tmp_path, "epilog", "sys.exit(3)\n"), "7")
     assert r.returncode == 0
     assert run(wrapper(tmp_path / ".." / tmp_path.name, "epilog", None), "7").returncode == 0
+
+
+@pytest.mark.parametrize("hook", ["prolog", "epilog"])
+def test_a_jobs_pythonpath_never_runs_code_in_the_root_hooks(tmp_path, hook):
+    """SGE gives root's prolog and epilog the job's environment (`qsub -v` included): with a
+    plain interpreter a sitecustomize.py on the job's PYTHONPATH would run as root."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    seen = tmp_path / "flags"
+    r = run(wrapper(tmp_path, hook, f"open({str(seen)!r}, 'w').write(str(sys.flags.isolated))"
+                                    "\n"), "7", "0", "atlas001",
+            env={**os.environ, "PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil / "x.py")})
+    assert r.returncode == 0, r.stderr
+    assert seen.read_text() == "1" and not marker.exists()
 
 
 @pytest.mark.parametrize("hook", ["prolog", "starter", "epilog"])
 def test_the_shipped_sge_files_are_the_generated_wrappers(hook):
     expected = hook_script(hook, f"/opt/vmimagemanager/bin/vmim-sge-{hook}",
-                           "/etc/vmimagemanager/vmimagemanager.yaml")
+                           "/etc/vmimagemanager/vmimagemanager.yaml",
+                           "/opt/vmimagemanager/bin/python")
     assert (REPO / "sge" / hook).read_text() == expected

@@ -152,3 +152,33 @@ def record_start(cfg: Config, job: Job, slot: str, image: str, life: LifeCycle) 
             "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}}))
     except OSError as exc:  # a record never stands in the way of the job
         log.warning("job %s: start not recorded: %s", job.label, exc)
+
+
+def end_job(life: LifeCycle, job_id: str, task_id: str) -> bool:
+    """Epilog: record the job's VM usage and return; the VM is destroyed and its files removed
+    by a detached process (the slot stays tearing-down until then, and a starting job waits
+    for it). If that process cannot be started, the teardown happens here."""
+    return life.end_job(job_id, task_id, detach=lambda slot, label: _detach_teardown(
+        life.cfg, slot, label))
+
+
+def _detach_teardown(cfg: Config, slot: str, label: str) -> int:
+    """Start the process that destroys the VM and frees the slot; its pid (0: not started).
+
+    A fresh interpreter (vmimagemanager.teardown), in a session of its own and without the job's
+    supplementary groups (execd kills whatever carries the job's group id when the job ends),
+    with a clean environment (the epilog's is the job's). Popen returns once it runs.
+    """
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "vmimagemanager.teardown", cfg.path, slot, label],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, extra_groups=[], close_fds=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    except OSError as exc:
+        log.warning("job %s: no process for the teardown (%s); tearing down here", label, exc)
+        return 0
+    return proc.pid

@@ -269,6 +269,17 @@ class LeaseStore:
         return spare
 
     @_guarded
+    def hand_over(self, slot: str, job_label: str, pid: int) -> None:
+        """Name another process (a detached teardown) as the one working on the lease, so
+        reconcile leaves it alone while that process lives."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
+            if row is None or self._lease(row).job_label != job_label:
+                return
+            db.execute("UPDATE leases SET pid=?, pid_start=?, updated=? WHERE slot=?",
+                       (pid, process_start(pid) or 0, time.time(), slot))
+
+    @_guarded
     def get(self, slot: str) -> Lease | None:
         row = self._conn.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
         return self._lease(row) if row else None

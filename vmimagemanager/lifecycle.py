@@ -46,6 +46,7 @@ ADMIN_KEY = "admin_ed25519"
 TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.BINDING,
              LeaseState.TEARING_DOWN)
 CONTEXT_GRACE = 3600.0  # seconds a lease-less (native/reject) job context is kept for its job
+TEARDOWN_WAIT = 20.0  # seconds a starting job waits for a slot whose VM is being destroyed
 # What a warm spare used before its job came: subtracted from the job's VM usage (accounting).
 IDLE_FIGURES = ("cpu_seconds", "user_seconds", "system_seconds")
 
@@ -201,9 +202,25 @@ class LifeCycle:
         try:
             return self.leases.allocate(*args)
         except NoFreeSlot:
-            if not self.reclaim_stale() and not self.retire_spare(not_image=request.image):
+            if not (self.reclaim_stale() or self.retire_spare(not_image=request.image)
+                    or self._wait_for_teardown(names)):
                 raise
         return self.leases.allocate(*args)
+
+    def _wait_for_teardown(self, names: list[str]) -> bool:
+        """Wait (up to TEARDOWN_WAIT s) for a slot whose VM a live process is destroying: an
+        epilog hands the destroy to a process of its own and returns, and the batch system may
+        send the next job before that VM is gone. True once such a slot is free."""
+        deadline = time.monotonic() + TEARDOWN_WAIT
+        while time.monotonic() < deadline:
+            leases = {lease.slot: lease for lease in self.leases.all() if lease.slot in names}
+            if len(leases) < len(names):
+                return True
+            if not any(lease.state is LeaseState.TEARING_DOWN and lease.holder_alive()
+                       for lease in leases.values()):
+                return False
+            time.sleep(0.1)
+        return False
 
     def retire_spare(self, slot: str | None = None, not_image: str | None = None) -> str:
         """Destroy one idle spare (the one in `slot`, else the oldest not of `not_image`) and
@@ -303,8 +320,8 @@ class LifeCycle:
         return read_context(self.cfg.run_dir, lease.job_label)
 
     # -- end ------------------------------------------------------------------------------------
-    def end_vm(self, slot_name: str, graceful: bool = False, job_label: str | None = None
-               ) -> bool:
+    def end_vm(self, slot_name: str, graceful: bool = False, job_label: str | None = None,
+               account: bool = True) -> bool:
         """Destroy the slot's VM and remove everything its lease made; False if nothing to do.
 
         With `job_label`, only that job's lease is ended (the slot may belong to a newer job by
@@ -315,12 +332,12 @@ class LifeCycle:
         if lease is None or (job_label is not None and lease.job_label != job_label):
             return False
         label = lease.job_label
-        if lease.state is not LeaseState.TEARING_DOWN:
-            self.leases.transition(slot_name, LeaseState.TEARING_DOWN, label)
+        # tearing-down again too: the lease then names this process as the one working on it
+        self.leases.transition(slot_name, LeaseState.TEARING_DOWN, label)
         problems = []
         with self.phase("destroy"):
             try:
-                self._destroy_if_ours(slot_name, label, graceful)
+                self._destroy_if_ours(slot_name, label, graceful, account)
             except Exception as exc:  # noqa: BLE001 - reported below, the files still go
                 problems.append(f"domain {domain_name(slot_name)} not destroyed: {exc}")
         with self.phase("cleanup"):
@@ -351,29 +368,61 @@ class LifeCycle:
             return []
         return sorted(self.cfg.overlay_dir.glob(f"{glob_escape(slot_name)}.{SPARE_JOB_ID}.*"))
 
-    def end_job(self, job_id: str, task_id: str) -> bool:
-        """Epilog: end the job's VM if it has one; cleanup already done is not an error."""
+    def end_job(self, job_id: str, task_id: str,
+                detach: Callable[[str, str], int] | None = None) -> bool:
+        """Epilog: end the job's VM if it has one; cleanup already done is not an error.
+
+        With `detach(slot, label)` (flow.end_job), only what must happen before the hook
+        returns is done here: the lease goes tearing-down (the slot is not free until the VM is
+        gone) and the VM's usage is recorded; `detach` starts the destroy and cleanup in a
+        process of their own and returns its pid (the lease names it from then on), or 0 and
+        they are done here.
+        """
         label = check_label(f"{job_id}.{task_id}")
         lease = self.leases.find_job(job_id, task_id)
         removed = remove_context(self.cfg.run_dir, label)
         if lease is None:
             return removed
-        return self.end_vm(lease.slot, job_label=label)
+        if detach is None:
+            return self.end_vm(lease.slot, job_label=label)
+        self.leases.transition(lease.slot, LeaseState.TEARING_DOWN, label)
+        meta = self._our_domain(lease.slot, label)
+        if meta is not None:
+            self._account(lease.slot, label, meta)
+        pid = detach(lease.slot, label)
+        if pid:
+            self.leases.hand_over(lease.slot, label, pid)
+            return True
+        return self.end_vm(lease.slot, job_label=label, account=meta is None)
 
-    def _destroy_if_ours(self, slot_name: str, label: str, graceful: bool) -> None:
+    def _our_domain(self, slot_name: str, label: str) -> dict[str, str] | None:
+        """The lease metadata of the slot's running domain if it is this job's (or the spare it
+        was bound from); None if none runs or it is another's."""
         name = domain_name(slot_name)
         xml = self.hv.domain_xml(name)
         if xml is None:
-            return
+            return None
         meta = lease_metadata(xml)
         if meta.get("job") not in (None, label) and not is_spare_label(meta.get("job", "")):
             log.warning("slot %s: domain %s belongs to job %s, not %s; leaving it to reconcile",
                         slot_name, name, meta.get("job"), label)
-            return
+            return None
+        return meta
+
+    def _account(self, slot_name: str, label: str, meta: dict[str, str]) -> None:
         try:  # accounting never stands in the way of a teardown
-            self._record_usage(slot_name, label, meta, self.hv.usage(name))
+            self._record_usage(slot_name, label, meta, self.hv.usage(domain_name(slot_name)))
         except Exception as exc:  # noqa: BLE001 - logged; the VM goes regardless
             log.warning("job %s slot %s: VM usage not recorded: %s", label, slot_name, exc)
+
+    def _destroy_if_ours(self, slot_name: str, label: str, graceful: bool,
+                         account: bool = True) -> None:
+        name = domain_name(slot_name)
+        meta = self._our_domain(slot_name, label)
+        if meta is None:
+            return
+        if account:
+            self._account(slot_name, label, meta)
         if graceful:
             self._guest_poweroff(self.cfg.slot(slot_name), label)
             self.hv.shutdown(name, self.cfg.shutdown_timeout)

@@ -38,24 +38,33 @@ HOME_SLOT = "home"  # the subdirectory of an export the owner's home is bound on
 
 
 def export_dir(cfg: Config, slot: str, tag: str) -> Path:
-    """The host directory a spare in `slot` exports for share `tag` (root's, empty until bind)."""
-    return cfg.run_dir / "exports" / slot / tag
+    """The host directory a spare in `slot` exports for share `tag` (root's, empty until bind).
+
+    In the root-only state directory: root in a guest can write into its export through 9p (it
+    is the guest's `/run/vmim-spare/<tag>`), so it must not be on a RAM file system, and nothing
+    it leaves there may reach the next spare (provision_shares makes the slot's tree afresh)."""
+    return cfg.state_dir / "exports" / slot / tag
 
 
 def provision_shares(cfg: Config, slot: str) -> tuple[GuestShare, ...]:
-    """A spare's shares: tree shares as for any job, owner shares as the slot's empty exports."""
+    """A spare's shares: tree shares as for any job, owner shares as the slot's empty exports.
+
+    The slot's export tree is removed and made again: whatever an earlier VM's root wrote or
+    linked there (a symlink in place of `home`, say) is gone before the new VM starts. The slot's
+    lease is ours, so no running VM uses the tree."""
     shares = list(resolve_shares(cfg.shared_paths, "root"))  # root: tree shares only
+    slot_root = cfg.state_dir / "exports" / slot
+    if slot_root.exists() or slot_root.is_symlink():
+        shutil.rmtree(slot_root)
     for index, item in enumerate(cfg.shared_paths):
         if item.mode != "hypervisor" or item.scope != "owner":
             continue
         tag = share_tag(index, item.path)
         root = export_dir(cfg, slot, tag)
-        (root / HOME_SLOT).mkdir(parents=True, exist_ok=True)
-        for path in (root.parent.parent, root.parent, root, root / HOME_SLOT):
-            os.chmod(path, 0o755)
-        if any((root / HOME_SLOT).iterdir()):
-            raise VmimError(f"{root / HOME_SLOT} is not empty; a spare's export must be: "
-                            "remove what is in it")
+        root.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (root.parent, root, root / HOME_SLOT):
+            path.mkdir(mode=0o755, exist_ok=path == root.parent)
+            os.chmod(path, 0o755)  # made just now by us (mkdir's mode is masked by umask)
         shares.append(GuestShare(path=f"{SPARE_MOUNT_ROOT}/{tag}", mode="hypervisor", tag=tag,
                                  accessmode=item.accessmode, readonly=item.readonly,
                                  source=str(root)))

@@ -131,12 +131,14 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _hook_args("vmim-sge-epilog", argv)
         cfg = _load(args.config)
+        from ..flow import end_job
         from ..hypervisor import LibvirtHypervisor
         from ..lifecycle import LifeCycle
 
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
-        if life.end_job(args.job_id, args.task_id):
-            log.info("job %s.%s: VM and files released", args.job_id, args.task_id)
+        if end_job(life, args.job_id, args.task_id):
+            log.info("job %s.%s: VM usage recorded, its teardown under way", args.job_id,
+                     args.task_id)
             spool_dir = trusted_spool_dir(args.job_id, args.owner)
             usage = read_spool_file(spool_dir, "usage")
             vm = life.usage.get(f"{args.job_id}.{args.task_id}")

@@ -39,7 +39,8 @@ _ABNORMAL = {
     "prolog": ("0|99|100", 'say "the prolog hook failed ($why); the job is rescheduled"\n'
                            "exit 99"),
     "epilog": ("0", 'say "the epilog hook failed ($why); running it once more to finish the '
-                    'teardown"\n[ -x "$hook" ] && "$hook" --config "$config" "$@" </dev/null\n'
+                    'teardown"\n[ -x "$hook" ] && "$python" -I "$hook" --config "$config" "$@" '
+                    '</dev/null\n'
                     "exit 0"),
 }
 
@@ -47,13 +48,15 @@ WRAPPER = """#!/bin/sh
 # vmimagemanager SGE {hook}. Written by 'vmimagemanager sge install-queue'; do not edit.
 # Runs the Python hook as a child and maps however it ends (a crash, the OOM killer's SIGKILL, a
 # missing installation) to an exit code SGE handles per job, never to one that puts the queue
-# instance into E (any other code, or a signal, would).
+# instance into E (any other code, or a signal, would). The hook runs as root with the job's
+# environment: `python -I` ignores PYTHONPATH and every other PYTHON* variable a job may set.
 PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+python={python}
 hook={target}
 config={config}
 say() {{ echo "vmimagemanager {hook}: $*" >&2; logger -t vmim-sge-{hook} -- "$*" 2>/dev/null; }}
 if [ -x "$hook" ]; then
-  "$hook" --config "$config" "$@" </dev/null &
+  "$python" -I "$hook" --config "$config" "$@" </dev/null &
   child=$!
   trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
   while :; do
@@ -69,24 +72,38 @@ fi
 """
 
 
-def wrapper_script(hook: str, target: str, config: str) -> str:
+def wrapper_script(hook: str, target: str, config: str, python: str) -> str:
     """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER)."""
     allowed, abnormal = _ABNORMAL[hook]
     return WRAPPER.format(hook=hook, target=shlex.quote(target), config=shlex.quote(config),
-                          allowed=allowed, abnormal=abnormal)
+                          python=shlex.quote(python), allowed=allowed, abnormal=abnormal)
 
 
 STARTER = """#!/bin/sh
 # vmimagemanager SGE starter_method. Written by 'vmimagemanager sge install-queue'; do not edit.
-# exec: the job's exit status, signals and stdin are the starter's own.
-exec {target} --config {config} -- "$@"
+# exec: the job's exit status, signals and stdin are the starter's own. `python -I`: the job's
+# PYTHON* variables are for its payload, not for the starter.
+exec {python} -I {target} --config {config} -- "$@"
 """
 
 
-def hook_script(hook: str, target: str, config: str) -> str:
+def hook_interpreter(target: Path) -> str:
+    """The Python a console script runs with (its #! line): the wrappers call it with -I."""
+    try:
+        with open(target, "rb") as fh:
+            first = fh.readline().decode("utf-8", "replace").strip()
+    except OSError as exc:
+        raise VmimError(f"{target}: cannot read ({exc.strerror})") from None
+    if not first.startswith("#!/") or " " in first:
+        raise VmimError(f"{target}: not a Python console script (first line {first!r})")
+    return first[2:]
+
+
+def hook_script(hook: str, target: str, config: str, python: str) -> str:
     if hook == "starter":
-        return STARTER.format(target=shlex.quote(target), config=shlex.quote(config))
-    return wrapper_script(hook, target, config)
+        return STARTER.format(target=shlex.quote(target), config=shlex.quote(config),
+                              python=shlex.quote(python))
+    return wrapper_script(hook, target, config, python)
 
 
 def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path]:
@@ -97,7 +114,7 @@ def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path
         target = bindir / f"vmim-sge-{hook}"
         if not target.exists():
             raise VmimError(f"{target} not found: install vmimagemanager with pip first")
-        body = hook_script(hook, str(target), config)
+        body = hook_script(hook, str(target), config, hook_interpreter(target))
         path = directory / hook
         tmp = directory / f".{hook}.tmp"
         tmp.write_text(body)
