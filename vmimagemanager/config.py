@@ -353,15 +353,17 @@ def _parse_spares(c: _Checker, raw: Any, vos: tuple[VoRule, ...], slots: int) ->
     raw = c.mapping(raw, "spares", {"vos", "images", "max_age", "interval"})
     counts: dict[str, int] = {}
     by_vo = {rule.name: rule.image for rule in vos}
-    for section in ("vos", "images"):
-        entries = c.mapping(raw.get(section) or {}, f"spares.{section}", set(by_vo)
-                            if section == "vos" else {str(k) for k in raw.get(section) or {}})
-        for name, count in entries.items():
-            key = f"spares.{section}.{name}"
-            count = c.typed(count, key, int, "a number of spares >= 0", lambda v: v >= 0)
-            image = by_vo[name] if section == "vos" else c.typed(
-                name, key, str, "an image name", valid_name)
-            counts[image] = counts.get(image, 0) + count
+    per_vo = c.mapping(raw.get("vos") or {}, "spares.vos", set(by_vo))
+    per_image = raw.get("images") or {}
+    if not isinstance(per_image, dict):
+        raise c.fail("spares.images", "a mapping of image name to count", per_image)
+    wanted = [(f"spares.vos.{vo}", by_vo[vo], n) for vo, n in per_vo.items()]
+    wanted += [(f"spares.images.{name}", c.typed(name, f"spares.images.{name}", str,
+                                                 "an image name", valid_name), n)
+               for name, n in per_image.items()]
+    for key, image, count in wanted:
+        count = c.typed(count, key, int, "a number of spares >= 0", lambda v: v >= 0)
+        counts[image] = counts.get(image, 0) + count
     if sum(counts.values()) > slots:
         raise c.fail("spares", f"at most as many spares as VM slots ({slots}): spares count "
                      "against the node's slots", sum(counts.values()))

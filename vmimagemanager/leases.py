@@ -27,6 +27,11 @@ log = logging.getLogger("vmimagemanager.leases")
 # are digits (batch/base.py), so no job can ever be mistaken for a spare or the other way round.
 SPARE_JOB_ID = "vmim-spare"
 
+
+def is_spare_label(label: str) -> bool:
+    """A job label (`<job id>.<task id>`) that names a warm spare, not a batch job."""
+    return label.startswith(f"{SPARE_JOB_ID}.")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
     slot TEXT PRIMARY KEY,
@@ -73,7 +78,7 @@ class Lease:
     @property
     def is_spare(self) -> bool:
         """A VM booted ahead of any job (the agent's), not yet bound to one."""
-        return self.job_id == SPARE_JOB_ID
+        return is_spare_label(self.job_label)
 
     def holder_alive(self) -> bool:
         """Is the process that made the last transition still there (the same process: a pid

@@ -35,7 +35,7 @@ from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimErr
 from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
-from .leases import SPARE_JOB_ID, Lease, LeaseStore
+from .leases import SPARE_JOB_ID, Lease, LeaseStore, is_spare_label
 from .seed import SeedData, build_seed, generate_keypair
 from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
@@ -116,10 +116,6 @@ def owner_ids(owner: str) -> tuple[int, int]:
     except KeyError:
         raise VmimError(f"job owner {owner!r} is not a user on this host") from None
     return entry.pw_uid, entry.pw_gid
-
-
-def is_spare_label(label: str) -> bool:
-    return label.startswith(f"{SPARE_JOB_ID}.")
 
 
 class PhaseTimer:
