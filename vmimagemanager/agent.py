@@ -47,7 +47,7 @@ class Agent:
         actions = self._collect()
         actions += self.life.reconcile()
         actions += self._replace_outdated()
-        actions += self._fill()
+        self._fill()  # what it starts is reported by _collect once done
         return actions
 
     def wait(self) -> list[str]:
@@ -86,7 +86,7 @@ class Agent:
                 actions.append(f"retired spare {lease.job_label} in slot {lease.slot}: {reason}")
         return actions
 
-    def _fill(self) -> list[str]:
+    def _fill(self) -> None:
         """Start boots so that each image has its count (idle + booting); never more boots at
         once than `parallel`, nor than free slots (a spare never takes a job's slot)."""
         leases = self.life.leases.all()
@@ -102,7 +102,6 @@ class Agent:
                     self.pool = ThreadPoolExecutor(self.parallel, "vmim-spare-boot")
                 self.booting[self.pool.submit(self._provision, image)] = image
                 coming, free = coming + 1, free - 1
-        return []
 
     def _provision(self, image: str) -> Lease:
         from .spares import provision_spare
@@ -113,9 +112,7 @@ class Agent:
             return provision_spare(life, image, vo)
         finally:
             life.leases.close()
-            close = getattr(life.hv, "close", None)
-            if close is not None:
-                close()
+            life.hv.close()
 
     def _collect(self) -> list[str]:
         actions = []

@@ -53,6 +53,10 @@ class Hypervisor(abc.ABC):
         """Make sure the hypervisor answers (HypervisorUnavailable if not)."""
 
     @abc.abstractmethod
+    def close(self) -> None:
+        """Let go of the connection (a thread's own, say); the next call connects again."""
+
+    @abc.abstractmethod
     def start(self, domain_xml: str) -> None: ...
 
     @abc.abstractmethod
