@@ -114,16 +114,59 @@ def test_a_prolog_killed_during_boot_reschedules_the_job_which_then_runs(faults)
     faults.assert_clean()
 
 
+def _signal_libvirtd(sig: str) -> None:
+    subprocess.run(["pkill", f"-{sig}", "-x", "libvirtd"], check=True)
+
+
 def test_an_epilog_killed_during_teardown_is_finished_by_its_wrapper(faults):
-    job_id = faults.run_job("epilogkill")
-    lease = faults.wait_lease_state(job_id, "tearing-down")
-    cmdline = Path(f"/proc/{lease.pid}/cmdline").read_bytes()
-    assert b"vmim-sge-epilog" in cmdline, cmdline
-    os.kill(lease.pid, signal.SIGKILL)
+    # The epilog's own part of the teardown is short (it hands the destroy to a detached
+    # process); libvirtd hanging holds it there, after it marked the slot tearing-down.
+    job_id = faults.run_job("epilogkill", sleep=3)
+    faults.wait_started("epilogkill")
+    _signal_libvirtd("STOP")
+    try:
+        lease = faults.wait_lease_state(job_id, "tearing-down")
+        cmdline = Path(f"/proc/{lease.pid}/cmdline").read_bytes()
+        assert b"vmim-sge-epilog" in cmdline, cmdline
+        os.kill(lease.pid, signal.SIGKILL)
+    finally:
+        _signal_libvirtd("CONT")
     err = ran_to_the_end(faults, "epilogkill")
     assert ("the epilog hook failed (killed by signal 9); running it once more to finish the "
             "teardown") in err, err
     faults.assert_clean()
+
+
+def _teardown_pid(label: str, timeout: float = 120) -> int:
+    """The epilog's detached teardown process for job `label`, as soon as it exists (it needs
+    ~0.1 s to import before it touches the VM)."""
+    needle = b"vmimagemanager.teardown\0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if needle in cmdline and cmdline.endswith(f"\0{label}\0".encode()):
+                return int(proc.name)
+        time.sleep(0.005)
+    raise AssertionError(f"no teardown process for job {label}")
+
+
+def test_a_killed_teardown_process_is_finished_by_the_agents_next_round(faults):
+    job_id = faults.run_job("teardownkill", sleep=3)
+    faults.wait_started("teardownkill")
+    pid = _teardown_pid(f"{job_id}.0")
+    os.kill(pid, signal.SIGKILL)
+    ran_to_the_end(faults, "teardownkill")  # the epilog had returned: the job is not affected
+    lease = faults.lease(job_id)
+    assert lease is not None and str(lease.state) == "tearing-down", lease  # the slot waits
+    assert faults.domains(), "the VM went although its teardown was killed"
+    r = faults.cli("agent", "--once")
+    assert r.returncode == 0, r.stderr
+    assert f"job {job_id}.0" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    faults.assert_clean(within=5)
 
 
 def _starter_pid(job_id: str) -> int | None:
