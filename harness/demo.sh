@@ -27,6 +27,7 @@ bash "$here/harness/sge-cell.sh" up
 
 say "building the test worker-node images (cached)"
 images=$("$venv/bin/python" "$here/examples/guest/build_images.py")
+manifest() { "$venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$images/manifest.json" "$1"; }
 echo "images in $images"
 mkdir -p /etc/vmimagemanager
 install -m 0644 "$here/examples/demo/vmimagemanager.yaml" "$config"
@@ -42,8 +43,8 @@ if [ "$(cat "$source_mark" 2>/dev/null)" != "$images" ]; then
 fi
 for vo in atlas cms; do
   if ! vmim images list --json | grep -q "\"name\": \"$vo-wn\""; then
-    vmim images import "$vo-wn" "$images/$vo.qcow2" --kernel "$images/vmlinuz" \
-      --initrd "$images/initrd.img" --cmdline "console=ttyS0 quiet panic=-1"
+    vmim images import "$vo-wn" "$images/$vo.qcow2" --kernel "$images/$(manifest kernel)" \
+      --initrd "$images/$(manifest initrd)" --cmdline "$(manifest cmdline)"
   fi
 done
 echo "$images" > "$source_mark"

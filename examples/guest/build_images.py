@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import glob
 import grp
-import gzip
 import hashlib
 import json
+import lzma
 import os
 import pwd
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -235,6 +236,40 @@ def make_disk(root: Path, qcow2: Path) -> None:
     raw.unlink()
 
 
+def pvh_vmlinux(bzimage: bytes) -> bytes | None:
+    """The uncompressed kernel inside an XZ-compressed bzImage, if it is an ELF with a PVH entry.
+
+    QEMU starts such a `vmlinux` directly at its PVH entry point: no firmware real-mode set-up
+    and no decompression, which under TCG takes ~2.5 s of a ~5.5 s boot (FACTS). None if the
+    kernel is compressed otherwise or has no PVH note (then the bzImage is used as it is).
+    """
+    start = bzimage.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        return None
+    try:
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    except lzma.LZMAError:
+        return None
+    return elf if elf.startswith(b"\x7fELF\x02\x01") and _has_pvh_note(elf) else None
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """An ELF64 note "Xen" of type 18 (XEN_ELFNOTE_PHYS32_ENTRY): QEMU's PVH boot needs it."""
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf,
+                                                                  phoff + i * phentsize)
+        pos, end = p_offset, p_offset + p_filesz
+        while p_type == 4 and pos + 12 <= end:  # PT_NOTE: namesz, descsz, type, name, desc
+            namesz, descsz, n_type = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and n_type == 18:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
 def make_initramfs(release: str, target: Path, work: Path) -> None:
     root = work / "initramfs"
     (root / "bin").mkdir(parents=True)
@@ -254,7 +289,7 @@ def make_initramfs(release: str, target: Path, work: Path) -> None:
                            check=True).stdout
     cpio = subprocess.run(["cpio", "--null", "-o", "-H", "newc", "--quiet"], cwd=root,
                           input=files, capture_output=True, check=True).stdout
-    target.write_bytes(gzip.compress(cpio, compresslevel=6))
+    target.write_bytes(cpio)  # uncompressed: gunzip under TCG took 0.1 s of every boot
 
 
 def build(cache: Path, vos: list[str]) -> Path:
@@ -270,8 +305,10 @@ def build(cache: Path, vos: list[str]) -> Path:
         work = Path(tmp)
         staging = work / "out"
         staging.mkdir()
-        shutil.copy2(f"/boot/vmlinuz-{release}", staging / "vmlinuz")
-        os.chmod(staging / "vmlinuz", 0o644)
+        bzimage = Path(f"/boot/vmlinuz-{release}").read_bytes()
+        vmlinux = pvh_vmlinux(bzimage)
+        kernel = "vmlinux" if vmlinux else "vmlinuz"
+        (staging / kernel).write_bytes(vmlinux or bzimage)
         make_initramfs(release, staging / "initrd.img", work)
         images = {}
         variants = [(vo, vo, True) for vo in vos] + [(f"{vos[0]}-nossh", vos[0], False)]
@@ -280,7 +317,7 @@ def build(cache: Path, vos: list[str]) -> Path:
             make_rootfs(root, vo, accounts, sshd, sshd_root)
             make_disk(root, staging / f"{name}.qcow2")
             images[name] = {"disk": f"{name}.qcow2", "vo": vo, "sshd": sshd}
-        manifest = {"kernel": "vmlinuz", "initrd": "initrd.img", "cmdline": CMDLINE,
+        manifest = {"kernel": kernel, "initrd": "initrd.img", "cmdline": CMDLINE,
                     "kernel_release": release, "images": images,
                     "accounts": [a.pw_name for a in accounts]}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
