@@ -22,9 +22,10 @@ from common import REPO, report, scratch_config
 ENTRY_IMPORTS = {
     # what each hook imports on its path (the lazy imports included)
     "prolog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
-              "vmimagemanager.hypervisor, libvirt, vmimagemanager.guest, paramiko, "
-              "vmimagemanager.policy, cryptography.hazmat.primitives.serialization",
-    "starter": "import vmimagemanager.batch.sge, vmimagemanager.context, vmimagemanager.runner",
+              "vmimagemanager.hypervisor, libvirt, vmimagemanager.guest, vmimagemanager.policy, "
+              "vmimagemanager.flow, vmimagemanager.spares, vmimagemanager.seed, yaml",
+    "starter": "import vmimagemanager.batch.sge, vmimagemanager.context, vmimagemanager.runner, "
+               "vmimagemanager.guest",
     "epilog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
               "vmimagemanager.hypervisor, libvirt",
     "cli": "import vmimagemanager.cli",
@@ -52,7 +53,7 @@ def one_job(path: str, n: int) -> dict:
     from vmimagemanager.config import load_config
     from vmimagemanager.context import key_path
     from vmimagemanager.flow import end_job
-    from vmimagemanager.guest import Endpoint, GuestSession, connect
+    from vmimagemanager.guest import Endpoint, connect
     from vmimagemanager.hypervisor import LibvirtHypervisor
     from vmimagemanager.lifecycle import JobRequest, LifeCycle
 
@@ -62,8 +63,8 @@ def one_job(path: str, n: int) -> dict:
     life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
     _lease, ctx = life.start_vm(JobRequest(str(80000 + n), "0", "atlas001", "atlas", "atlas"))
     t1 = time.perf_counter()
-    session = GuestSession(connect(Endpoint(ctx.host, ctx.port, ctx.user,
-                                            key_path(cfg.run_dir, ctx.label), ctx.host_key)))
+    session = connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, ctx.label),
+                               ctx.host_key))
     devnull = os.open(os.devnull, os.O_WRONLY)
     rc = session.run(["true"], {"JOB_ID": str(n)}, None, stdin_fd=None, stdout_fd=devnull)
     session.close()
@@ -79,7 +80,9 @@ def one_job(path: str, n: int) -> dict:
     p = dict(life.phase.seconds)
     row = {"job": n, "config load": config_s, "run (ssh)": run_s, **p,
            "epilog returns": epilog_s, "slot turnaround": turnaround_s}
-    row["guest boot"] = p.get("guest boot (to host key on console)", 0) + p.get("wait for ssh", 0)
+    row["to host key"] = p.get("guest boot (to host key on console)", 0)
+    row["key -> login"] = p.get("wait for ssh", 0)
+    row["guest boot"] = row["to host key"] + row["key -> login"]
     row["ours total"] = sum(row.get(k, 0.0) for k in OWN_PHASES)
     row["ours without run"] = row["ours total"] - run_s
     return row
@@ -94,7 +97,8 @@ def main() -> None:
         rows = [one_job(str(path), n) for n in range(args.jobs)]
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    columns = ["job", *OWN_PHASES, "ours without run", "guest boot", "slot turnaround"]
+    columns = ["job", *OWN_PHASES, "ours without run", "to host key", "key -> login", "guest boot",
+               "slot turnaround"]
     print("Per-job phases (seconds); 'guest boot' = QEMU start to ssh answering, not ours")
     med = {c: statistics.median(r[c] for r in rows) for c in columns[1:]}
     report("overhead", [*rows, {"job": "median", **med}], columns)

@@ -50,8 +50,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VMIM_VENV:-/opt/vmimagemanager}
 [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
 pipq() { "$venv/bin/python" -m pip -q --disable-pip-version-check "$@"; }
-"$venv/bin/python" -c 'import libvirt, paramiko, lxml, yaml, pytest, hypothesis, wheel' 2>/dev/null \
-  || pipq install "libvirt-python>=9.0" "paramiko>=3.0" "lxml>=4.9" "PyYAML>=6.0" pytest hypothesis ruff wheel "setuptools>=61"
+"$venv/bin/python" -c 'import libvirt, lxml, yaml, pytest, hypothesis, wheel' 2>/dev/null \
+  || pipq install "libvirt-python>=9.0" "lxml>=4.9" "PyYAML>=6.0" pytest hypothesis ruff wheel "setuptools>=61"
 # A plain (non-editable) install: the code the hooks run is a copy every user can read, whatever the
 # permissions of the checkout.
 pipq install --no-deps --no-build-isolation --force-reinstall "$here"

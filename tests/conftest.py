@@ -153,12 +153,12 @@ def atlas_vm(life):
 @pytest.fixture
 def atlas_session(atlas_vm, vm_setup):
     from vmimagemanager.context import key_path
-    from vmimagemanager.guest import Endpoint, GuestSession, connect
+    from vmimagemanager.guest import Endpoint, connect
 
     _lease, ctx = atlas_vm
     cfg = vm_setup[1]
-    session = GuestSession(connect(Endpoint(ctx.host, ctx.port, ctx.user,
-                                            key_path(cfg.run_dir, ctx.label), ctx.host_key)))
+    session = connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, ctx.label),
+                               ctx.host_key))
     yield session
     session.close()
 

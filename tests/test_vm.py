@@ -187,14 +187,14 @@ def test_job_key_is_readable_by_its_owner_only(atlas_vm, vm_setup):
 
 def test_fresh_overlay_per_lease_and_nothing_left_behind(life, vm_setup):
     from vmimagemanager.context import key_path, read_context
-    from vmimagemanager.guest import Endpoint, GuestSession, connect
+    from vmimagemanager.guest import Endpoint, connect
 
     cfg = vm_setup[1]
 
     def session_for(label):
         ctx = read_context(cfg.run_dir, label)
-        return GuestSession(connect(Endpoint(ctx.host, ctx.port, ctx.user,
-                                             key_path(cfg.run_dir, label), ctx.host_key)))
+        return connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, label),
+                                ctx.host_key))
 
     lease, _ = life.start_vm(JobRequest("9101", "0", "cms001", "cms", "cms"), slots=["t2"])
     files = lease_files(cfg, "t2", "9101.0")

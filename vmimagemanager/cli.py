@@ -192,7 +192,7 @@ def cmd_print_config(cfg: Config, args) -> int:
 
 
 def cmd_exec(cfg: Config, args) -> int:
-    from .guest import Endpoint, GuestSession, connect
+    from .guest import Endpoint, connect
     from .lifecycle import admin_key
 
     slot = cfg.slot(args.slot)
@@ -212,7 +212,7 @@ def cmd_exec(cfg: Config, args) -> int:
         host_key = read_context(cfg.run_dir, lease.job_label).host_key
     key_file, _ = admin_key(cfg)
     host, port = slot.ssh_address
-    session = GuestSession(connect(Endpoint(host, port, "root", key_file, host_key)))
+    session = connect(Endpoint(host, port, "root", key_file, host_key))
     command = list(args.cmd)
     if not command:
         raise VmimError("nothing to run: give a command after '--'")

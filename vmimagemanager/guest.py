@@ -2,20 +2,24 @@
 
 The host key is never learnt from the network: the guest prints it on its serial console (the
 cloud-init convention) and we pin exactly that key, so a process that grabbed the forwarded port
-or an address on the bridge cannot pose as the job's VM. paramiko is imported here only: the
-starter needs it, the prolog and epilog barely.
+or an address on the bridge cannot pose as the job's VM.
+
+The client is OpenSSH's `ssh` (on every node; a Python ssh library cost the hooks 0.15 s of
+start-up each): one ControlMaster connection per session, each command a session multiplexed
+over it, so a job pays one key exchange. No ssh configuration of the node or the user applies
+(`-F /dev/null`); the only host key accepted is the pinned one (KnownHostsCommand).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import logging
 import os
 import re
 import secrets
-import select
 import shlex
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -29,12 +33,11 @@ log = logging.getLogger("vmimagemanager.guest")
 HOST_KEY_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 HOST_KEY_END = "-----END SSH HOST KEY KEYS-----"
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-CHUNK = 256 * 1024
-# After the payload's exit status: output still in flight arrives within DRAIN_QUIET seconds; a
-# background process it left holding stdout/stderr open is not waited for longer than that
-# (or than DRAIN_MAX if it keeps writing).
-DRAIN_QUIET = 5.0
-DRAIN_MAX = 60.0
+HOST_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+) [A-Za-z0-9+/]+={0,2}$")
+# After the payload has exited, output still in flight is relayed for up to DRAIN_SECONDS; a
+# background process it left holding stdout/stderr open is not waited for longer.
+DRAIN_SECONDS = 5
+HOST_ALIAS = "vmim-guest"
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,11 @@ def console_tail(path: Path, lines: int = 8) -> str:
 
 
 def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
-    """Wait until the guest has printed its ssh host key on the console; return it."""
-    delay = 0.1
+    """Wait until the guest has printed its ssh host key on the console; return it.
+
+    Polled every 50 ms for the first 20 s (reading a small file costs nothing next to the boot;
+    a long sleep here is start latency of every job), then every 0.5 s (slow images)."""
+    started = time.monotonic()
     while True:
         try:
             keys = parse_console_host_keys(console_log.read_text("utf-8", "replace"))
@@ -92,63 +98,84 @@ def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
         if time.monotonic() > deadline:
             raise BootError(f"the VM printed no ssh host key before the boot timeout; is sshd "
                             f"in the image? console: {console_tail(console_log)}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
+        time.sleep(0.05 if time.monotonic() - started < 20 else 0.5)
 
 
-def _pinned_client(endpoint: Endpoint):
-    import paramiko
 
-    client = paramiko.SSHClient()
-    key_type, key_b64 = endpoint.host_key.split()[:2]
-    key = paramiko.PKey.from_type_string(key_type, base64.b64decode(key_b64))
-    name = endpoint.host if endpoint.port == 22 else f"[{endpoint.host}]:{endpoint.port}"
-    client.get_host_keys().add(name, key_type, key)
-    client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    return client
+class HostKeyMismatch(GuestError):
+    """The guest presented another host key than the one on its console: never retried."""
 
 
-def _load_private_key(key: Path | bytes):
-    import paramiko
+def _ssh_options(endpoint: Endpoint) -> list[str]:
+    """What every ssh of ours passes: no configuration files, no agent, batch mode, and the
+    pinned host key as the only known one."""
+    if not HOST_KEY_RE.match(endpoint.host_key):
+        raise GuestError(f"not an ssh host key: {endpoint.host_key[:60]!r}")
+    return ["ssh", "-F", "/dev/null", "-T", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=yes",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", f"HostKeyAlias={HOST_ALIAS}",
+            "-o", f"KnownHostsCommand=/bin/echo {HOST_ALIAS} {endpoint.host_key}",
+            "-o", f"HostKeyAlgorithms={endpoint.host_key.split()[0]}",
+            "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no", "-o", "LogLevel=ERROR",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+            "-p", str(endpoint.port), "-l", endpoint.user]
 
+
+def _connect_error(endpoint: Endpoint, stderr: str) -> GuestError:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip() and not ln.startswith("@")]
+    if "Host key verification failed." in lines:
+        return HostKeyMismatch(f"{endpoint.host}:{endpoint.port} presented a host key other "
+                               "than the one the VM printed on its console; refusing to connect")
+    return GuestError(lines[-1] if lines else "ssh exited without saying why")
+
+
+def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
+    """Log in once (a ControlMaster); GuestError (HostKeyMismatch) if that fails."""
+    private = tempfile.mkdtemp(prefix="vmim-ssh-")  # 0700: the key copy and the socket
     try:
-        if isinstance(key, bytes):
-            return paramiko.Ed25519Key.from_private_key(io.StringIO(key.decode()))
-        return paramiko.Ed25519Key.from_private_key_file(str(key))
-    except (OSError, paramiko.SSHException) as exc:
-        where = "(in memory)" if isinstance(key, bytes) else str(key)
-        raise GuestError(f"cannot read the job's ssh key {where}: {exc}") from None
-
-
-def connect(endpoint: Endpoint, timeout: float = 10.0):
-    """One connection attempt with the pinned host key; returns a paramiko SSHClient."""
-    client = _pinned_client(endpoint)
-    client.connect(endpoint.host, endpoint.port, username=endpoint.user,
-                   pkey=_load_private_key(endpoint.key), timeout=timeout,
-                   banner_timeout=timeout, auth_timeout=timeout, look_for_keys=False,
-                   allow_agent=False)
-    transport = client.get_transport()
-    if transport is not None:
-        transport.set_keepalive(30)
-    return client
+        key = endpoint.key
+        if isinstance(key, bytes):  # the prolog holds the job's key in memory only
+            key_file = os.path.join(private, "key")
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+            key = key_file
+        control = os.path.join(private, "control")
+        master = subprocess.Popen(
+            [*_ssh_options(endpoint), "-i", str(key), "-o", f"ConnectTimeout={timeout:.0f}",
+             "-M", "-S", control, "-N", endpoint.host],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            process_group=0)
+        # ssh makes the control socket (listening, under its final name) once logged in
+        deadline = time.monotonic() + timeout + 5
+        while not os.path.exists(control):
+            if master.poll() is not None:
+                raise _connect_error(endpoint, master.stderr.read().decode("utf-8", "replace"))
+            if time.monotonic() > deadline:
+                master.kill()
+                master.wait()
+                raise GuestError(f"no ssh login to {endpoint.host}:{endpoint.port} within "
+                                 f"{timeout + 5:.0f} s")
+            time.sleep(0.005)
+        return GuestSession(endpoint, master, private, control)
+    except BaseException:
+        shutil.rmtree(private, ignore_errors=True)
+        raise
 
 
 def wait_for_ssh(endpoint: Endpoint, deadline: float, console_log: Path | None = None,
-                 still_running=lambda: True):
-    """Connect as soon as sshd answers (backoff up to 2 s); a clear error at the deadline."""
-    import paramiko
-
-    delay, last = 0.2, "no attempt made"
+                 still_running=lambda: True) -> GuestSession:
+    """Log in as soon as sshd answers (retried, backoff up to 1 s); a clear error at the
+    deadline. sshd starts just after the guest prints its host key: the first tries are soon."""
+    delay, last = 0.05, "no attempt made"
     while True:
         try:
             return connect(endpoint, timeout=max(2.0, min(10.0, deadline - time.monotonic())))
-        except paramiko.BadHostKeyException:
-            raise BootError(f"{endpoint.host}:{endpoint.port} presented a host key other than "
-                            "the one the VM printed on its console; refusing to connect") from None
-        except paramiko.AuthenticationException as exc:
-            last = f"authentication failed ({exc})"
-        except (OSError, EOFError, paramiko.SSHException) as exc:
-            last = f"{type(exc).__name__}: {exc}"
+        except HostKeyMismatch as exc:
+            raise BootError(str(exc)) from None
+        except GuestError as exc:
+            last = str(exc)
         if not still_running():
             raise BootError(f"the VM stopped while waiting for ssh ({last}); console: "
                             f"{console_tail(console_log) if console_log else '-'}")
@@ -157,17 +184,20 @@ def wait_for_ssh(endpoint: Endpoint, deadline: float, console_log: Path | None =
             raise BootError(f"ssh on {endpoint.host}:{endpoint.port} did not answer before the "
                             f"boot timeout (last error: {last}); console: {tail}")
         time.sleep(delay)
-        delay = min(delay * 1.5, 2.0)
+        delay = min(delay * 1.5, 1.0)
 
 
 def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
-                   pidfile: str) -> str:
+                   files: str) -> str:
     """A POSIX sh command line that runs argv in its own session and reports its exit status.
 
     Every value is shlex-quoted, so quotes, `$`, backticks, newlines and unicode reach the payload
     unchanged. The payload runs under setsid so the whole process group can be signalled; its pid
-    goes to `pidfile` for that purpose. stdin is kept through fd 3 (a background command would
-    otherwise read /dev/null).
+    goes to `files`.pid for that purpose, its exit status to `files`.rc (read when ssh's own
+    status, 255, is ambiguous). stdin is kept through fd 3 (a background command would otherwise
+    read /dev/null). Its stdout and stderr are relayed through FIFOs, so that once it has exited
+    a background process it left holding them delays the end by DRAIN_SECONDS at most (sshd
+    keeps a session open while anything holds its pipes).
     """
     if not argv:
         raise GuestError("nothing to run: empty command")
@@ -178,53 +208,72 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
             continue
         assigns.append(shlex.quote(f"{key}={value}"))
     q = shlex.quote
+    f = q(files)
     parts = []
     if cwd:
         parts.append(f"cd -- {q(cwd)} || {{ echo {q('vmimagemanager: cannot enter ' + cwd)} >&2;"
                      " exit 1; }")
     # fd 3 keeps stdin for the payload; fd 4 keeps stderr for it while the wrapper's own stderr
     # goes to /dev/null (bash would otherwise print "Killed" into the job's error file).
-    parts.append("exec 3<&0 4>&2 2>/dev/null")
+    parts.append(f"exec 3<&0 4>&2 2>/dev/null; umask 077; rm -f {f}.o {f}.e")
+    parts.append(f"mkfifo {f}.o {f}.e || {{ echo 'vmimagemanager: mkfifo failed in the VM' >&4;"
+                 " exit 1; }")
+    parts.append(f"cat {f}.o & o=$!; cat {f}.e >&4 & e=$!; umask 022")
     parts.append(f"setsid env -- {' '.join(assigns)} {' '.join(q(a) for a in argv)} "
-                 "<&3 2>&4 3<&- 4>&- &")
-    parts.append(f"pid=$!; echo $pid > {q(pidfile)}; exec 3<&- 4>&-")
-    parts.append(f"wait $pid; rc=$?; rm -f {q(pidfile)}; exit $rc")
+                 f"<&3 >{f}.o 2>{f}.e 3<&- 4>&- &")
+    parts.append(f"pid=$!; echo $pid > {f}.pid; exec 3<&-")
+    parts.append(f"wait $pid; rc=$?; echo $rc > {f}.rc")
+    parts.append(f"(sleep {DRAIN_SECONDS}; kill $o $e) </dev/null >/dev/null 2>&1 & t=$!")
+    parts.append(f"wait $o $e; kill $t; rm -f {f}.o {f}.e {f}.pid; exit $rc")
     return "\n".join(parts)
 
 
 class GuestSession:
-    """An ssh connection to one guest as one user."""
+    """A logged-in ssh connection to one guest as one user (an OpenSSH ControlMaster)."""
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, endpoint: Endpoint, master: subprocess.Popen, private: str,
+                 control: str):
+        self.endpoint = endpoint
+        self._master = master
+        self._private = private
+        self._control = control
         self._stop = threading.Event()
-        self._pidfile: str | None = None
+        self._files: str | None = None
 
     def close(self) -> None:
-        self.client.close()
+        """End the connection and remove the socket and any key copy."""
+        if self._master.poll() is None:
+            self._master.terminate()
+            try:
+                self._master.wait(5)
+            except subprocess.TimeoutExpired:
+                self._master.kill()
+                self._master.wait()
+        self._master.stderr.close()
+        shutil.rmtree(self._private, ignore_errors=True)
 
-    def _exec(self, command: str):
-        transport = self.client.get_transport()
-        if transport is None or not transport.is_active():
-            raise GuestError("the ssh connection to the VM is closed")
-        channel = transport.open_session()
-        channel.exec_command(command)
-        return channel
+    def _argv(self, command: str) -> list[str]:
+        # no -i: if the master is gone, ssh's own fallback to a new connection cannot log in
+        return [*_ssh_options(self.endpoint), "-o", "ControlMaster=no", "-S", self._control,
+                self.endpoint.host, command]
+
+    def _closed(self) -> GuestError | None:
+        if self._master.poll() is not None:
+            return GuestError("the ssh connection to the VM is closed (the VM was stopped or "
+                              "the connection broke)")
+        return None
 
     def check_call(self, command: str, stdin: bytes = b"") -> str:
         """Run a small shell command; its stdout, or GuestError with its stderr."""
-        channel = self._exec(command)
-        if stdin:
-            channel.sendall(stdin)
-        channel.shutdown_write()
-        out = channel.makefile("rb").read()
-        err = channel.makefile_stderr("rb").read()
-        status = channel.recv_exit_status()
-        channel.close()
-        if status != 0:
-            raise GuestError(f"in the VM, {command.splitlines()[0]!r} failed ({status}): "
-                             f"{err.decode('utf-8', 'replace').strip()}")
-        return out.decode("utf-8", "replace")
+        if (closed := self._closed()) is not None:
+            raise closed
+        r = subprocess.run(self._argv(command), input=stdin, capture_output=True)
+        if r.returncode == 255 and (closed := self._closed()) is not None:
+            raise closed
+        if r.returncode != 0:
+            raise GuestError(f"in the VM, {command.splitlines()[0]!r} failed ({r.returncode}): "
+                             f"{r.stderr.decode('utf-8', 'replace').strip()}")
+        return r.stdout.decode("utf-8", "replace")
 
     def upload(self, data: bytes, path: str, mode: int = 0o600) -> None:
         """Write a file in the guest, private from the start (no sftp: not every image has it)."""
@@ -234,10 +283,10 @@ class GuestSession:
                         f"chmod {mode:o} -- {q(path)}", stdin=data)
 
     def terminate(self, signame: str = "TERM") -> None:
-        """Signal the payload's process group from a second channel."""
-        if self._pidfile is None:
+        """Signal the payload's process group from a second session."""
+        if self._files is None:
             return
-        q = shlex.quote(self._pidfile)
+        q = shlex.quote(f"{self._files}.pid")
         try:
             self.check_call(f"test -s {q} && kill -{signame} -- -$(cat {q}) 2>/dev/null; true")
         except Exception as exc:  # noqa: BLE001 - best effort while stopping; reported
@@ -250,89 +299,37 @@ class GuestSession:
     def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
             cwd: str | None = None, stdin_fd: int | None = 0, stdout_fd: int = 1,
             stderr_fd: int = 2) -> int:
-        """Run argv in the guest, streaming stdin/stdout/stderr; returns its exit status.
+        """Run argv in the guest with the given stdin/stdout/stderr; returns its exit status.
 
         0..255 as the payload exited; 128+N when a signal N killed it (as a shell reports it).
+        ssh hands the descriptors to the connection's master, which relays them itself.
         """
-        self._pidfile = f"/tmp/.vmim-{secrets.token_hex(8)}.pid"
-        channel = self._exec(remote_command(argv, env or {}, cwd, self._pidfile))
-        feeder = None
-        if stdin_fd is None:
-            channel.shutdown_write()
-        else:
-            feeder = threading.Thread(target=_feed_stdin, args=(channel, stdin_fd), daemon=True)
-            feeder.start()
+        if (closed := self._closed()) is not None:
+            raise closed
+        self._files = f"/tmp/.vmim-{secrets.token_hex(8)}"
+        argv_ssh = self._argv(remote_command(argv, env or {}, cwd, self._files))
+        argv_ssh[argv_ssh.index("LogLevel=ERROR")] = "LogLevel=QUIET"  # the job's stderr
+        proc = subprocess.Popen(argv_ssh, stdin=subprocess.DEVNULL if stdin_fd is None
+                                else stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
+                                process_group=0)  # the starter's signals are handled here
         stopping_since: float | None = None
-        exited_at: float | None = None
-        last_data = time.monotonic()
-        try:
-            while True:
-                now = time.monotonic()
-                if self._stop.is_set() and stopping_since is None:
-                    stopping_since = now
-                    self.terminate("TERM")
-                elif stopping_since is not None and now - stopping_since > 10:
-                    self.terminate("KILL")
-                    stopping_since = float("inf")
-                if _drain(channel, stdout_fd, stderr_fd):
-                    last_data = now
-                    continue
-                # OpenSSH may send the exit status before the rest of the output: the stream is
-                # complete at EOF, not at the exit status.
-                if channel.eof_received or channel.closed:
-                    _drain(channel, stdout_fd, stderr_fd)  # what came in with the EOF
-                    if channel.exit_status_ready() or channel.closed:
-                        break
-                    time.sleep(0.2)  # output closed, payload still running: wait (stoppable)
-                    continue
-                if channel.exit_status_ready():
-                    exited_at = exited_at or now
-                    if now - max(last_data, exited_at) > DRAIN_QUIET or \
-                            now - exited_at > DRAIN_MAX:
-                        log.info("payload exited but a process it left keeps its output open; "
-                                 "not waiting for it")
-                        break
-                select.select([channel], [], [], 0.2)
-            status = channel.recv_exit_status()
-        finally:
-            channel.close()
-        if status < 0:
-            raise GuestError("the ssh connection to the VM ended without an exit status (the VM "
-                             "was stopped or the connection broke)")
-        return status
-
-
-def _drain(channel, stdout_fd: int, stderr_fd: int) -> bool:
-    """Relay whatever output the channel holds right now; True if there was any."""
-    got = False
-    while channel.recv_ready():
-        _write_all(stdout_fd, channel.recv(CHUNK))
-        got = True
-    while channel.recv_stderr_ready():
-        _write_all(stderr_fd, channel.recv_stderr(CHUNK))
-        got = True
-    return got
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _feed_stdin(channel, fd: int) -> None:
-    """Copy the host-side stdin into the channel, then signal EOF."""
-    try:
         while True:
-            data = os.read(fd, CHUNK)
-            if not data:
+            try:
+                status = proc.wait(0.2)
                 break
-            channel.sendall(data)
-    except OSError as exc:
-        log.debug("stdin forwarding stopped: %s", exc)
-    finally:
-        try:
-            channel.shutdown_write()
-        except OSError as exc:  # channel already gone: nothing left to tell
-            log.debug("stdin EOF not delivered: %s", exc)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self._stop.is_set() and stopping_since is None:
+                stopping_since = now
+                self.terminate("TERM")
+            elif stopping_since is not None and now - stopping_since > 10:
+                self.terminate("KILL")
+                stopping_since = float("inf")
+        if status == 255 or status < 0:  # ssh's own failure (or killed), or the payload's 255?
+            try:
+                return int(self.check_call(f"cat {shlex.quote(self._files + '.rc')}").strip())
+            except (GuestError, ValueError):
+                raise GuestError("the ssh connection to the VM ended without an exit status "
+                                 "(the VM was stopped or the connection broke)") from None
+        return status

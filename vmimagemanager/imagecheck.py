@@ -43,7 +43,7 @@ def _vo_account(cfg: Config, image: str) -> str | None:
 
 def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
     from .context import key_path
-    from .guest import Endpoint, GuestSession, connect
+    from .guest import Endpoint, connect
     from .hypervisor import LibvirtHypervisor
     from .lifecycle import JobRequest, LifeCycle
 
@@ -60,8 +60,8 @@ def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
     try:
         checks.append(Check("boots, prints its ssh host key on the console, sshd accepts the "
                             f"job key for {account}", True, f"slot {lease.slot}"))
-        session = GuestSession(connect(Endpoint(ctx.host, ctx.port, account,
-                                                key_path(cfg.run_dir, ctx.label), ctx.host_key)))
+        session = connect(Endpoint(ctx.host, ctx.port, account,
+                                   key_path(cfg.run_dir, ctx.label), ctx.host_key))
         try:
             checks += _guest_checks(cfg, session, account, lease.slot)
             checks += _storage_checks(session, ctx.guest_checked_paths, ctx.label)

@@ -36,7 +36,7 @@ from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import ImageStore, prepare_overlay
 from .leases import SPARE_JOB_ID, Lease, LeaseStore, is_spare_label
-from .seed import SeedData, build_seed, generate_keypair
+from .seed import SeedData, build_seed, generate_keypair, public_key_line
 from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
 
@@ -95,19 +95,11 @@ def ensure_state_dirs(cfg: Config) -> None:
 
 def admin_key(cfg: Config) -> tuple[Path, str]:
     """The key root uses to log in to every guest: the site's, or one made once on this node."""
-    from cryptography.hazmat.primitives import serialization
-
     path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
     if not path.exists():
         pair = generate_keypair(f"vmimagemanager-admin@{os.uname().nodename}")
         write_private_file(path, pair.private_openssh)
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
-    except (ValueError, OSError) as exc:
-        raise VmimError(f"{path}: not a usable unencrypted ssh private key ({exc})") from None
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
-    return path, f"{public} vmimagemanager-admin"
+    return path, f"{public_key_line(path)} vmimagemanager-admin"
 
 
 def owner_ids(owner: str) -> tuple[int, int]:
@@ -448,13 +440,13 @@ class LifeCycle:
         Images without an ACPI daemon ignore libvirt's shutdown request; an ssh poweroff works
         on any image we can log in to, and `sync` first keeps what an admin wrote (`store`).
         """
-        from .guest import Endpoint, GuestSession, connect
+        from .guest import Endpoint, connect
 
         try:
             host_key = read_context(self.cfg.run_dir, label).host_key
             host, port = slot.ssh_address
-            session = GuestSession(connect(Endpoint(host, port, "root", admin_key(self.cfg)[0],
-                                                    host_key), timeout=5))
+            session = connect(Endpoint(host, port, "root", admin_key(self.cfg)[0], host_key),
+                              timeout=5)
         except Exception as exc:  # noqa: BLE001 - fall back to ACPI shutdown, then destroy
             log.info("slot %s: no ssh poweroff (%s); using ACPI shutdown", slot.name, exc)
             return

@@ -29,6 +29,3 @@ def setup_logging(program: str, verbose: bool = False, stderr_level: int | None 
         sys_handler.setLevel(logging.INFO)
         sys_handler.setFormatter(logging.Formatter(f"{program}[{os.getpid()}]: %(message)s"))
         root.addHandler(sys_handler)
-    logging.getLogger("paramiko").setLevel(logging.WARNING)
-    # A guest still booting resets ssh connections; the waiting code reports what matters.
-    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)

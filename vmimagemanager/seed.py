@@ -27,16 +27,28 @@ class KeyPair:
 
 
 def generate_keypair(comment: str) -> KeyPair:
-    """A fresh Ed25519 key pair (paramiko can load it; OpenSSH and dropbear accept it)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    """A fresh Ed25519 key pair, made by OpenSSH's ssh-keygen in a private temporary directory
+    (a crypto library cost the prolog 50 ms of start-up; the ssh client is OpenSSH anyway)."""
+    with tempfile.TemporaryDirectory(prefix="vmim-key-") as tmp:  # 0700
+        path = os.path.join(tmp, "key")
+        r = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                            "-f", path], stdin=subprocess.DEVNULL, capture_output=True)
+        if r.returncode != 0:
+            raise VmimError(f"ssh-keygen could not make a key: "
+                            f"{r.stderr.decode('utf-8', 'replace').strip()}")
+        with open(path, "rb") as private, open(path + ".pub") as public:
+            return KeyPair(private.read(), public.read().strip())
 
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH).decode()
-    return KeyPair(private, f"{public} {comment}")
+
+def public_key_line(private_key: Path) -> str:
+    """The public half of an OpenSSH private key file ("type base64"); VmimError if unusable."""
+    r = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(private_key)],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    parts = r.stdout.split()
+    if r.returncode != 0 or len(parts) < 2:
+        raise VmimError(f"{private_key}: not a usable unencrypted ssh private key "
+                        f"({r.stderr.strip() or 'no public key'})")
+    return f"{parts[0]} {parts[1]}"
 
 
 @dataclass(frozen=True)

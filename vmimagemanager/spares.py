@@ -223,7 +223,7 @@ def spare_host_key(console: Path) -> str:
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
     from .domain_xml import exported_tags, lease_attributes, lease_element
-    from .guest import Endpoint, GuestSession, connect
+    from .guest import Endpoint, connect
     from .seed import generate_keypair
 
     cfg, name = life.cfg, slot.domain_name
@@ -247,8 +247,7 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
             attach_home(pid, share, export)
     job_key = generate_keypair(f"vmim-job-{request.label}")
     host, port = slot.ssh_address
-    session = GuestSession(connect(Endpoint(host, port, "root", admin_key(cfg)[0], host_key),
-                                   timeout=10))
+    session = connect(Endpoint(host, port, "root", admin_key(cfg)[0], host_key), timeout=10)
     try:
         run_bind(session, bind_script(request.owner, owner_home(request.owner),
                                       job_key.public_line,
