@@ -26,6 +26,7 @@ from pathlib import Path
 
 from common import REPO, build_images, report
 from sge_stress import PAYLOAD, QUEUE, finished, leftovers, run_jobs, submit
+from timeline import write_png
 
 sys.path.insert(0, str(REPO / "tests"))
 from sgecell import SGE_ENV, sge  # noqa: E402 - the tests' helpers
@@ -155,6 +156,8 @@ def main() -> None:
                 agent("start", path, cli)
                 wait_spares(cli, path)
             result = run_jobs(cfg, script, args.jobs, args.timeout, "w" if warm else "c")
+            write_png(REPO / "benchmarks" / "results" /
+                      f"spares-{'warm' if warm else 'cold'}-timeline.png", result.pop("segments"))
             if warm:
                 agent("stop", path, cli)
             warm_jobs = sum(1 for rec in starts(cfg).values() if rec["spare"])

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmimagemanager.guest import parse_console_host_keys, remote_command
+from vmimagemanager.guest import DRAIN_SECONDS, parse_console_host_keys, remote_command
 
 PRINT = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
@@ -17,8 +20,9 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_ch
 names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,10}\Z")
 
 
-def run_locally(argv, env, cwd=None, stdin=b""):
-    command = remote_command(argv, env, cwd, "/tmp/.vmim-unit-test.pid")
+def run_locally(argv, env, cwd=None, stdin=b"", files=None):
+    files = files or f"/tmp/.vmim-unit-{secrets.token_hex(6)}"
+    command = remote_command(argv, env, cwd, files)
     return subprocess.run(["/bin/sh", "-c", command], input=stdin, capture_output=True)
 
 
@@ -35,6 +39,11 @@ def test_arguments_and_environment_arrive_unchanged(args, env):
 
 def test_exit_status_stdin_cwd_and_signals(tmp_path):
     assert run_locally(["sh", "-c", "exit 42"], {}).returncode == 42
+    previous = os.umask(0o027)  # the payload keeps the umask it would have had
+    try:
+        assert run_locally(["sh", "-c", "umask"], {}).stdout.strip() == b"0027"
+    finally:
+        os.umask(previous)
     assert run_locally(["sh", "-c", "kill -9 $$"], {}).returncode == 137
     r = run_locally(["sh", "-c", "kill -9 $$"], {})
     assert r.stderr == b""  # no "Killed" chatter in the job's error file
@@ -45,6 +54,33 @@ def test_exit_status_stdin_cwd_and_signals(tmp_path):
     assert run_locally(["pwd"], {}, cwd=str(weird)).stdout.decode().strip() == str(weird)
     r = run_locally(["true"], {}, cwd=str(tmp_path / "missing"))
     assert r.returncode == 1 and b"cannot enter" in r.stderr
+
+
+def test_the_payloads_status_is_kept_in_the_guest_and_nothing_else_is_left(tmp_path):
+    """ssh itself exits 255 when the connection fails: the payload's own status is then read
+    from FILES.rc. The FIFOs and the pid file are gone."""
+    files = tmp_path / "job"
+    assert run_locally(["sh", "-c", "exit 255"], {}, files=str(files)).returncode == 255
+    assert (tmp_path / "job.rc").read_text() == "255\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.rc"]
+
+
+def test_output_after_the_exit_arrives_but_a_background_holder_is_not_waited_for():
+    late = run_locally(["sh", "-c", "(sleep 1; echo late; echo late-err >&2) & echo early"], {})
+    assert (late.returncode, late.stdout, late.stderr) == (0, b"early\nlate\n", b"late-err\n")
+    start = time.monotonic()
+    held = run_locally(["sh", "-c", "sleep 120 & echo done; exit 3"], {})
+    assert (held.returncode, held.stdout) == (3, b"done\n")
+    assert time.monotonic() - start < DRAIN_SECONDS + 10
+
+
+def test_a_payload_that_leaves_nothing_behind_never_waits_for_the_drain_timer():
+    """The drain timer holds none of the session's descriptors: sshd (here: the pipes of
+    subprocess.run) sees the end as soon as the payload's output is complete."""
+    for _ in range(20):
+        start = time.monotonic()
+        assert run_locally(["pwd"], {}, cwd="/tmp").stdout == b"/tmp\n"
+        assert time.monotonic() - start < DRAIN_SECONDS  # the timer fires only after that
 
 
 def test_unusable_variable_names_are_not_forwarded():

@@ -109,6 +109,52 @@ def test_a_background_process_holding_the_output_does_not_keep_the_job_running(a
     assert result["r"] == (0, b"done\n", b"")
 
 
+def test_only_the_host_key_from_the_console_is_accepted(atlas_vm, vm_setup):
+    """The pinned key is the only one: another key (as a process that took the forwarded port
+    would present) is refused, and a booting job fails instead of retrying."""
+    import glob
+
+    from vmimagemanager.context import key_path
+    from vmimagemanager.guest import Endpoint, HostKeyMismatch, connect, wait_for_ssh
+    from vmimagemanager.seed import generate_keypair
+
+    _lease, ctx = atlas_vm
+    other = " ".join(generate_keypair("impostor").public_line.split()[:2])
+    endpoint = Endpoint(ctx.host, ctx.port, ctx.user, key_path(vm_setup[1].run_dir, ctx.label),
+                        other)
+    before = set(glob.glob("/tmp/vmim-ssh-*"))
+    with pytest.raises(HostKeyMismatch, match="presented a host key other than"):
+        connect(endpoint)
+    with pytest.raises(BootError, match="refusing to connect"):
+        wait_for_ssh(endpoint, time.monotonic() + 30)
+    assert set(glob.glob("/tmp/vmim-ssh-*")) == before  # no key copy or socket left
+
+
+def test_a_session_leaves_no_process_key_or_socket_behind(atlas_vm, vm_setup):
+    import glob
+
+    from vmimagemanager.context import key_path
+    from vmimagemanager.guest import Endpoint, connect
+
+    _lease, ctx = atlas_vm
+    key = key_path(vm_setup[1].run_dir, ctx.label).read_bytes()
+    before = set(glob.glob("/tmp/vmim-ssh-*"))
+    session = connect(Endpoint(ctx.host, ctx.port, ctx.user, key, ctx.host_key))  # in memory
+    private = set(glob.glob("/tmp/vmim-ssh-*")) - before
+    assert len(private) == 1
+    (path,) = private
+    assert os.stat(path).st_mode & 0o777 == 0o700
+    assert os.stat(f"{path}/key").st_mode & 0o777 == 0o600
+    assert session.check_call("id -un").strip() == ctx.user
+    master = session._master.pid
+    session.close()
+    assert not os.path.exists(path)
+    assert not Path(f"/proc/{master}").exists() or \
+        Path(f"/proc/{master}/stat").read_text().split()[2] == "Z"
+    with pytest.raises(GuestError, match="connection to the VM is closed"):
+        session.check_call("true")
+
+
 def test_large_output_on_both_streams_at_once_does_not_deadlock(atlas_session):
     size = 16 * 1024 * 1024
     script = f"yes out | head -c {size} & yes err | head -c {size} >&2; wait"

@@ -7,7 +7,8 @@ or an address on the bridge cannot pose as the job's VM.
 The client is OpenSSH's `ssh` (on every node; a Python ssh library cost the hooks 0.15 s of
 start-up each): one ControlMaster connection per session, each command a session multiplexed
 over it, so a job pays one key exchange. No ssh configuration of the node or the user applies
-(`-F /dev/null`); the only host key accepted is the pinned one (KnownHostsCommand).
+(`-F /dev/null`); the only host key accepted is the pinned one (a known_hosts file of the
+session's own).
 """
 
 from __future__ import annotations
@@ -101,21 +102,17 @@ def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
         time.sleep(0.05 if time.monotonic() - started < 20 else 0.5)
 
 
-
 class HostKeyMismatch(GuestError):
     """The guest presented another host key than the one on its console: never retried."""
 
 
-def _ssh_options(endpoint: Endpoint) -> list[str]:
+def _ssh_options(endpoint: Endpoint, private: str) -> list[str]:
     """What every ssh of ours passes: no configuration files, no agent, batch mode, and the
-    pinned host key as the only known one."""
-    if not HOST_KEY_RE.match(endpoint.host_key):
-        raise GuestError(f"not an ssh host key: {endpoint.host_key[:60]!r}")
+    pinned host key (in `private`/known_hosts, written by connect) as the only known one."""
     return ["ssh", "-F", "/dev/null", "-T", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
             "-o", "IdentityAgent=none", "-o", "StrictHostKeyChecking=yes",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "GlobalKnownHostsFile=/dev/null",
-            "-o", f"HostKeyAlias={HOST_ALIAS}",
-            "-o", f"KnownHostsCommand=/bin/echo {HOST_ALIAS} {endpoint.host_key}",
+            "-o", f"UserKnownHostsFile={private}/known_hosts",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias={HOST_ALIAS}",
             "-o", f"HostKeyAlgorithms={endpoint.host_key.split()[0]}",
             "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no", "-o", "LogLevel=ERROR",
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
@@ -132,8 +129,13 @@ def _connect_error(endpoint: Endpoint, stderr: str) -> GuestError:
 
 def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
     """Log in once (a ControlMaster); GuestError (HostKeyMismatch) if that fails."""
-    private = tempfile.mkdtemp(prefix="vmim-ssh-")  # 0700: the key copy and the socket
+    if not HOST_KEY_RE.match(endpoint.host_key):
+        raise GuestError(f"not an ssh host key: {endpoint.host_key[:60]!r}")
+    private = tempfile.mkdtemp(prefix="vmim-ssh-")  # 0700: known host, key copy, socket
+    master: subprocess.Popen | None = None
     try:
+        with open(os.path.join(private, "known_hosts"), "w") as known:
+            known.write(f"{HOST_ALIAS} {endpoint.host_key}\n")
         key = endpoint.key
         if isinstance(key, bytes):  # the prolog holds the job's key in memory only
             key_file = os.path.join(private, "key")
@@ -143,8 +145,8 @@ def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
             key = key_file
         control = os.path.join(private, "control")
         master = subprocess.Popen(
-            [*_ssh_options(endpoint), "-i", str(key), "-o", f"ConnectTimeout={timeout:.0f}",
-             "-M", "-S", control, "-N", endpoint.host],
+            [*_ssh_options(endpoint, private), "-i", str(key),
+             "-o", f"ConnectTimeout={timeout:.0f}", "-M", "-S", control, "-N", endpoint.host],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             process_group=0)
         # ssh makes the control socket (listening, under its final name) once logged in
@@ -153,13 +155,16 @@ def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
             if master.poll() is not None:
                 raise _connect_error(endpoint, master.stderr.read().decode("utf-8", "replace"))
             if time.monotonic() > deadline:
-                master.kill()
-                master.wait()
                 raise GuestError(f"no ssh login to {endpoint.host}:{endpoint.port} within "
                                  f"{timeout + 5:.0f} s")
             time.sleep(0.005)
         return GuestSession(endpoint, master, private, control)
     except BaseException:
+        if master is not None:
+            if master.poll() is None:
+                master.kill()
+                master.wait()
+            master.stderr.close()
         shutil.rmtree(private, ignore_errors=True)
         raise
 
@@ -215,15 +220,16 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
                      " exit 1; }")
     # fd 3 keeps stdin for the payload; fd 4 keeps stderr for it while the wrapper's own stderr
     # goes to /dev/null (bash would otherwise print "Killed" into the job's error file).
-    parts.append(f"exec 3<&0 4>&2 2>/dev/null; umask 077; rm -f {f}.o {f}.e")
+    parts.append(f"exec 3<&0 4>&2 2>/dev/null; u=$(umask); umask 077; rm -f {f}.o {f}.e")
     parts.append(f"mkfifo {f}.o {f}.e || {{ echo 'vmimagemanager: mkfifo failed in the VM' >&4;"
                  " exit 1; }")
-    parts.append(f"cat {f}.o & o=$!; cat {f}.e >&4 & e=$!; umask 022")
+    parts.append(f"cat {f}.o & o=$!; cat {f}.e >&4 & e=$!; umask $u")  # the image's umask
     parts.append(f"setsid env -- {' '.join(assigns)} {' '.join(q(a) for a in argv)} "
                  f"<&3 >{f}.o 2>{f}.e 3<&- 4>&- &")
     parts.append(f"pid=$!; echo $pid > {f}.pid; exec 3<&-")
     parts.append(f"wait $pid; rc=$?; echo $rc > {f}.rc")
-    parts.append(f"(sleep {DRAIN_SECONDS}; kill $o $e) </dev/null >/dev/null 2>&1 & t=$!")
+    # the timer holds none of the session's descriptors (sshd would wait for it)
+    parts.append(f"(sleep {DRAIN_SECONDS}; kill $o $e) </dev/null >/dev/null 2>&1 4>&- & t=$!")
     parts.append(f"wait $o $e; kill $t; rm -f {f}.o {f}.e {f}.pid; exit $rc")
     return "\n".join(parts)
 
@@ -254,8 +260,8 @@ class GuestSession:
 
     def _argv(self, command: str) -> list[str]:
         # no -i: if the master is gone, ssh's own fallback to a new connection cannot log in
-        return [*_ssh_options(self.endpoint), "-o", "ControlMaster=no", "-S", self._control,
-                self.endpoint.host, command]
+        return [*_ssh_options(self.endpoint, self._private), "-o", "ControlMaster=no",
+                "-S", self._control, self.endpoint.host, command]
 
     def _closed(self) -> GuestError | None:
         if self._master.poll() is not None:
