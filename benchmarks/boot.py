@@ -16,6 +16,7 @@ import gzip
 import shutil
 import statistics
 import time
+from pathlib import Path
 
 from common import build_images, report, scratch_config
 
@@ -26,7 +27,7 @@ def add_compressed_image(cfg, manifest: dict, work) -> None:
     d = manifest["dir"]
     initrd = work / "initrd.img.gz"
     initrd.write_bytes(gzip.compress((d / manifest["initrd"]).read_bytes(), compresslevel=6))
-    kernel = f"/boot/vmlinuz-{manifest['kernel_release']}"
+    kernel = Path(f"/boot/vmlinuz-{manifest['kernel_release']}")
     ImageStore(cfg.image_dir).import_image(
         "atlas-compressed", d / manifest["images"]["atlas"]["disk"], kernel=kernel,
         initrd=initrd, cmdline=manifest["cmdline"])
@@ -39,7 +40,7 @@ def one_boot(path: str, n: int, image: str) -> dict:
 
     cfg = load_config(path)
     life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
-    lease, ctx = life.start_vm(JobRequest(str(70000 + n), "0", "atlas001", "atlas", image))
+    lease, ctx = life.start_vm(JobRequest(str(70000 + n), "0", "atlas001", image, "atlas"))
     life.end_vm(lease.slot, job_label=ctx.label)
     p = life.phase.seconds
     to_key = p["guest boot (to host key on console)"]

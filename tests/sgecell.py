@@ -115,9 +115,9 @@ def release_held(job_id: str) -> None:
     assert f"cleared error state of job {job_id}" in out.stdout + out.stderr, out
 
 
-def wait_done(job_id: str, tasks: int = 1) -> list[dict[str, str]]:
+def wait_done(job_id: str, tasks: int = 1, timeout: float = TIMEOUT) -> list[dict[str, str]]:
     return wait_for(lambda: (r := final_records(job_id)) and len(r) >= tasks and r,
-                    f"job {job_id} in qacct")
+                    f"job {job_id} in qacct", timeout=timeout)
 
 
 def virsh(*args: str) -> subprocess.CompletedProcess:

@@ -132,3 +132,49 @@ def test_reconcile_keeps_a_fresh_native_or_reject_context_and_removes_old_ones(t
     os.utime(context_dir(cfg.run_dir, "70.0"), (old, old))
     assert life.reconcile() == [f"remove orphan job context {context_dir(cfg.run_dir, '70.0')}"]
     assert life.reconcile() == []
+
+
+def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
+    """Both slots are being torn down (a live process each) and two jobs start: the first slot
+    freed goes to one of them; the other waits on for the second instead of being rescheduled
+    (seen in a 100-job stress run: 'all 2 VM slots on this node are in use')."""
+    import subprocess
+    import threading
+
+    from vmimagemanager.hypervisor import LibvirtHypervisor
+    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+
+    life, cfg = test_life
+    names = ["s1", "s2"]
+    teardowns = {}
+    for n, slot in enumerate(names):
+        lease, _ = life.leases.allocate([slot], f"5{n}", "0", "atlas001", "atlas")
+        life.leases.transition(slot, LeaseState.TEARING_DOWN, lease.job_label)
+        teardowns[slot] = subprocess.Popen(["sleep", "60"])
+        life.leases.hand_over(slot, lease.job_label, teardowns[slot].pid)
+    got: dict[str, object] = {}
+
+    def start(job_id: str) -> None:
+        starting = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))  # one per process
+        try:
+            got[job_id] = starting._allocate(names, JobRequest(job_id, "0", "cms001", "cms"))[
+                0].slot
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            got[job_id] = exc
+
+    starters = [threading.Thread(target=start, args=(job,)) for job in ("61", "62")]
+    for thread in starters:
+        thread.start()
+    try:
+        for n, slot in enumerate(names):  # the teardowns end one after the other
+            time.sleep(0.5)
+            life.leases.transition(slot, LeaseState.FREE, f"5{n}.0")
+            teardowns[slot].kill()
+            teardowns[slot].wait()
+        for thread in starters:
+            thread.join(30)
+    finally:
+        for proc in teardowns.values():
+            proc.kill()
+            proc.wait()
+    assert sorted(map(str, got.values())) == names, got

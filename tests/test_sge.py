@@ -144,7 +144,7 @@ def submit_gram_job(c: Cell, user: str) -> dict:
     proxy = user_file(jobdir / "x509_up", "GRAM-PROXY-FOR-" + user + "\n", user, 0o600)
     stdin = user_file(workdir / "input.txt", "line from stdin\n", user, 0o644)
     env = {"X509_USER_PROXY": str(proxy), "HOME": str(home(user)), "LOGNAME": user, **CE_ENV}
-    script = gram_sge_script(queue=QUEUE, directory=str(workdir), executable=str(exe),
+    script = gram_sge_script(queue=c.queue, directory=str(workdir), executable=str(exe),
                              arguments=CE_ARGS, stdin=str(stdin), stdout=str(jobdir / "stdout"),
                              stderr=str(jobdir / "stderr"), environment=env,
                              sge_root=SGE_ENV["SGE_ROOT"], sge_cell=SGE_ENV["SGE_CELL"],
@@ -164,7 +164,7 @@ def submit_blah_job(c: Cell, user: str) -> dict:
     user_file(home(user) / staged[1], CE_PAYLOAD, user, 0o644)  # BLAH chmods it u+x itself
     user_file(home(user) / staged[2], "blah stdin\n", user, 0o644)
     shutil.rmtree(home(user) / f"home_{tmp_name}", ignore_errors=True)
-    script = blah_sge_script(queue=QUEUE, tmp_name=tmp_name, command="payload.sh",
+    script = blah_sge_script(queue=c.queue, tmp_name=tmp_name, command="payload.sh",
                              arguments=["blah arg", "two"], stdin="stdin.txt", stdout="out.txt",
                              stderr="err.txt",
                              environment={"GRID_TEST": "from cream", "PAYLOAD_EXIT": "5"},

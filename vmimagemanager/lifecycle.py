@@ -185,21 +185,27 @@ class LifeCycle:
 
     def _allocate(self, names: list[str], request: JobRequest) -> tuple[Lease, bool]:
         """Take a slot; when none is free, first reclaim slots whose holder died (self-healing:
-        a crashed prolog or epilog never costs the node a slot for longer than one job's wait)."""
+        a crashed prolog or epilog never costs the node a slot for longer than one job's wait),
+        then retire a spare of another image, then wait (up to TEARDOWN_WAIT s) for a slot
+        whose VM a live process is destroying. Another starting job may take a slot freed so
+        first: then the next one is waited for, until the deadline."""
         args = (names, request.job_id, request.task_id, request.owner, request.image, request.vo)
-        try:
-            return self.leases.allocate(*args)
-        except NoFreeSlot:
-            if not (self.reclaim_stale() or self.retire_spare(not_image=request.image)
-                    or self._wait_for_teardown(names)):
-                raise
-        return self.leases.allocate(*args)
-
-    def _wait_for_teardown(self, names: list[str]) -> bool:
-        """Wait (up to TEARDOWN_WAIT s) for a slot whose VM a live process is destroying: an
-        epilog hands the destroy to a process of its own and returns, and the batch system may
-        send the next job before that VM is gone. True once such a slot is free."""
         deadline = time.monotonic() + TEARDOWN_WAIT
+        while True:
+            try:
+                return self.leases.allocate(*args)
+            except NoFreeSlot:
+                if time.monotonic() > deadline:
+                    raise
+                if self.reclaim_stale() or self.retire_spare(not_image=request.image):
+                    continue
+                if not self._wait_for_teardown(names, deadline):
+                    raise
+
+    def _wait_for_teardown(self, names: list[str], deadline: float) -> bool:
+        """Wait until `deadline` for a slot whose VM a live process is destroying: an epilog
+        hands the destroy to a process of its own and returns, and the batch system may send
+        the next job before that VM is gone. True once some slot is free."""
         while time.monotonic() < deadline:
             leases = {lease.slot: lease for lease in self.leases.all() if lease.slot in names}
             if len(leases) < len(names):
