@@ -10,7 +10,7 @@ set -euo pipefail
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config gcc
   gridengine-master gridengine-exec gridengine-client
-  busybox-static openssh-client linux-image-amd64 e2fsprogs cpio genisoimage
+  busybox-static openssh-client linux-image-amd64 e2fsprogs cpio genisoimage mmdebstrap lz4
   iproute2 procps psmisc python3-venv python3-dev
 )
 

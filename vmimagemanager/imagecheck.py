@@ -15,7 +15,7 @@ from .config import Config
 from .errors import VmimError
 from .shares import unmounted_report
 
-TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "kill", "rm", "stat")
+TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "mkfifo", "sleep", "kill", "rm", "stat")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from build_images import DEFAULT_CACHE, MIDDLEWARE_VERSION, pool_accounts, pvh_v
 
 SUITE = "bookworm"
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "cloud-init", "ifupdown",
-            "isc-dhcp-client", "netbase", "iproute2", "linux-image-cloud-amd64",
+            "isc-dhcp-client", "netbase", "iproute2", "linux-image-amd64",
             "initramfs-tools", "kmod", "procps", "bash"]
 CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
 DISK_MIB = 2048
@@ -50,13 +50,13 @@ ssh_deletekeys: true
 ssh_fp_console_blacklist: []
 ssh_key_console_blacklist: []
 disable_root: false  # root logs in with the node's admin key (never a job)
-# Only what a batch VM needs, all in the first stage: sshd starts right after it (cloud-init
-# orders it so), and the host key on the console is the host's sign that the VM is ready, so
-# the shares are mounted and the keys in place before the key is printed.
+# Only what a batch VM needs. The host key goes to the console last (final stage): it is the
+# host's sign that the VM is ready, so the shares (config stage) are mounted by then. (Mounting
+# them in the first stage, to print the key earlier, failed: "Activate mounts: FAIL:mount -a".)
 cloud_init_modules: [seed_random, bootcmd, write-files, set_hostname, update_hostname,
-                     update_etc_hosts, users-groups, ssh, mounts, keys-to-console]
-cloud_config_modules: [runcmd]
-cloud_final_modules: [scripts-user, final-message]
+                     update_etc_hosts, users-groups, ssh]
+cloud_config_modules: [mounts, runcmd]
+cloud_final_modules: [scripts-user, keys-to-console, final-message]
 """
 # Units a throwaway batch VM never needs (timers for a long-lived system, consoles, logs on disk).
 MASKED = ["apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
@@ -86,8 +86,10 @@ def input_digest(vo: str, accounts) -> str:
 def customize(root: Path, vo: str, accounts) -> None:
     """The image's configuration, written into the unpacked tree."""
     etc = root / "etc"
-    (etc / "ssh/sshd_config.d").mkdir(parents=True, exist_ok=True)
-    (etc / "ssh/sshd_config.d/vmimagemanager.conf").write_text(SSHD_CONFIG)
+    # In sshd_config itself: cloud-init 22.4 looks for AuthorizedKeysFile there only (not in
+    # sshd_config.d), and would otherwise write the keys to ~/.ssh (seen: "Permission denied").
+    with open(etc / "ssh/sshd_config", "a") as f:
+        f.write(SSHD_CONFIG)
     (etc / "ssh/authorized_keys").mkdir(exist_ok=True)
     for key in glob.glob(str(etc / "ssh/ssh_host_*")):
         os.unlink(key)
