@@ -20,13 +20,14 @@ test: deps
 bench: deps
 	bash harness/libvirt-up.sh
 	cd benchmarks && $(PY) overhead.py --jobs 3
+	cd benchmarks && $(PY) boot.py --jobs 3
 	cd benchmarks && $(PY) overlay_vs_copy.py
 
-# Through the real SGE cell: start latency (3 jobs), the 100-job stress run (~20 min, TCG), the
-# chaos run, and warm spares against the cold path in one run (~25 min).
+# Through the real SGE cell: start latency (3 jobs), the 100-job stress run (~7 min, TCG; writes
+# results/stress-timeline.png), the chaos run, and warm spares against the cold path in one run.
 bench-sge: deps
 	bash harness/libvirt-up.sh
 	cd benchmarks && $(PY) sge_stress.py latency --jobs 3
-	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2 --vm-seconds 17
+	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2
 	cd benchmarks && $(PY) chaos.py --jobs 100 --slots 2 --seed 11
 	cd benchmarks && $(PY) spares.py --jobs 100 --latency-jobs 3 --job-slots 2
