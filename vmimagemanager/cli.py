@@ -191,6 +191,21 @@ def cmd_print_config(cfg: Config, args) -> int:
     return 0
 
 
+def cmd_import_legacy(file: str) -> int:
+    from .legacy import convert
+
+    try:
+        with open(file, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VmimError(f"cannot read {file}: {exc}") from None
+    converted, warnings = convert(text, file)
+    for line in warnings:
+        print(f"vmimagemanager: {line}", file=sys.stderr)
+    print(converted, end="")
+    return 0
+
+
 def cmd_exec(cfg: Config, args) -> int:
     from .guest import Endpoint, connect
     from .lifecycle import admin_key
@@ -286,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reconcile", help="compare leases, domains and files; remove orphans")
     s.add_argument("--dry-run", action="store_true", help="only say what would be done")
     sub.add_parser("print-config", help="print the validated configuration")
+    s = sub.add_parser("config", help="configuration tools (needs no configuration file)")
+    csub = s.add_subparsers(dest="config_command", required=True)
+    s = csub.add_parser("import-legacy", help="print the original vmimagemanager's INI "
+                        "configuration as this tool's YAML (warnings on stderr)")
+    s.add_argument("file")
     s = sub.add_parser("exec", help="run a command in a slot's VM (as root, or --user)")
     s.add_argument("slot")
     s.add_argument("--user", help="run as this account in the guest")
@@ -323,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sge":
             return cmd_sge(path, args)
+        if args.command == "config":
+            return cmd_import_legacy(args.file)
         cfg = load_config(path)
         return COMMANDS[args.command](cfg, args)
     except VmimError as exc:
