@@ -106,7 +106,7 @@ class HostKeyMismatch(GuestError):
     """The guest presented another host key than the one on its console: never retried."""
 
 
-def _ssh_options(endpoint: Endpoint, private: str) -> list[str]:
+def _ssh_options(endpoint: Endpoint, private: str, log_level: str = "ERROR") -> list[str]:
     """What every ssh of ours passes: no configuration files, no agent, batch mode, and the
     pinned host key (in `private`/known_hosts, written by connect) as the only known one."""
     return ["ssh", "-F", "/dev/null", "-T", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
@@ -114,7 +114,7 @@ def _ssh_options(endpoint: Endpoint, private: str) -> list[str]:
             "-o", f"UserKnownHostsFile={private}/known_hosts",
             "-o", "GlobalKnownHostsFile=/dev/null", "-o", f"HostKeyAlias={HOST_ALIAS}",
             "-o", f"HostKeyAlgorithms={endpoint.host_key.split()[0]}",
-            "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no", "-o", "LogLevel=ERROR",
+            "-o", "CheckHostIP=no", "-o", "UpdateHostKeys=no", "-o", f"LogLevel={log_level}",
             "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
             "-p", str(endpoint.port), "-l", endpoint.user]
 
@@ -258,9 +258,9 @@ class GuestSession:
         self._master.stderr.close()
         shutil.rmtree(self._private, ignore_errors=True)
 
-    def _argv(self, command: str) -> list[str]:
+    def _argv(self, command: str, log_level: str = "ERROR") -> list[str]:
         # no -i: if the master is gone, ssh's own fallback to a new connection cannot log in
-        return [*_ssh_options(self.endpoint, self._private), "-o", "ControlMaster=no",
+        return [*_ssh_options(self.endpoint, self._private, log_level), "-o", "ControlMaster=no",
                 "-S", self._control, self.endpoint.host, command]
 
     def _closed(self) -> GuestError | None:
@@ -313,8 +313,8 @@ class GuestSession:
         if (closed := self._closed()) is not None:
             raise closed
         self._files = f"/tmp/.vmim-{secrets.token_hex(8)}"
-        argv_ssh = self._argv(remote_command(argv, env or {}, cwd, self._files))
-        argv_ssh[argv_ssh.index("LogLevel=ERROR")] = "LogLevel=QUIET"  # the job's stderr
+        # ssh's own messages would land in the job's stderr: QUIET (failures show as 255)
+        argv_ssh = self._argv(remote_command(argv, env or {}, cwd, self._files), "QUIET")
         proc = subprocess.Popen(argv_ssh, stdin=subprocess.DEVNULL if stdin_fd is None
                                 else stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
                                 process_group=0)  # the starter's signals are handled here

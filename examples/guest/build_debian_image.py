@@ -19,7 +19,6 @@ import argparse
 import glob
 import grp
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -27,7 +26,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from build_images import DEFAULT_CACHE, MIDDLEWARE_VERSION, pool_accounts, pvh_vmlinux
+from build_images import (
+    DEFAULT_CACHE,
+    MIDDLEWARE_VERSION,
+    make_disk,
+    pool_accounts,
+    print_result,
+    publish,
+    write_kernel,
+)
 
 SUITE = "bookworm"
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "cloud-init", "ifupdown",
@@ -139,26 +146,12 @@ def build(cache: Path, vo: str) -> Path:
         staging.mkdir()
         (vmlinuz,) = glob.glob(str(root / "boot/vmlinuz-*"))
         (initrd,) = glob.glob(str(root / "boot/initrd.img-*"))
-        bzimage = Path(vmlinuz).read_bytes()
-        vmlinux = pvh_vmlinux(bzimage)
-        kernel = "vmlinux" if vmlinux else "vmlinuz"
-        (staging / kernel).write_bytes(vmlinux or bzimage)
+        kernel = write_kernel(vmlinuz, staging)
         shutil.copy2(initrd, staging / "initrd.img")
-        raw = work / "disk.raw"
-        with open(raw, "wb") as handle:
-            handle.truncate(DISK_MIB * 1024 * 1024)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "vmimroot", "-d", str(root), str(raw)],
-                       check=True)
-        subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw),
-                        str(staging / "disk.qcow2")], check=True)
-        manifest = {"kernel": kernel, "initrd": "initrd.img", "cmdline": CMDLINE,
-                    "disk": "disk.qcow2", "vo": vo, "suite": SUITE,
-                    "accounts": [a.pw_name for a in accounts]}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in staging.iterdir():
-            os.chmod(path, 0o644)
-        os.chmod(staging, 0o755)
-        staging.rename(out)
+        make_disk(root, staging / "disk.qcow2", DISK_MIB, features=())
+        publish(staging, {"kernel": kernel, "initrd": "initrd.img", "cmdline": CMDLINE,
+                          "disk": "disk.qcow2", "vo": vo, "suite": SUITE,
+                          "accounts": [a.pw_name for a in accounts]}, out)
     return out
 
 
@@ -168,13 +161,7 @@ def main() -> None:
     parser.add_argument("--vo", default="atlas")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    out = build(Path(args.cache), args.vo)
-    if args.json:
-        manifest = json.loads((out / "manifest.json").read_text())
-        manifest["dir"] = str(out)
-        print(json.dumps(manifest))
-    else:
-        print(out)
+    print_result(build(Path(args.cache), args.vo), args.json)
 
 
 if __name__ == "__main__":

@@ -226,12 +226,14 @@ def make_rootfs(root: Path, vo: str, accounts: list[pwd.struct_passwd], sshd: bo
         (etc / "vmim-no-sshd").write_text("test image: sshd deliberately not started\n")
 
 
-def make_disk(root: Path, qcow2: Path) -> None:
+def make_disk(root: Path, qcow2: Path, mib: int = DISK_MIB,
+              features: tuple[str, ...] = ("-O", "^metadata_csum,^has_journal")) -> None:
+    """An ext4 file system (label vmimroot) made from the tree `root`, as a qcow2 image."""
     raw = qcow2.with_suffix(".raw")
     with open(raw, "wb") as handle:  # mkfs.ext4 -d wants the file to exist (else it says so)
-        handle.truncate(DISK_MIB * 1024 * 1024)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum,^has_journal", "-L", "vmimroot",
-                    "-d", str(root), str(raw)], check=True)
+        handle.truncate(mib * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *features, "-L", "vmimroot", "-d", str(root),
+                    str(raw)], check=True)
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
     raw.unlink()
 
@@ -317,10 +319,7 @@ def build(cache: Path, vos: list[str]) -> Path:
         work = Path(tmp)
         staging = work / "out"
         staging.mkdir()
-        bzimage = Path(f"/boot/vmlinuz-{release}").read_bytes()
-        vmlinux = pvh_vmlinux(bzimage)
-        kernel = "vmlinux" if vmlinux else "vmlinuz"
-        (staging / kernel).write_bytes(vmlinux or bzimage)
+        kernel = write_kernel(Path(f"/boot/vmlinuz-{release}"), staging)
         make_initramfs(release, staging / "initrd.img", work)
         images = {}
         variants = [(vo, vo, True) for vo in vos] + [(f"{vos[0]}-nossh", vos[0], False)]
@@ -332,12 +331,37 @@ def build(cache: Path, vos: list[str]) -> Path:
         manifest = {"kernel": kernel, "initrd": "initrd.img", "cmdline": CMDLINE,
                     "kernel_release": release, "images": images,
                     "accounts": [a.pw_name for a in accounts]}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for path in staging.iterdir():
-            os.chmod(path, 0o644)
-        os.chmod(staging, 0o755)
-        staging.rename(out)
+        publish(staging, manifest, out)
     return out
+
+
+def write_kernel(bzimage_path: Path | str, staging: Path) -> str:
+    """The kernel into `staging`: its PVH vmlinux if it has one, else the bzImage; the name."""
+    bzimage = Path(bzimage_path).read_bytes()
+    vmlinux = pvh_vmlinux(bzimage)
+    kernel = "vmlinux" if vmlinux else "vmlinuz"
+    (staging / kernel).write_bytes(vmlinux or bzimage)
+    return kernel
+
+
+def publish(staging: Path, manifest: dict, out: Path) -> None:
+    """Write the manifest, make everything world-readable, and move the build into the cache
+    under its final name in one rename (a half-built directory is never found there)."""
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in staging.iterdir():
+        os.chmod(path, 0o644)
+    os.chmod(staging, 0o755)
+    staging.rename(out)
+
+
+def print_result(out: Path, as_json: bool) -> None:
+    """The output directory, or its manifest with "dir" added (--json)."""
+    if as_json:
+        manifest = json.loads((out / "manifest.json").read_text())
+        manifest["dir"] = str(out)
+        print(json.dumps(manifest))
+    else:
+        print(out)
 
 
 def main() -> None:
@@ -346,13 +370,7 @@ def main() -> None:
     parser.add_argument("--vo", action="append", dest="vos")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    out = build(Path(args.cache), args.vos or list(DEFAULT_VOS))
-    if args.json:
-        manifest = json.loads((out / "manifest.json").read_text())
-        manifest["dir"] = str(out)
-        print(json.dumps(manifest))
-    else:
-        print(out)
+    print_result(build(Path(args.cache), args.vos or list(DEFAULT_VOS)), args.json)
 
 
 if __name__ == "__main__":
