@@ -64,3 +64,16 @@ def test_overlay_is_backed_by_golden_and_private(tmp_path, disk):
     assert str(disk) in info
     assert overlay.stat().st_mode & 0o077 == 0
     assert overlay.stat().st_size < 1024 * 1024
+
+
+def test_boot_loader_settings_without_a_kernel_are_refused(tmp_path, disk):
+    store = ImageStore(tmp_path / "images")
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"initrd")
+    for kwargs in ({"initrd": initrd}, {"cmdline": "console=ttyS0"}):
+        with pytest.raises(ImageError, match="needs --kernel"):
+            store.import_image("sl6-disk", disk, **kwargs)
+    assert not store.exists("sl6-disk")
+    image = store.import_image("sl6-disk", disk)  # a disk that boots by itself
+    assert (image.kernel, image.initrd, image.cmdline) == (None, None, None)
+    assert image.boot_spec(store.image_dir).kernel is None

@@ -161,6 +161,10 @@ class ImageStore:
         if self.exists(name):
             raise ImageError(f"image {name!r} already exists; remove it first or pick "
                              "another name")
+        if kernel is None and (initrd is not None or cmdline):
+            raise ImageError("an initrd or a kernel command line needs --kernel: a disk-boot "
+                             "image's own boot loader holds them; leave them out, or give the "
+                             "kernel for direct kernel boot")
         for path in (source, kernel, initrd):
             if path is not None and not path.is_file():
                 raise ImageError(f"{path}: no such file")

@@ -138,7 +138,7 @@ def input_digest(vos: list[str], release: str, accounts: list[pwd.struct_passwd]
     h.update((sshd_root / "usr/sbin/sshd").read_bytes())
     for path in [Path(__file__), HERE / "guest-init.sh", HERE / "initramfs-init.sh"]:
         h.update(path.read_bytes())
-    for path in BINARIES + [f"/boot/vmlinuz-{release}"]:
+    for path in BINARIES + [f"/boot/vmlinuz-{release}", SYSLINUX_MBR]:
         st = os.stat(path)
         h.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(repr((vos, [tuple(a) for a in accounts], MODULES, CMDLINE, DISK_MIB)).encode())
@@ -238,6 +238,60 @@ def make_disk(root: Path, qcow2: Path, mib: int = DISK_MIB,
     raw.unlink()
 
 
+SYSLINUX_MBR = "/usr/lib/syslinux/mbr/mbr.bin"
+BOOT_START = 2048  # sectors: where the first partition starts, as partitioning tools align it
+BOOT_MIB = 40  # the FAT boot partition: bzImage (~8 MiB) and the uncompressed initramfs
+
+
+def make_bootable_disk(root: Path, qcow2: Path, bzimage: Path, initrd: Path,
+                       cmdline: str) -> None:
+    """A disk that boots by itself, as a site's SL/EL cloud image does (no --kernel): an MBR
+    partition table, boot code in the MBR, partition 1 FAT with SYSLINUX, the kernel, the
+    initramfs and the boot loader's configuration (the kernel command line lives in the image),
+    partition 2 the ext4 root file system. Made without mounting anything or loop devices:
+    sfdisk, mkfs.vfat/mtools and `syslinux --offset` work on the file (EL images carry GRUB on
+    an XFS or ext4 /boot instead; vmimagemanager only asks the firmware to boot the disk).
+    """
+    sector = 512
+    boot_bytes = BOOT_MIB << 20
+    root_offset = BOOT_START * sector + boot_bytes
+    raw = qcow2.with_suffix(".raw")
+    part = qcow2.with_suffix(".root")
+    with open(part, "wb") as handle:
+        handle.truncate(DISK_MIB << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-O", "^metadata_csum,^has_journal", "-L",
+                    "vmimroot", "-d", str(root), str(part)], check=True)
+    with open(raw, "wb") as handle:
+        handle.truncate(root_offset + (DISK_MIB << 20))
+    layout = (f"label: dos\nunit: sectors\n"
+              f"start={BOOT_START}, size={boot_bytes // sector}, type=c, bootable\n"
+              f"start={root_offset // sector}, type=83\n")
+    subprocess.run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(raw)],
+                   input=layout, text=True, check=True)
+    with open(raw, "r+b") as disk, open(part, "rb") as ext4:  # the root partition into place
+        disk.seek(root_offset)
+        shutil.copyfileobj(ext4, disk, 4 << 20)
+        disk.seek(0)
+        disk.write(Path(SYSLINUX_MBR).read_bytes()[:440])  # boot code only: keeps the table
+    part.unlink()
+    fat = f"{raw}@@{BOOT_START * sector}"
+    subprocess.run(["mkfs.vfat", "-F", "16", "-n", "VMIMBOOT", "--offset", str(BOOT_START),
+                    "-h", str(BOOT_START), str(raw), str(boot_bytes // 1024)],
+                   check=True, capture_output=True)
+    config = (f"SERIAL 0 115200\nDEFAULT linux\nPROMPT 0\nTIMEOUT 0\nLABEL linux\n"
+              f"  KERNEL vmlinuz\n  INITRD initrd.img\n  APPEND {cmdline} root=/dev/vda2\n")
+    cfg = qcow2.with_suffix(".cfg")
+    cfg.write_text(config)
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    for source, name in [(bzimage, "vmlinuz"), (initrd, "initrd.img"), (cfg, "syslinux.cfg")]:
+        subprocess.run(["mcopy", "-i", fat, str(source), f"::{name}"], check=True, env=env)
+    cfg.unlink()
+    subprocess.run(["syslinux", "--install", "--offset", str(BOOT_START * sector), str(raw)],
+                   check=True, env=env)
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2)], check=True)
+    raw.unlink()
+
+
 # Where the compressed kernel starts in a bzImage, by compressor: the magic, and how to unpack
 # it (Debian's linux-image-amd64 is XZ, linux-image-cloud-amd64 LZ4 in its legacy frame).
 KERNEL_STREAMS = [(b"\xfd7zXZ\x00", None), (b"\x02\x21\x4c\x18", ["lz4", "-dc"]),
@@ -327,7 +381,14 @@ def build(cache: Path, vos: list[str]) -> Path:
             root = work / f"root-{name}"
             make_rootfs(root, vo, accounts, sshd, sshd_root)
             make_disk(root, staging / f"{name}.qcow2")
-            images[name] = {"disk": f"{name}.qcow2", "vo": vo, "sshd": sshd}
+            images[name] = {"disk": f"{name}.qcow2", "vo": vo, "sshd": sshd, "boot": "kernel"}
+        # The first VO's image once more, as a disk that boots by itself (import it without
+        # --kernel): its root file system is the same tree.
+        disk_boot = f"{vos[0]}-diskboot"
+        make_bootable_disk(work / f"root-{vos[0]}", staging / f"{disk_boot}.qcow2",
+                           Path(f"/boot/vmlinuz-{release}"), staging / "initrd.img", CMDLINE)
+        images[disk_boot] = {"disk": f"{disk_boot}.qcow2", "vo": vos[0], "sshd": True,
+                             "boot": "disk"}
         manifest = {"kernel": kernel, "initrd": "initrd.img", "cmdline": CMDLINE,
                     "kernel_release": release, "images": images,
                     "accounts": [a.pw_name for a in accounts]}

@@ -10,9 +10,14 @@ mount -t devtmpfs devtmpfs /dev
 while read -r mod; do
   insmod "/modules/$mod.ko" 2>/dev/null
 done < /modules.order
-for i in $(seq 1 50); do [ -b /dev/vda ] && break; sleep 0.1; done
-if ! mount -t ext4 /dev/vda /newroot; then
-  echo "vmim-initramfs: cannot mount /dev/vda; powering off"
+# root=DEVICE on the kernel command line (a disk-boot image's partition), else the whole disk
+root=/dev/vda
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in root=/dev/*) root="${arg#root=}" ;; esac
+done
+for i in $(seq 1 50); do [ -b "$root" ] && break; sleep 0.1; done
+if ! mount -t ext4 "$root" /newroot; then
+  echo "vmim-initramfs: cannot mount $root; powering off"
   poweroff -f
 fi
 umount /proc /sys
