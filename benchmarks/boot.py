@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Cold boot of the test image by kernel form, both measured in one run on the same machine.
+"""Cold boot of the test image by boot form, all measured in one run on the same machine.
 
 "compressed": the Debian bzImage (XZ) and a gzip'd initramfs, as the test image was built before;
 "pvh": the uncompressed vmlinux with its PVH entry and the initramfs uncompressed, as it is built
-now. Jobs alternate between the two forms (same disk, same domain, same slot), each through the
+now; "disk": the same root file system as a disk that boots by itself (SeaBIOS, SYSLINUX, the
+bzImage; imported without --kernel, as sites' SL/EL cloud images are). Jobs alternate between
+the forms (same root file system, same domain, same slot), each through the
 library's own start path: QEMU start -> host key on the console -> login done (a real ssh login
 as the job's account), then the slot's teardown.
 Usage: benchmarks/boot.py [--jobs 3]    (jobs per form)
@@ -31,6 +33,11 @@ def add_compressed_image(cfg, manifest: dict, work) -> None:
     ImageStore(cfg.image_dir).import_image(
         "atlas-compressed", d / manifest["images"]["atlas"]["disk"], kernel=kernel,
         initrd=initrd, cmdline=manifest["cmdline"])
+    ImageStore(cfg.image_dir).import_image(
+        "atlas-diskboot", d / manifest["images"]["atlas-diskboot"]["disk"])
+
+
+FORMS = {"atlas-compressed": "compressed", "atlas": "pvh", "atlas-diskboot": "disk"}
 
 
 def one_boot(path: str, n: int, image: str) -> dict:
@@ -44,7 +51,7 @@ def one_boot(path: str, n: int, image: str) -> dict:
     life.end_vm(lease.slot, job_label=ctx.label)
     p = life.phase.seconds
     to_key = p["guest boot (to host key on console)"]
-    return {"form": "compressed" if image == "atlas-compressed" else "pvh", "job": n,
+    return {"form": FORMS[image], "job": n,
             "to host key": to_key, "host key -> login": p["wait for ssh"],
             "QEMU start -> login": to_key + p["wait for ssh"]}
 
@@ -58,21 +65,24 @@ def main() -> None:
         add_compressed_image(cfg, build_images(), base)
         rows = []
         for n in range(args.jobs):
-            for image in ("atlas-compressed", "atlas"):
-                rows.append(one_boot(str(path), 2 * n + (image == "atlas"), image))
+            for k, image in enumerate(FORMS):
+                rows.append(one_boot(str(path), len(FORMS) * n + k, image))
                 time.sleep(0.5)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     columns = ["form", "job", "to host key", "host key -> login", "QEMU start -> login"]
     medians = []
-    for form in ("compressed", "pvh"):
+    for form in FORMS.values():
         mine = [r for r in rows if r["form"] == form]
         medians.append({"form": form, "job": "median",
                         **{c: statistics.median(r[c] for r in mine) for c in columns[2:]}})
-    ratio = medians[1]["QEMU start -> login"] / medians[0]["QEMU start -> login"]
+    login = {m["form"]: m["QEMU start -> login"] for m in medians}
+    ratios = {"pvh/compressed": login["pvh"] / login["compressed"],
+              "disk/pvh": login["disk"] / login["pvh"]}
     print("Cold boot of the test image (seconds), TCG or KVM as the machine has it")
-    report("boot", [*rows, *medians], columns, {"pvh/compressed": ratio})
-    print(f"pvh / compressed (QEMU start -> login): {ratio:.2f}")
+    report("boot", [*rows, *medians], columns, ratios)
+    for name, ratio in ratios.items():
+        print(f"{name} (QEMU start -> login): {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -95,11 +95,12 @@ def cmd_images(cfg: Config, args) -> int:
 
     store = ImageStore(cfg.image_dir)
     if args.images_command == "import":
-        image = store.import_image(args.name, Path(args.file),
-                                   kernel=Path(args.kernel) if args.kernel else None,
-                                   initrd=Path(args.initrd) if args.initrd else None,
-                                   cmdline=args.cmdline,
-                                   progress=_progress_bar(f"importing {args.name}"))
+        with store.lock():
+            image = store.import_image(args.name, Path(args.file),
+                                       kernel=Path(args.kernel) if args.kernel else None,
+                                       initrd=Path(args.initrd) if args.initrd else None,
+                                       cmdline=args.cmdline,
+                                       progress=_progress_bar(f"importing {args.name}"))
         print(f"imported {image.name}: {image.disk} ({image.format}) "
               f"sha256 {image.sha256[image.disk][:16]}...")
         return 0
@@ -110,6 +111,7 @@ def cmd_images(cfg: Config, args) -> int:
             rows.append({"name": image.name, "format": image.format,
                          "size_mib": size >> 20, "boot": "kernel" if image.kernel else "disk",
                          "sha256": image.sha256.get(image.disk, "")[:16],
+                         "catalog": image.catalog,
                          "imported": time.strftime("%Y-%m-%d %H:%M",
                                                    time.localtime(image.imported_at))})
         print(json.dumps(rows, indent=2) if args.json else
@@ -125,24 +127,42 @@ def cmd_images(cfg: Config, args) -> int:
             print(problem, file=sys.stderr)
         return 1 if problems else 0
     if args.images_command == "remove":
-        from .states import LeaseState
+        from .catalog import remove_image
 
-        store.get(args.name)  # an unknown name says so before anything is done
-        life = _life(cfg)
-        for lease in life.leases.all():  # idle spares of the image go with it
-            if lease.is_spare and lease.state is LeaseState.SPARE and lease.image == args.name:
-                life.retire_spare(slot=lease.slot)
-                print(f"retired spare {lease.job_label} in slot {lease.slot}")
-        users = [f"job {lease.job_label} (slot {lease.slot})"
-                 for lease in life.leases.all() if lease.image == args.name]
-        store.remove(args.name, users)
-        print(f"removed image {args.name}")
+        with store.lock():
+            for line in remove_image(_life(cfg), args.name):
+                print(line)
         return 0
+    if args.images_command in ("sync", "publish", "unpublish"):
+        return _catalog_command(cfg, store, args)
     if args.images_command == "check":
         from .imagecheck import check_image
 
         return check_image(cfg, args.name, args.user, json_output=args.json)
     raise AssertionError(args.images_command)
+
+
+def _catalog_command(cfg: Config, store, args) -> int:
+    from . import catalog
+
+    directory = Path(args.catalog)
+    if args.images_command == "publish":
+        print(catalog.publish(store, args.name, directory))
+        return 0
+    if args.images_command == "unpublish":
+        print(catalog.unpublish(args.name, directory))
+        return 0
+    catalog.wait_splay(args.splay)
+    report = catalog.sync_with_lock(_life(cfg), directory, dry_run=args.dry_run)
+    if report is None:
+        print("another 'images sync' or import is running on this node; this run did nothing "
+              "(the next one catches up)")
+        return 0
+    for line in report.done:  # problems and warnings went to stderr and syslog as logged
+        print(line)
+    print(f"{directory}: {len(report.done)} change(s), {report.unchanged} image(s) unchanged, "
+          f"{len(report.problems)} problem(s)")
+    return 1 if report.problems else 0
 
 
 def cmd_up(cfg: Config, args) -> int:
@@ -280,6 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("names", nargs="*")
     i = isub.add_parser("remove", help="remove an image (refused while a lease uses it)")
     i.add_argument("name")
+    i = isub.add_parser("sync", help="import new and changed images from a catalog on a "
+                        "shared file system, remove those that left it (cron-safe)")
+    i.add_argument("catalog", help="the catalog directory (holds images.yaml)")
+    i.add_argument("--dry-run", action="store_true", help="say what would be done")
+    i.add_argument("--splay", type=float, default=0.0, metavar="SECONDS",
+                   help="wait a random time up to SECONDS first (many nodes' cron runs)")
+    i = isub.add_parser("publish", help="put a local image into a catalog directory")
+    i.add_argument("name")
+    i.add_argument("catalog")
+    i = isub.add_parser("unpublish", help="take an image out of a catalog directory")
+    i.add_argument("name")
+    i.add_argument("catalog")
     i = isub.add_parser("check", help="boot an image once and report which guest "
                         "requirements it meets")
     i.add_argument("name")

@@ -8,14 +8,17 @@ golden image, created in milliseconds whatever the image's size and deleted at r
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import valid_name
@@ -41,6 +44,11 @@ class Image:
     # file name -> [size, mtime_ns] at import: a cheap check before every use (sha256 is for
     # `images verify`); empty in records written by earlier versions (no check then).
     stats: dict[str, list[int]] = field(default_factory=dict)
+    # Set by `images sync`: the catalog directory this image comes from (only such images are
+    # updated or retired by a sync), and files of earlier versions that running VMs may still
+    # use (file name -> when they were superseded), deleted once nothing uses them.
+    catalog: str = ""
+    superseded: dict[str, float] = field(default_factory=dict)
 
     def boot_spec(self, image_dir: Path) -> BootSpec:
         return BootSpec(
@@ -154,11 +162,34 @@ class ImageStore:
     def disk_path(self, image: Image) -> Path:
         return self.image_dir / image.disk
 
+    @contextmanager
+    def lock(self, wait: bool = True) -> Iterator[bool]:
+        """The node's image store lock (imports, removals, syncs): yields False at once if
+        another process holds it and `wait` is False."""
+        self.ensure_dir()
+        with open(self.image_dir / ".lock", "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+
     def import_image(self, name: str, source: Path, *, kernel: Path | None = None,
                      initrd: Path | None = None, cmdline: str | None = None,
-                     progress: Progress | None = None) -> Image:
+                     progress: Progress | None = None, expected: dict[str, str] | None = None,
+                     catalog: str = "", update: bool = False) -> Image:
+        """Copy an image's files in, hashing them; the record is written last (an image is
+        there whole or not at all).
+
+        For `images sync`: `expected` (role -> sha256, from the catalog) discards a copy whose
+        sum differs; with `catalog`, file names carry their content's sum (NAME-<12 hex>.EXT),
+        so that `update` writes a changed image beside the files running VMs still use (they
+        become `superseded`) and files whose sum did not change are kept, not copied again.
+        """
         check_image_name(name)
-        if self.exists(name):
+        old = self.get(name) if self.exists(name) else None
+        if old is not None and not update:
             raise ImageError(f"image {name!r} already exists; remove it first or pick "
                              "another name")
         if kernel is None and (initrd is not None or cmdline):
@@ -170,32 +201,65 @@ class ImageStore:
                 raise ImageError(f"{path}: no such file")
         fmt = disk_format(source)
         self.ensure_dir()
-        files = {"disk": (source, f"{name}.{fmt}"), "kernel": (kernel, f"{name}.kernel"),
-                 "initrd": (initrd, f"{name}.initrd")}
+        roles = {"disk": (source, fmt), "kernel": (kernel, "kernel"), "initrd": (initrd, "initrd")}
+        kept = {role: getattr(old, role) for role in roles
+                if old is not None and expected and getattr(old, role)
+                and old.sha256.get(getattr(old, role)) == expected.get(role)}
+        names: dict[str, str] = {}
         sums: dict[str, str] = {}
         written: list[Path] = []
         try:
-            for role, (src, target_name) in files.items():
+            for role, (src, ext) in roles.items():
                 if src is None:
                     continue
-                target = self.image_dir / target_name
-                tmp = target.with_name(f".{target_name}.part")
+                if role in kept:
+                    names[role] = kept[role]
+                    sums[kept[role]] = old.sha256[kept[role]]
+                    continue
+                tmp = self.image_dir / f".{name}.{ext}.part"
                 written.append(tmp)
-                sums[target_name] = copy_with_hash(src, tmp, progress if role == "disk" else None)
+                digest = copy_with_hash(src, tmp, progress if role == "disk" else None)
+                want = (expected or {}).get(role, digest)
+                if digest != want:
+                    raise ImageError(f"{src}: sha256 {digest[:16]}... is not the {want[:16]}... "
+                                     "the catalog gives; not imported (is the file still being "
+                                     "written? the next sync tries again)")
+                names[role] = f"{name}-{digest[:12]}.{ext}" if catalog else f"{name}.{ext}"
+                sums[names[role]] = digest
                 os.chmod(tmp, 0o644)
-                tmp.rename(target)
-                written[-1] = target
-            image = Image(name=name, disk=f"{name}.{fmt}", format=fmt, sha256=sums,
-                          kernel=f"{name}.kernel" if kernel else None,
-                          initrd=f"{name}.initrd" if initrd else None,
-                          cmdline=cmdline, imported_at=time.time(), source=str(source),
-                          stats=self._stats(sums))
+                tmp.rename(self.image_dir / names[role])
+                written[-1] = self.image_dir / names[role]
+            now = time.time()
+            superseded = dict(old.superseded) if old else {}
+            superseded.update({f: now for f in (old.sha256 if old else {}) if f not in sums})
+            image = Image(name=name, disk=names["disk"], format=fmt, sha256=sums,
+                          kernel=names.get("kernel"), initrd=names.get("initrd"),
+                          cmdline=cmdline, imported_at=now, source=str(source),
+                          stats=self._stats(sums), catalog=catalog,
+                          superseded={f: t for f, t in superseded.items() if f not in sums})
             self._write_record(image)
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
         return image
+
+    def purge_superseded(self, in_use: set[str], grace: float) -> list[str]:
+        """Delete files of earlier image versions that no overlay uses (`in_use`: file names)
+        and that were superseded more than `grace` seconds ago; one line per file deleted."""
+        done = []
+        for image in self.list():
+            gone = {f for f, when in image.superseded.items()
+                    if f not in in_use and time.time() - when > grace}
+            if not gone:
+                continue
+            for file_name in sorted(gone):
+                (self.image_dir / file_name).unlink(missing_ok=True)
+                done.append(f"deleted {file_name}, a file of an earlier version of "
+                            f"{image.name} that no VM uses any more")
+            self._write_record(replace(image, superseded={
+                f: t for f, t in image.superseded.items() if f not in gone}))
+        return done
 
     def _write_record(self, image: Image) -> None:
         path = self._record_path(image.name)
@@ -224,7 +288,7 @@ class ImageStore:
             raise ImageError(f"image {name!r} is in use by {', '.join(in_use_by)}; wait for "
                              "those jobs or 'vmimagemanager down' the slots first")
         self._record_path(name).unlink()
-        for file_name in image.sha256:
+        for file_name in [*image.sha256, *image.superseded]:
             (self.image_dir / file_name).unlink(missing_ok=True)
 
     def store_from_disk(self, name: str, disk: Path, base: Image) -> Image:
@@ -264,6 +328,23 @@ class ImageStore:
             if not self.exists(name):
                 for path in copied:
                     path.unlink(missing_ok=True)
+
+
+def overlay_backing(overlay: Path) -> str | None:
+    """The backing file an overlay names, read from its qcow2 header (None if it is not a
+    readable qcow2 file): which golden files running VMs use, read from the disk itself."""
+    try:
+        with open(overlay, "rb") as handle:
+            header = handle.read(20)
+            if len(header) < 20 or header[:4] != b"QFI\xfb":
+                return None
+            offset, size = struct.unpack(">QI", header[8:20])
+            if not offset or not 0 < size <= 4096:
+                return None
+            handle.seek(offset)
+            return handle.read(size).decode(errors="replace")
+    except OSError:
+        return None
 
 
 def prepare_overlay(golden: Path, golden_format: str, overlay: Path) -> None:
