@@ -11,7 +11,7 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config gcc
   gridengine-master gridengine-exec gridengine-client
   busybox-static openssh-client linux-image-amd64 e2fsprogs cpio genisoimage mmdebstrap lz4
-  syslinux syslinux-common mtools dosfstools fdisk
+  syslinux syslinux-common mtools dosfstools fdisk socat
   iproute2 procps psmisc python3-venv python3-dev
 )
 

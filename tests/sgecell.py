@@ -188,7 +188,7 @@ class VmCell(Cell):
 
 def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None = None,
                  small_overlay_fs: bool = False, slots: int = 2,
-                 queue_slots: int | None = None) -> VmCell:
+                 queue_slots: int | None = None, hosts: tuple[str, ...] = ()) -> VmCell:
     """A configuration with `slots` VM slots (2) and a VM queue with `queue_slots` job slots
     (as many) on the running cell, installed as a site would."""
     from conftest import (
@@ -218,6 +218,7 @@ def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None
     Path(JOB).write_text(JOB_SCRIPT)
     os.chmod(JOB, 0o755)
     sized = ["--slots", str(queue_slots)] if queue_slots else []
+    sized += ["--hosts", *hosts] if hosts else []
     r = subprocess.run([CLI, "--config", str(path), "sge", "install-queue", "--queue", queue,
                         "--wrapper-dir", str(base / "libexec"), *sized],
                        capture_output=True, text=True, env={**os.environ, **SGE_ENV})

@@ -86,6 +86,7 @@ def test_a_published_image_reaches_every_node_verified_even_all_at_once(site):
              for n in "bbc"]
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert [rc for rc, _, _ in results] == [0, 0, 0], results
+    assert sum(out.startswith("imported atlas (sha256 ") for _, out, _ in results) >= 2, results
     for name in "bc":
         image = nodes[name].store.get("atlas")
         source = nodes["a"].store.get("atlas")

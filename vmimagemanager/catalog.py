@@ -294,7 +294,8 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
         except ImageError as exc:
             report.problems.append(f"image {name}: {exc}")
             continue
-        line = f"{action}d {name} (sha256 {entry.sha256['disk'][:16]}...)"
+        line = f"{action}{'ed' if action == 'import' else 'd'} {name} (sha256 " \
+               f"{entry.sha256['disk'][:16]}...)"
         if image.superseded:
             line += "; VMs running on the earlier version keep it until they end"
         report.done.append(line)
