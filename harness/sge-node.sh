@@ -23,6 +23,17 @@ master=$(cat "$SGE_ROOT/$SGE_CELL/common/act_qmaster" 2>/dev/null || true)
 daemon_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin SGE_ROOT=$SGE_ROOT SGE_CELL=$SGE_CELL
             SGE_QMASTER_PORT=6444 SGE_EXECD_PORT=6445)
 
+# The qmaster caches host name look-ups, failed ones too: a qconf naming the node while /etc/hosts
+# does not have it makes later ones fail with 'can't resolve hostname' for a while (seen in CI).
+# So the node's name is only given to qconf while the line is there, and tried for a few seconds.
+qconf_retry() {
+  local out
+  for _ in $(seq 1 20); do
+    out=$(qconf "$@" 2>&1) && return 0
+    sleep 0.5
+  done
+  echo "sge-node: qconf $*: $out" >&2; return 1
+}
 holder() { cat "$dir/holder.pid" 2>/dev/null || true; }
 alive() { local p; p=$(holder); [ -n "$p" ] && kill -0 "$p" 2>/dev/null; }
 on_node() { nsenter -t "$(holder)" -n -u -m "$@"; }
@@ -42,7 +53,7 @@ node_up() {
   printf '127.0.0.1 %s localhost\n%s %s\n' "$master" "$addr" "$name" > "$dir/hosts"
   if ! qconf -se "$name" >/dev/null 2>&1; then
     printf 'hostname %s\nload_scaling NONE\ncomplex_values NONE\nuser_lists NONE\nxuser_lists NONE\nprojects NONE\nxprojects NONE\nusage_scaling NONE\nreport_variables NONE\n' "$name" > "$dir/exechost"
-    qconf -Ae "$dir/exechost" >/dev/null
+    qconf_retry -Ae "$dir/exechost"
   fi
   # Each execd tags its jobs' processes with an extra group id from gid_range and, when a job
   # ends, kills every process carrying that id. Real nodes have their own kernels; nodes sharing
@@ -50,10 +61,13 @@ node_up() {
   # configuration with a range of the node's own.
   local octet=${addr##*.}
   (( octet < 14 )) || { echo "sge-node: use an address ending in 2..13" >&2; exit 2; }
-  qconf -dconf "$name" >/dev/null 2>&1 || true
   mkdir -p "$dir/conf"
   echo "gid_range $((64000 + octet * 100))-$((64099 + octet * 100))" > "$dir/conf/$name"
-  qconf -Aconf "$dir/conf/$name" >/dev/null
+  if qconf -sconf "$name" >/dev/null 2>&1; then
+    qconf_retry -Mconf "$dir/conf/$name"
+  else
+    qconf_retry -Aconf "$dir/conf/$name"
+  fi
   rm -f "$dir/qmaster.sock"
   setsid socat "UNIX-LISTEN:$dir/qmaster.sock,fork,mode=600" "TCP:127.0.0.1:6444,bind=$addr" \
     </dev/null >"$dir/relay.log" 2>&1 &
@@ -102,8 +116,10 @@ node_down() {
     kill "$(holder)" 2>/dev/null || true
   fi
   [ -f "$dir/relay.pid" ] && kill "$(cat "$dir/relay.pid")" 2>/dev/null || true
-  qconf -de "$name" >/dev/null 2>&1 || true
-  qconf -dconf "$name" >/dev/null 2>&1 || true
+  if grep -qw "$name" /etc/hosts; then
+    qconf -de "$name" >/dev/null 2>&1 || true
+    qconf -dconf "$name" >/dev/null 2>&1 || true
+  fi
   sed -i "/[[:space:]]$name\$/d" /etc/hosts
   rm -rf "$dir"
   echo "sge-node: $name down" >&2

@@ -117,6 +117,23 @@ def test_failed_boots_are_retried_then_held(cfg, error):
     assert str(error) in second.reason
 
 
+def test_with_on_boot_failure_fail_the_last_failed_boot_ends_the_job_with_its_reason(cfg):
+    from dataclasses import replace
+
+    from vmimagemanager.context import read_context
+
+    cfg = replace(cfg, on_boot_failure="fail")
+    life = Life(BootError("no ssh host key on the console"))
+    assert start_job(cfg, JOB, make_life=lambda _cfg: life).outcome is Outcome.RETRY
+    last = start_job(cfg, JOB, make_life=lambda _cfg: life)
+    assert last.outcome is Outcome.READY and last.reason == ""  # the starter ends it
+    context = read_context(cfg.run_dir, JOB.label)
+    assert context.mode == "reject"
+    assert context.message.startswith("vmimagemanager: the VM failed to start 2 times")
+    assert "no ssh host key on the console" in context.message
+    assert life.leases.failures == {}
+
+
 def test_a_booted_vm_is_ready_and_forgets_earlier_failures(cfg):
     life = Life()
     life.leases.failures["42"] = 1

@@ -138,6 +138,10 @@ class Config:
     shared_paths: tuple[SharedPath, ...] = ()
     site_root_key: Path | None = None
     scratch_dir: str = "/tmp"
+    # A job whose VM failed to start max_boot_attempts times: "hold" (waits for an admin) or
+    # "fail" (ends with exit 1 and the reason in its error file: what a Grid user behind a CE
+    # sees and can act on; a held job looks pending to them for ever).
+    on_boot_failure: str = "hold"
     spares: SparePolicy = SparePolicy()
 
     def slot(self, name: str) -> Slot:
@@ -156,6 +160,7 @@ TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
+    "on_boot_failure",
 }
 
 
@@ -422,6 +427,8 @@ def parse_config(data: Any, path: str) -> Config:
                                  "seconds > 0", positive),
         max_boot_attempts=c.typed(data.get("max_boot_attempts", 3), "max_boot_attempts", int,
                                   "an integer >= 1", lambda v: v >= 1),
+        on_boot_failure=c.typed(data.get("on_boot_failure", "hold"), "on_boot_failure", str,
+                                "hold or fail", lambda v: v in ("hold", "fail")),
         slots=slots,
         vos=vos,
         unmatched=unmatched,

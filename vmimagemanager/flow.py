@@ -15,6 +15,7 @@ here. The table (tests/test_flow.py checks every row):
 | leases DB unreadable, configuration invalid                   |         |         |
 | VM failed to boot, fewer than max_boot_attempts times         | RETRY   | yes     |
 | VM failed to boot max_boot_attempts times                     | HOLD    | yes     |
+| ... with on_boot_failure: fail (the job ends, exit 1, reason) | READY   | yes     |
 | anything unexpected (a bug)                                   | HOLD    |         |
 
 RETRY is for the node's passing trouble: the job goes back to the queue and runs later, here or
@@ -120,8 +121,16 @@ def _start(cfg: Config, job: Job, interactive: bool,
     except VmimError as exc:  # the VM did not come up (BootError, a stale domain): counted
         count = life.leases.record_boot_failure(job.job_id, job.task_id, str(exc))
         if count >= cfg.max_boot_attempts:
-            return Decision.hold(f"the VM failed to start {count} times (VO {rule.name}, "
-                                 f"image {rule.image}); last error: {exc}")
+            reason = (f"the VM failed to start {count} times (VO {rule.name}, image "
+                      f"{rule.image}); last error: {exc}")
+            if cfg.on_boot_failure == "hold":
+                return Decision.hold(reason)
+            life.leases.forget_boot_failures(job.job_id, job.task_id)
+            write_context(cfg.run_dir, JobContext(
+                mode="reject", label=job.label,
+                message=f"vmimagemanager: {reason}; the job did not run"), None, uid, gid)
+            log.warning("job %s: %s; failing the job (on_boot_failure: fail)", job.label, reason)
+            return Decision(Outcome.READY)
         return Decision.retry(f"the VM failed to start (attempt {count} of "
                               f"{cfg.max_boot_attempts}, VO {rule.name}, image {rule.image}): "
                               f"{exc}")
