@@ -120,6 +120,19 @@ for id in "${!owner[@]}"; do
   sed 's/^/    /' /home/$user/vmim-demo-result.txt
 done
 
+if [ "${CE:-0}" = 1 ]; then
+  say "CE=1: the same queue behind a real Globus GRAM gatekeeper (jobmanager-sge), as a Grid user"
+  bash "$here/harness/ce-gram.sh" up "$queue" atlas001 cms001
+  for user in atlas001 cms001; do
+    proxy=$(bash "$here/harness/ce-gram.sh" proxy "$user")
+    echo "--- $user: globus-job-run $(hostname)/jobmanager-sge /bin/sh -c '...' 'an argument'"
+    runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME="/home/$user" X509_USER_PROXY="$proxy" \
+      globus-job-run "$(hostname)/jobmanager-sge" /bin/sh -c \
+      'echo "$(id -un) in $(cat /etc/grid-middleware-release) on $(hostname), args: $*"' sh 'an argument' \
+      | sed 's/^/    /'
+  done
+fi
+
 say "after the jobs: slots and leftovers (the agent booted a new spare for the next atlas job)"
 vmim slots
 vmim reconcile --dry-run
@@ -131,6 +144,7 @@ fi
 bash "$here/harness/agent.sh" stop "$config"
 vmim spares --retire
 qconf -dq "$queue" >/dev/null
+[ "${CE:-0}" = 1 ] && bash "$here/harness/ce-gram.sh" down
 [ $started_cell = 1 ] && bash "$here/harness/sge-cell.sh" down
 if [ $started_libvirt = 1 ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
 echo "demo: done; stopped what the demo started (KEEP=1 keeps it running)"

@@ -12,6 +12,10 @@ APT_PACKAGES=(
   gridengine-master gridengine-exec gridengine-client
   busybox-static openssh-client linux-image-amd64 e2fsprogs cpio genisoimage mmdebstrap lz4
   syslinux syslinux-common mtools dosfstools fdisk socat
+  globus-gatekeeper globus-gram-job-manager globus-gram-job-manager-sge
+  globus-gram-job-manager-sge-setup-poll globus-gram-client-tools globus-proxy-utils
+  globus-simple-ca globus-gass-copy-progs globus-gram-job-manager-fork
+  globus-gram-job-manager-fork-setup-poll
   iproute2 procps psmisc python3-venv python3-dev
 )
 
