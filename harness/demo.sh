@@ -125,10 +125,11 @@ if [ "${CE:-0}" = 1 ]; then
   bash "$here/harness/ce-gram.sh" up "$queue" atlas001 cms001
   for user in atlas001 cms001; do
     proxy=$(bash "$here/harness/ce-gram.sh" proxy "$user")
+    # (no $(...) in the script: globus-job-run reads it as an RSL substitution)
     echo "--- $user: globus-job-run $(hostname)/jobmanager-sge /bin/sh -c '...' 'an argument'"
     runuser -u "$user" -- env -i PATH=/usr/bin:/bin HOME="/home/$user" X509_USER_PROXY="$proxy" \
       globus-job-run "$(hostname)/jobmanager-sge" /bin/sh -c \
-      'echo "$(id -un) in $(cat /etc/grid-middleware-release) on $(hostname), args: $*"' sh 'an argument' \
+      'id -un; cat /etc/grid-middleware-release; hostname; echo "args: $*"' sh 'an argument' \
       | sed 's/^/    /'
   done
 fi
