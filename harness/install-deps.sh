@@ -16,7 +16,7 @@ APT_PACKAGES=(
   globus-gram-job-manager-sge-setup-poll globus-gram-client-tools globus-proxy-utils
   globus-simple-ca globus-gass-copy-progs globus-gram-job-manager-fork
   globus-gram-job-manager-fork-setup-poll
-  iproute2 procps psmisc python3-venv python3-dev
+  time iproute2 procps psmisc python3-venv python3-dev
 )
 
 missing=()

@@ -16,6 +16,12 @@ from .errors import VmimError
 from .shares import unmounted_report
 
 TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "mkfifo", "sleep", "kill", "rm", "stat")
+# What ARC's job wrapper calls on the worker (it still runs the job without them, but reports
+# "Unknown host", empty times and no accounting): one line naming what is missing.
+ARC_WRAPPER_PROBE = ("m=''; command -v hostname >/dev/null || m=\"$m hostname\"; "
+                     "date -d @0 >/dev/null 2>&1 || m=\"$m date-d\"; "
+                     "/usr/bin/time --version >/dev/null 2>&1 || m=\"$m GNU-/usr/bin/time\"; "
+                     "[ -z \"$m\" ] || { echo \"missing:$m\"; exit 1; }")
 
 
 @dataclass
@@ -94,6 +100,9 @@ def _guest_checks(cfg: Config, session, account: str, slot: str) -> list[Check]:
             missing.append(tool)
     checks.append(Check("POSIX tools the executor uses: " + " ".join(TOOLS), not missing,
                         "missing: " + " ".join(missing) if missing else "all present"))
+    found, out = _probe(session, ARC_WRAPPER_PROBE)
+    checks.append(Check("hostname, date -d, GNU /usr/bin/time (ARC CE's job wrapper)", found,
+                        "all present" if found else out or "missing"))
     found, out = _probe(session, "test -x /bin/bash && /bin/bash -c 'echo $BASH_VERSION'")
     checks.append(Check("/bin/bash (CE job managers write '#$ -S /bin/bash')", found,
                         out if found else "missing"))

@@ -39,7 +39,8 @@ from build_images import (
 SUITE = "bookworm"
 PACKAGES = ["systemd-sysv", "udev", "openssh-server", "cloud-init", "ifupdown",
             "isc-dhcp-client", "netbase", "iproute2", "linux-image-amd64",
-            "initramfs-tools", "kmod", "procps", "bash"]
+            "initramfs-tools", "kmod", "procps", "bash",
+            "time"]  # GNU time: ARC's job wrapper measures the payload with it
 CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
 DISK_MIB = 2048
 SSHD_CONFIG = """\

@@ -39,7 +39,8 @@ DEFAULT_VOS = ("atlas", "cms")
 MIDDLEWARE_VERSION = "glite-WN 3.2.11-0 (vmimagemanager test image)"
 CMDLINE = "console=ttyS0 quiet panic=-1"
 DISK_MIB = 256
-BINARIES = ["/bin/busybox", "/bin/bash", "/usr/bin/ssh-keygen"]
+# GNU time: ARC's job wrapper runs `/usr/bin/time --version` (busybox's has no --version)
+BINARIES = ["/bin/busybox", "/bin/bash", "/usr/bin/ssh-keygen", "/usr/bin/time"]
 # Unpacked from .debs (apt-get download) into the cache, copied into the image with their libraries.
 SSHD_DEBS = ["openssh-server", "libwrap0"]
 SSHD_CONFIG = """\
