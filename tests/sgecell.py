@@ -38,6 +38,20 @@ def home(user: str) -> Path:
     return Path(f"/home/{user}")
 
 
+def grid_client(user: str, *argv: str, cwd: Path | None = None,
+                timeout: float = 600) -> subprocess.CompletedProcess:
+    """A Grid client command (globus-*, arc*) as `user`, in their home or `cwd`, with the proxy
+    where grid-proxy-init puts it and nothing else of root's environment (as the user runs it)."""
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/bin:/bin",
+                           f"HOME={entry.pw_dir}", f"USER={user}", f"LOGNAME={user}",
+                           f"X509_USER_PROXY=/tmp/x509up_u{entry.pw_uid}", *argv],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or entry.pw_dir)
+
+
 class Cell:
     """One test module's VM queue on the cell: its configuration and the jobs it submitted."""
 

@@ -7,7 +7,6 @@ arcsub/arcstat/arcget/arckill and a proxy of the user's certificate, to this hos
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import subprocess
 import pytest
 from conftest import HARNESS, require, run_script
 from sgecell import SGE_ENV, close_vm_cell, home, open_vm_cell, wait_for
+from sgecell import grid_client as arc
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge, pytest.mark.ce]
 
@@ -33,14 +33,6 @@ exit 3
 # ARC's SGE job script puts the arguments in double quotes: "$HOME" would be expanded (natively
 # too), so the arguments here are the ones ARC passes through as they are
 ARGS = ["two words", "it's", "*", "a;b|c"]
-
-
-def arc(user: str, *argv: str, cwd=None) -> subprocess.CompletedProcess:
-    entry = pwd.getpwnam(user)
-    return subprocess.run(["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/bin:/bin",
-                           f"HOME={entry.pw_dir}", f"X509_USER_PROXY=/tmp/x509up_u{entry.pw_uid}",
-                           *argv], capture_output=True, text=True, timeout=300,
-                          cwd=cwd or entry.pw_dir)
 
 
 def user_dir(user: str, name: str, files: dict[str, str]):

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .errors import ImageError
-from .images import Image, ImageStore, check_image_name, overlay_backing
+from .images import Image, ImageStore, check_image_name, content_file_name, overlay_backing
 from .states import LeaseState
 
 if TYPE_CHECKING:
@@ -207,8 +207,7 @@ def publish(store: ImageStore, name: str, directory: Path) -> str:
             if not local:
                 continue
             digest = image.sha256[local]
-            ext = image.format if role == "disk" else role
-            target = directory / f"{name}-{digest[:12]}.{ext}"
+            target = directory / content_file_name(name, role, digest, image.format)
             if not target.exists():
                 tmp = target.with_name(f".{target.name}.part")
                 shutil.copyfile(store.image_dir / local, tmp)
@@ -280,7 +279,7 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
         if have is not None and not entry.differs_from(have):
             report.unchanged += 1
             continue
-        action = "import" if have is None else "update"
+        action, done = ("import", "imported") if have is None else ("update", "updated")
         if dry_run:
             report.done.append(f"would {action} {name} (sha256 {entry.sha256['disk'][:16]}...)")
             continue
@@ -294,8 +293,7 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
         except ImageError as exc:
             report.problems.append(f"image {name}: {exc}")
             continue
-        line = f"{action}{'ed' if action == 'import' else 'd'} {name} (sha256 " \
-               f"{entry.sha256['disk'][:16]}...)"
+        line = f"{done} {name} (sha256 {entry.sha256['disk'][:16]}...)"
         if image.superseded:
             line += "; VMs running on the earlier version keep it until they end"
         report.done.append(line)

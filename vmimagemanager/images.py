@@ -58,6 +58,12 @@ class Image:
         )
 
 
+def content_file_name(name: str, role: str, digest: str, disk_format: str) -> str:
+    """An image file named by its content (NAME-<12 hex of its sha256>.EXT): what catalogs and
+    the images synced from them hold, so that a changed image never overwrites a file a VM uses."""
+    return f"{name}-{digest[:12]}.{disk_format if role == 'disk' else role}"
+
+
 def check_image_name(name: str) -> str:
     if not valid_name(name):
         raise ImageError(f"invalid image name {name!r}: use letters, digits, '_', '.', '-' "
@@ -224,7 +230,8 @@ class ImageStore:
                     raise ImageError(f"{src}: sha256 {digest[:16]}... is not the {want[:16]}... "
                                      "the catalog gives; not imported (is the file still being "
                                      "written? the next sync tries again)")
-                names[role] = f"{name}-{digest[:12]}.{ext}" if catalog else f"{name}.{ext}"
+                names[role] = (content_file_name(name, role, digest, fmt) if catalog
+                               else f"{name}.{ext}")
                 sums[names[role]] = digest
                 os.chmod(tmp, 0o644)
                 tmp.rename(self.image_dir / names[role])
