@@ -52,14 +52,36 @@ def _progress_bar(label: str):
 
 
 # -- commands ---------------------------------------------------------------------------------
+SLOT_COLUMNS = ["slot", "state", "job", "owner", "vo", "image", "domain", "ssh", "since"]
+
+
 def cmd_slots(cfg: Config, args) -> int:
-    rows = _life(cfg).status()
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(_table(rows, ["slot", "state", "job", "owner", "vo", "image", "domain", "ssh",
-                            "since"]))
+    life = _life(cfg)
+    if args.watch is not None:
+        return _watch_slots(life, args.watch)
+    rows = life.status()
+    print(json.dumps(rows, indent=2) if args.json else _table(rows, SLOT_COLUMNS))
     return 0
+
+
+def _watch_slots(life, interval: float) -> int:
+    """The slot table, redrawn every `interval` seconds from the leases database and libvirt
+    until Ctrl-C; on a terminal the screen is cleared each time, else frames follow each other."""
+    import collections
+    import socket
+
+    clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            rows = life.status()
+            states = collections.Counter(str(row["state"]) for row in rows)
+            summary = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            print(f"{clear}vmimagemanager slots on {socket.gethostname()} at "
+                  f"{time.strftime('%H:%M:%S')} ({summary}; every {interval:g} s, Ctrl-C ends)\n"
+                  f"{_table(rows, SLOT_COLUMNS)}\n", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_spares(cfg: Config, args) -> int:
@@ -163,6 +185,22 @@ def _catalog_command(cfg: Config, store, args) -> int:
     print(f"{directory}: {len(report.done)} change(s), {report.unchanged} image(s) unchanged, "
           f"{len(report.problems)} problem(s)")
     return 1 if report.problems else 0
+
+
+def cmd_history(cfg: Config, args) -> int:
+    """The audit trail: every job event on this node, oldest first."""
+    from .audit import read_history
+
+    events = read_history(cfg, job=args.job, user=args.user)
+    if args.json:
+        print(json.dumps(events, indent=2))
+        return 0
+    rows = [{**e, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"])),
+             "result": e.get("outcome") or e.get("exit_status") or e.get("action", ""),
+             "where": e.get("slot", "")} for e in events]
+    print(_table(rows, ["time", "event", "job", "owner", "vo", "image", "where", "result",
+                        "identity"]))
+    return 0
 
 
 def cmd_up(cfg: Config, args) -> int:
@@ -278,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("slots", "status"):
         s = sub.add_parser(name, help="show every slot: state, job, image, domain")
         s.add_argument("--json", action="store_true")
+        s.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                       help="redraw the table every SECONDS (2) until Ctrl-C")
     s = sub.add_parser("spares", help="show the warm spares (idle VMs booted ahead of jobs)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--retire", action="store_true", help="destroy every idle spare first (stop "
@@ -286,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--once", action="store_true", help="one round, then exit (cron, tests)")
     s.add_argument("--interval", type=float, help="seconds between rounds (default: "
                    "spares.interval, 5)")
+    s = sub.add_parser("history", help="the audit trail: who ran what, in which image, how "
+                       "it ended (root)")
+    s.add_argument("--job", help="one job: ID or ID.TASK")
+    s.add_argument("--user", help="one owner (pool account)")
+    s.add_argument("--json", action="store_true")
     img = sub.add_parser("images", help="manage golden images")
     isub = img.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     i = isub.add_parser("import", help="copy a disk image into the image store (sha256 recorded)")
@@ -357,7 +402,7 @@ COMMANDS = {
     "slots": cmd_slots, "status": cmd_slots, "images": cmd_images, "up": cmd_up,
     "restore": cmd_up, "down": cmd_down, "kill": cmd_down, "store": cmd_store,
     "reconcile": cmd_reconcile, "print-config": cmd_print_config, "exec": cmd_exec,
-    "spares": cmd_spares, "agent": cmd_agent,
+    "spares": cmd_spares, "agent": cmd_agent, "history": cmd_history,
 }
 
 
