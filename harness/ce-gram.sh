@@ -83,6 +83,9 @@ ce_up() {
       || { echo "ce-gram: $service could not be enabled" >&2; exit 1; }
   done
   local conf=/etc/globus/globus-sge.conf
+  # A user's job manager lives on between jobs and read this file when it started: one still
+  # running from an earlier set-up would submit to the old queue
+  grep -qx "default_queue=\"$queue\"" "$conf" || pkill -x globus-job-manager || true
   if grep -q '^default_queue=' "$conf"; then
     sed -i "s|^default_queue=.*|default_queue=\"$queue\"|" "$conf"
   else
@@ -101,6 +104,7 @@ case "${1:-}" in
   up) shift; ce_up "$@" ;;
   proxy) proxy "${2:?usage: ce-gram.sh proxy USER}" ;;
   down) "${gatekeeper_env[@]}" /etc/init.d/globus-gatekeeper stop >/dev/null 2>&1 || true
+        pkill -x globus-job-manager || true
         echo "ce-gram: gatekeeper stopped" >&2 ;;
   *) echo "usage: ce-gram.sh up [QUEUE [USER...]] | proxy USER | down" >&2; exit 2 ;;
 esac

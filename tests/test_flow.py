@@ -25,6 +25,7 @@ from vmimagemanager.errors import (
     NoSpace,
 )
 from vmimagemanager.flow import Outcome, start_job
+from vmimagemanager.images import Image
 from vmimagemanager.shares import ShareError
 
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -42,6 +43,13 @@ class Leases:
         self.failures.pop(job_id, None)
 
 
+class Images:
+    @staticmethod
+    def get(name: str) -> Image:
+        return Image(name=name, disk=f"{name}.qcow2", format="qcow2",
+                     sha256={f"{name}.qcow2": "ab" * 32})
+
+
 class Life:
     """Stands in for LifeCycle: start_vm raises `error`, or succeeds."""
 
@@ -51,6 +59,7 @@ class Life:
         self.started: list[str] = []
         self.bound_spare = ""
         self.phase = type("Phases", (), {"seconds": {"lease": 0.001}})()
+        self.images = Images()
 
     def start_vm(self, request, bind=None):
         if self.error is not None:
@@ -132,6 +141,23 @@ def test_with_on_boot_failure_fail_the_last_failed_boot_ends_the_job_with_its_re
     assert context.message.startswith("vmimagemanager: the VM failed to start 2 times")
     assert "no ssh host key on the console" in context.message
     assert life.leases.failures == {}
+
+
+def test_every_decision_goes_to_the_audit_trail_once_with_its_facts(cfg):
+    from vmimagemanager.audit import read_history
+
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    assert start_job(cfg, JOB, make_life=lambda _cfg: Life()).outcome is Outcome.READY
+    held = start_job(cfg, JOB, make_life=lambda _cfg: Life(ImageError("image 'img' missing")))
+    assert held.outcome is Outcome.HOLD
+    ready, hold = read_history(cfg, job=JOB.job_id)
+    assert (ready["event"], ready["outcome"], ready["owner"]) == ("start", "ready", ME)
+    assert (ready["vo"], ready["image"], ready["slot"]) == ("mine", "img", "s1")
+    assert ready["image_sha256"] == "ab" * 32 and ready["domain"] == "vmim-s1"
+    assert hold["outcome"] == "hold" and "image 'img' missing" in hold["reason"]
+    assert "slot" not in hold and "identity" not in hold  # no proxy in this job
+    assert read_history(cfg, user="somebody-else") == []
+    assert oct(os.stat(cfg.state_dir / "audit.jsonl").st_mode & 0o777) == "0o600"
 
 
 def test_a_booted_vm_is_ready_and_forgets_earlier_failures(cfg):

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import HARNESS, require, run_script
 from sgecell import SGE_ENV, close_vm_cell, home, open_vm_cell, wait_done, wait_for
+from sgecell import grid_client as grid
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge, pytest.mark.ce]
 
@@ -29,20 +30,6 @@ HOSTILE = ["two words", "it's", 'say "hi"', "$HOME", "*", "a;b|c"]
 # empty argument gives an empty line it drops) loses these two; globusrun with RSL keeps them
 RSL_ONLY = ["a\\b", ""]
 SHOW_ARGS = 'for a in "$@"; do printf "<%s>\\n" "$a"; done'
-
-
-def client_env(user: str) -> list[str]:
-    """`env -i` arguments: a Grid user's shell with their proxy where grid-proxy-init put it."""
-    entry = pwd.getpwnam(user)
-    return ["runuser", "-u", user, "--", "env", "-i", "PATH=/usr/bin:/bin",
-            f"HOME={entry.pw_dir}", f"USER={user}", f"LOGNAME={user}",
-            f"X509_USER_PROXY=/tmp/x509up_u{entry.pw_uid}"]
-
-
-def grid(user: str, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """A Grid client command as `user` in their home (as the user runs it)."""
-    return subprocess.run([*client_env(user), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=home(user))
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +63,13 @@ def gram(libvirt_system, guest_images):
 
 def test_each_grid_identity_runs_in_its_own_vos_image_with_its_arguments(gram):
     script = f"id -un; cat /etc/grid-middleware-release; {SHOW_ARGS}"
-    procs = {user: subprocess.Popen(
-        [*client_env(user), "globus-job-run", CONTACT, "/bin/sh", "-c", script, "sh", *HOSTILE],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=home(user))
-        for user in ("atlas001", "cms001")}
-    for user, proc in procs.items():
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, (out, err)
+    with ThreadPoolExecutor(2) as pool:  # both VOs' jobs at once
+        runs = {user: pool.submit(grid, user, "globus-job-run", CONTACT, "/bin/sh", "-c",
+                                  script, "sh", *HOSTILE) for user in ("atlas001", "cms001")}
+    for user, run in runs.items():
+        r = run.result()
+        out, err = r.stdout, r.stderr
+        assert r.returncode == 0, (out, err)
         lines = out.splitlines()
         assert lines[0] == user, out
         assert lines[1].startswith(f"VO={user[:-3]} "), out  # the VO's own image
@@ -127,6 +114,20 @@ def test_globusrun_with_rsl_stages_files_passes_environment_and_returns_output(g
               (gram.cfg.state_dir / "starts.jsonl").read_text().splitlines()]
     job_id = [s["job"] for s in starts if s.get("owner") == user][-1].split(".")[0]
     assert wait_done(job_id)[0]["exit_status"] == "3"
+    # the audit trail: the Grid identity of the delegated proxy, the image and how it ended
+    subject = subprocess.run(["openssl", "x509", "-noout", "-subject", "-nameopt", "compat",
+                              "-in", str(home(user) / ".globus/usercert.pem")],
+                             capture_output=True, text=True, check=True).stdout
+    events = wait_for(lambda: (e := json.loads(gram.cli("history", "--job", job_id,
+                                                        "--json").stdout))
+                      and e[-1]["event"] == "end" and e, "the job's end in the audit trail",
+                      timeout=60, interval=1)
+    start = [e for e in events if e["event"] == "start" and e["outcome"] == "ready"][-1]
+    image = gram.cli("images", "list", "--json").stdout
+    assert start["identity"] == subject.strip().removeprefix("subject=").strip()
+    assert (start["owner"], start["vo"], start["image"]) == (user, "atlas", "atlas")
+    assert start["image_sha256"][:16] in image and start["domain"].startswith("vmim-")
+    assert events[-1]["exit_status"] == "3"
     gram.assert_clean(within=120)
 
 

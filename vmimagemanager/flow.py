@@ -28,7 +28,7 @@ import enum
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimError
@@ -55,6 +55,7 @@ class Outcome(enum.Enum):
 class Decision:
     outcome: Outcome
     reason: str = ""  # one line for the job's error file; empty when READY
+    facts: dict = field(default_factory=dict, compare=False)  # for the audit trail
 
     @classmethod
     def retry(cls, reason: str) -> Decision:
@@ -76,18 +77,34 @@ def default_life(cfg: Config) -> LifeCycle:
 
 def start_job(cfg: Config, job: Job, interactive: bool = False,
               make_life: Callable[[Config], LifeCycle] = default_life) -> Decision:
-    """Decide what happens to `job` and do it (boot its VM, or write its context)."""
+    """Decide what happens to `job` and do it (boot its VM, or write its context); the
+    decision goes to the audit trail."""
     try:
-        return _start(cfg, job, interactive, make_life)
+        decision = _start(cfg, job, interactive, make_life)
     except KeyboardInterrupt as exc:  # the adapter's signal handler: cleanup is done
-        return Decision.retry(f"the hook was interrupted ({exc})")
+        decision = Decision.retry(f"the hook was interrupted ({exc})")
     except RetryLater as exc:
-        return Decision.retry(str(exc))
+        decision = Decision.retry(str(exc))
     except VmimError as exc:  # image, share, owner, configuration, leases DB: an admin's
-        return Decision.hold(str(exc))
+        decision = Decision.hold(str(exc))
     except Exception as exc:  # a bug: keep the job and say so, never crash the hook
         log.exception("job %s: unexpected error", job.label)
-        return Decision.hold(f"unexpected error: {exc!r}; see the node's log")
+        decision = Decision.hold(f"unexpected error: {exc!r}; see the node's log")
+    _audit_start(cfg, job, decision)
+    return decision
+
+
+def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
+    from . import audit
+    from .lifecycle import owner_ids
+
+    try:
+        identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), owner_ids(job.owner)[0])
+    except VmimError:  # an unknown owner: the decision says so
+        identity = ""
+    audit.record(cfg, "start", job.label, owner=job.owner, queue=job.queue,
+                 identity=identity, outcome=decision.outcome.value, reason=decision.reason,
+                 prolog_seconds=round(hook_seconds(), 3), **decision.facts)
 
 
 def _start(cfg: Config, job: Job, interactive: bool,
@@ -107,7 +124,7 @@ def _start(cfg: Config, job: Job, interactive: bool,
                                               message=message), None, uid, gid)
         log.info("job %s: owner %s matches no VO; mode %s", job.label, job.owner,
                  cfg.unmatched)
-        return Decision(Outcome.READY)
+        return Decision(Outcome.READY, facts={"mode": cfg.unmatched})
     life = make_life(cfg)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
                          image=rule.image, vo=rule.name)
@@ -130,7 +147,8 @@ def _start(cfg: Config, job: Job, interactive: bool,
                 mode="reject", label=job.label,
                 message=f"vmimagemanager: {reason}; the job did not run"), None, uid, gid)
             log.warning("job %s: %s; failing the job (on_boot_failure: fail)", job.label, reason)
-            return Decision(Outcome.READY)
+            return Decision(Outcome.READY, facts={"mode": "reject", "vo": rule.name,
+                                                  "image": rule.image, "failed": reason})
         return Decision.retry(f"the VM failed to start (attempt {count} of "
                               f"{cfg.max_boot_attempts}, VO {rule.name}, image {rule.image}): "
                               f"{exc}")
@@ -139,7 +157,24 @@ def _start(cfg: Config, job: Job, interactive: bool,
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
     record_start(cfg, job, lease.slot, rule.image, life)
-    return Decision(Outcome.READY)
+    image = life.images.get(rule.image)
+    return Decision(Outcome.READY, facts={
+        "mode": "vm", "vo": rule.name, "slot": lease.slot,
+        "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,
+        "image_sha256": image.sha256.get(image.disk, ""), "spare": life.bound_spare,
+        "vm_seconds": round(sum(life.phase.seconds.values()), 3)})
+
+
+def hook_seconds() -> float:
+    """How long this process has run (interpreter start included)."""
+    from .leases import process_start
+
+    try:
+        with open("/proc/uptime", encoding="ascii") as fh:
+            since_boot = float(fh.read().split()[0])
+    except OSError:
+        return 0.0
+    return since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
 
 
 def record_start(cfg: Config, job: Job, slot: str, image: str, life: LifeCycle) -> None:
@@ -149,15 +184,11 @@ def record_start(cfg: Config, job: Job, slot: str, image: str, life: LifeCycle) 
     import time
 
     from .files import append_line
-    from .leases import process_start
 
     try:
-        with open("/proc/uptime", encoding="ascii") as fh:
-            since_boot = float(fh.read().split()[0])
-        hook_seconds = since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
         append_line(cfg.state_dir / "starts.jsonl", json.dumps({
             "time": time.time(), "job": job.label, "owner": job.owner, "slot": slot,
-            "image": image, "spare": life.bound_spare, "hook_seconds": round(hook_seconds, 3),
+            "image": image, "spare": life.bound_spare, "hook_seconds": round(hook_seconds(), 3),
             "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}}))
     except OSError as exc:  # a record never stands in the way of the job
         log.warning("job %s: start not recorded: %s", job.label, exc)

@@ -533,6 +533,11 @@ class LifeCycle:
                     remove_context(self.cfg.run_dir, label)
         for action in more:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
+        if not dry_run:
+            from .audit import record
+
+            for action in actions + more:
+                record(self.cfg, "reconcile", action=action)
         return actions + more
 
     def _context_orphaned(self, label: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -82,9 +83,12 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)
     from ..flow import Outcome, start_job
 
-    job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue)
-    decision = start_job(cfg, job, interactive=is_interactive(
-        read_spool_file(trusted_spool_dir(args.job_id, args.owner))))
+    # the proxy a CE delegated, for the audit trail's Grid identity (read as the owner's file)
+    spool = read_spool_file(trusted_spool_dir(args.job_id, args.owner))
+    proxy = os.environ.get("X509_USER_PROXY") or script_proxy_path(spool.get("script_file"))
+    job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue,
+              env={"X509_USER_PROXY": proxy})
+    decision = start_job(cfg, job, interactive=is_interactive(spool))
     if decision.outcome is Outcome.RETRY:
         log.warning("job %s: rescheduled: %s", job.label, decision.reason)
         print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is "
@@ -120,6 +124,27 @@ def trusted_spool_dir(job_id: str, owner: str) -> str | None:
     return real
 
 
+# GRAM's SGE job manager writes the job's environment into the script, one variable a line:
+# X509_USER_PROXY="<path, with \\ \$ \" \` escaped>"; export X509_USER_PROXY
+GRAM_PROXY_LINE = re.compile(r'^X509_USER_PROXY="((?:[^"\\]|\\.)*)"; export X509_USER_PROXY$',
+                             re.M)
+SCRIPT_HEAD_BYTES = 1 << 20
+
+
+def script_proxy_path(script_file: str | None) -> str:
+    """The proxy a CE-written job script sets (GRAM puts it in the script, not in the job's
+    environment), for the audit trail; '' if the script sets none. Only read, never run."""
+    if not script_file or not script_file.startswith("/"):
+        return ""
+    try:
+        with open(script_file, "rb") as handle:
+            head = handle.read(SCRIPT_HEAD_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    match = GRAM_PROXY_LINE.search(head)
+    return re.sub(r"\\(.)", r"\1", match.group(1)) if match else ""
+
+
 def is_interactive(spool: Mapping[str, str]) -> bool:
     """qrsh, qlogin and qsh jobs: execd writes their script_file as a keyword, not a path."""
     return spool.get("script_file") in ("QRSH", "QLOGIN", "INTERACTIVE") or \
@@ -148,6 +173,11 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
 
                 append_line(cfg.state_dir / "accounting", record_line(
                     args, read_spool_file(spool_dir), usage, vm), 0o640)
+            from ..audit import record
+
+            record(cfg, "end", f"{args.job_id}.{args.task_id}", owner=args.owner,
+                   exit_status=usage.get("exit_status"), signal=usage.get("signal"),
+                   vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
                 print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
                       f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "
