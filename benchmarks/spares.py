@@ -4,7 +4,7 @@
 One node: `--job-slots` queue slots, one VM slot more per spare (atlas 1 and cms 1), the agent
 started and stopped with harness/agent.sh. Both paths run on the same machine in the same run:
   latency: jobs one at a time (cold: agent stopped, no spare; warm: a spare of the job's image
-           ready). Per job: the prolog's wall time (state_dir/starts.jsonl: from the hook's
+           ready). Per job: the prolog's wall time (the audit trail's start event: from the hook's
            process start, interpreter included) and qsub -> the payload's first output line.
   stress:  --jobs jobs at once from atlas001-3 and cms001-3, cold then warm: throughput, wrong
            results, double leases (sampled), leftovers after the agent stopped and the spares
@@ -84,9 +84,9 @@ def wait_spares(cli: str, path: Path, timeout: float = 300) -> None:
 
 
 def starts(cfg) -> dict[str, dict]:
-    path = cfg.state_dir / "starts.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return {rec["job"]: rec for rec in map(json.loads, lines)}
+    from vmimagemanager.audit import vm_starts
+
+    return vm_starts(cfg)
 
 
 def latency(cfg, script: Path, path: Path, cli: str, jobs: int, warm: bool) -> list[dict]:
@@ -103,10 +103,11 @@ def latency(cfg, script: Path, path: Path, cli: str, jobs: int, warm: bool) -> l
             time.sleep(0.5)
         out.unlink(missing_ok=True)
         rec = starts(cfg)[f"{job}.0"]
-        if bool(rec["spare"]) != warm:
+        if bool(rec.get("spare")) != warm:
             sys.exit(f"job {job}: expected the {'warm' if warm else 'cold'} path, got {rec}")
         rows.append({"path": "warm spare" if warm else "cold boot", "job": job,
-                     "prolog s": rec["hook_seconds"], "qsub -> first output s": first - submitted})
+                     "prolog s": rec["prolog_seconds"],
+                     "qsub -> first output s": first - submitted})
     return rows
 
 
@@ -160,7 +161,7 @@ def main() -> None:
                       f"spares-{'warm' if warm else 'cold'}-timeline.png", result.pop("segments"))
             if warm:
                 agent("stop", path, cli)
-            warm_jobs = sum(1 for rec in starts(cfg).values() if rec["spare"])
+            warm_jobs = sum(1 for rec in starts(cfg).values() if rec.get("spare"))
             runs.append({"path": "warm spares" if warm else "cold boot", **result,
                          "wrong": len(result["wrong"]), "jobs on a spare (cumulative)": warm_jobs,
                          **{f"leftover {k}": v for k, v in leftovers(cfg).items()}})

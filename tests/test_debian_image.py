@@ -17,6 +17,8 @@ from conftest import REPO, require
 from sgecell import SGE_ENV, close_vm_cell, open_vm_cell, wait_done
 from test_sge import CE_ARGS, CE_ENV, parse, remove_ce_files, submit_gram_job
 
+from vmimagemanager.audit import vm_starts
+
 pytestmark = [pytest.mark.integration, pytest.mark.sge]
 
 QUEUE = "vmdeb.q"
@@ -73,8 +75,6 @@ def test_a_gram_shaped_job_runs_unchanged_in_the_real_debian_image(debian):
     assert info["proxy"] == [f"GRAM-PROXY-FOR-{user}"]
     assert info["cms001_file"] == ["absent"]
     assert err.strip() == "payload stderr line", err
-    starts = [json.loads(line) for line in
-              (debian.cfg.state_dir / "starts.jsonl").read_text().splitlines()]
-    mine = [s for s in starts if s.get("job") == f"{job['job_id']}.0"]
-    assert mine and mine[-1].get("image") == IMAGE, starts[-3:]
+    started = vm_starts(debian.cfg).get(f"{job['job_id']}.0")
+    assert started and started["image"] == IMAGE, started
     debian.assert_clean(within=120)

@@ -168,18 +168,18 @@ def test_a_booted_vm_is_ready_and_forgets_earlier_failures(cfg):
     assert life.started == ["42.0"] and life.leases.failures == {}
 
 
-def test_a_started_job_leaves_one_root_only_start_record(cfg):
-    import json
+def test_a_started_vm_job_leaves_one_root_only_start_record(cfg):
     import os
+
+    from vmimagemanager.audit import audit_path, vm_starts
 
     cfg.state_dir.mkdir(parents=True)
     start_job(cfg, JOB, make_life=lambda _cfg: Life())
-    path = cfg.state_dir / "starts.jsonl"
-    (record,) = [json.loads(line) for line in path.read_text().splitlines()]
-    assert (record["job"], record["slot"], record["image"], record["spare"]) == (
-        "42.0", "s1", "img", "")
-    assert 0 < record["hook_seconds"] < 3600 and record["phases"] == {"lease": 0.001}
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    (record,) = vm_starts(cfg).values()
+    assert (record["job"], record["slot"], record["image"]) == ("42.0", "s1", "img")
+    assert "spare" not in record  # a cold boot
+    assert 0 < record["prolog_seconds"] < 3600 and record["phases"] == {"lease": 0.001}
+    assert os.stat(audit_path(cfg)).st_mode & 0o777 == 0o600
 
 
 def test_interactive_jobs_are_held_without_touching_the_node(cfg):

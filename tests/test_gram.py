@@ -20,6 +20,8 @@ from conftest import HARNESS, require, run_script
 from sgecell import SGE_ENV, close_vm_cell, home, open_vm_cell, wait_done, wait_for
 from sgecell import grid_client as grid
 
+from vmimagemanager.audit import vm_starts
+
 pytestmark = [pytest.mark.integration, pytest.mark.sge, pytest.mark.ce]
 
 QUEUE = "vmgram.q"
@@ -110,9 +112,8 @@ def test_globusrun_with_rsl_stages_files_passes_environment_and_returns_output(g
     # GRAM's clients report DONE whatever the exit code (globusrun exits 0, as it does for a
     # job on the CE's fork job manager); the payload's code is the batch system's exit status
     assert r.returncode == 0, (out, err)
-    starts = [json.loads(line) for line in
-              (gram.cfg.state_dir / "starts.jsonl").read_text().splitlines()]
-    job_id = [s["job"] for s in starts if s.get("owner") == user][-1].split(".")[0]
+    job_id = [e["job"] for e in vm_starts(gram.cfg).values()
+              if e["owner"] == user][-1].split(".")[0]
     assert wait_done(job_id)[0]["exit_status"] == "3"
     # the audit trail: the Grid identity of the delegated proxy, the image and how it ended
     subject = subprocess.run(["openssl", "x509", "-noout", "-subject", "-nameopt", "compat",

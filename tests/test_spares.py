@@ -21,6 +21,7 @@ import pytest
 import yaml
 from sgecell import CLI, close_vm_cell, open_vm_cell, virsh, wait_done
 
+from vmimagemanager.audit import vm_starts
 from vmimagemanager.config import ConfigError, load_config, parse_config
 from vmimagemanager.leases import SPARE_JOB_ID, LeaseStore
 from vmimagemanager.states import LeaseState
@@ -377,9 +378,7 @@ def test_the_running_agent_keeps_a_spare_ready_for_each_next_job(spares_cell):
                 assert time.monotonic() < deadline, "the agent booted no spare in 120 s"
                 time.sleep(0.5)
             job, out = _run_probe(cell, f"agent{n}")
-            starts = [json.loads(line) for line in
-                      (cell.cfg.state_dir / "starts.jsonl").read_text().splitlines()]
-            (record,) = [r for r in starts if r["job"] == f"{job}.0"]
+            record = vm_starts(cell.cfg)[f"{job}.0"]
             assert record["spare"].startswith(f"{SPARE_JOB_ID}.") and "done" in out, record
             assert "guest boot (to host key on console)" not in record["phases"]
             labels.append(record["spare"])

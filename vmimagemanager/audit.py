@@ -110,3 +110,10 @@ def read_history(cfg: Config, job: str | None = None, user: str | None = None) -
                 continue
             events.append(entry)
     return events
+
+
+def vm_starts(cfg: Config) -> dict[str, dict]:
+    """Job label -> its last `start` event that started a VM (slot, image, spare, phases,
+    prolog seconds): what benchmarks and tests read of a job's start."""
+    return {e["job"]: e for e in read_history(cfg)
+            if e["event"] == "start" and e.get("mode") == "vm"}

@@ -156,13 +156,13 @@ def _start(cfg: Config, job: Job, interactive: bool,
     how = f"on spare {life.bound_spare}" if life.bound_spare else "booted"
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
-    record_start(cfg, job, lease.slot, rule.image, life)
     image = life.images.get(rule.image)
     return Decision(Outcome.READY, facts={
         "mode": "vm", "vo": rule.name, "slot": lease.slot,
         "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,
         "image_sha256": image.sha256.get(image.disk, ""), "spare": life.bound_spare,
-        "vm_seconds": round(sum(life.phase.seconds.values()), 3)})
+        "vm_seconds": round(sum(life.phase.seconds.values()), 3),
+        "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}})
 
 
 def hook_seconds() -> float:
@@ -175,23 +175,6 @@ def hook_seconds() -> float:
     except OSError:
         return 0.0
     return since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
-
-
-def record_start(cfg: Config, job: Job, slot: str, image: str, life: LifeCycle) -> None:
-    """One JSON line per started VM job in state_dir/starts.jsonl (root-only): how long the hook
-    took from its process start (interpreter included), and whether a warm spare served it."""
-    import json
-    import time
-
-    from .files import append_line
-
-    try:
-        append_line(cfg.state_dir / "starts.jsonl", json.dumps({
-            "time": time.time(), "job": job.label, "owner": job.owner, "slot": slot,
-            "image": image, "spare": life.bound_spare, "hook_seconds": round(hook_seconds(), 3),
-            "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}}))
-    except OSError as exc:  # a record never stands in the way of the job
-        log.warning("job %s: start not recorded: %s", job.label, exc)
 
 
 def end_job(life: LifeCycle, job_id: str, task_id: str) -> bool:
