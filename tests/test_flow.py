@@ -59,7 +59,7 @@ class Life:
         self.started: list[str] = []
         self.bound_spare = ""
         self.phase = type("Phases", (), {"seconds": {"lease": 0.001}})()
-        self.images = Images()
+        self.started_image = Images.get("img")
 
     def start_vm(self, request, bind=None):
         if self.error is not None:

@@ -156,7 +156,7 @@ def _start(cfg: Config, job: Job, interactive: bool,
     how = f"on spare {life.bound_spare}" if life.bound_spare else "booted"
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
-    image = life.images.get(rule.image)
+    image = life.started_image  # the record start_vm checked: not read a second time
     return Decision(Outcome.READY, facts={
         "mode": "vm", "vo": rule.name, "slot": lease.slot,
         "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,

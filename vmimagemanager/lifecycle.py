@@ -34,7 +34,7 @@ from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
 from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimError
 from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
-from .images import ImageStore, prepare_overlay
+from .images import Image, ImageStore, prepare_overlay
 from .leases import SPARE_JOB_ID, Lease, LeaseStore, is_spare_label
 from .seed import SeedData, build_seed, generate_keypair, public_key_line
 from .shares import GuestShare, resolve_shares, seed_mounts
@@ -137,6 +137,7 @@ class LifeCycle:
         self.images = ImageStore(cfg.image_dir)
         self.usage: dict[str, dict[str, float]] = {}  # job label -> what its VM used (end_vm)
         self.bound_spare = ""  # the spare the last start_vm bound ('' when it booted a VM)
+        self.started_image: Image | None = None  # the image record the last start_vm used
 
     # -- start ----------------------------------------------------------------------------------
     def start_vm(self, request: JobRequest, slots: list[str] | None = None,
@@ -149,6 +150,7 @@ class LifeCycle:
         check_label(request.label)
         image = self.images.get(request.image)  # ImageError before any slot is taken
         self.images.check_unchanged(image)
+        self.started_image = image
         uid, gid = owner_ids(request.owner)
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
