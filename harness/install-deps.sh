@@ -16,6 +16,8 @@ APT_PACKAGES=(
   globus-gram-job-manager-sge-setup-poll globus-gram-client-tools globus-proxy-utils
   globus-simple-ca globus-gass-copy-progs globus-gram-job-manager-fork
   globus-gram-job-manager-fork-setup-poll
+  nordugrid-arc-arex nordugrid-arc-arcctl nordugrid-arc-client nordugrid-arc-plugins-needed
+  prometheus-node-exporter
   time iproute2 procps psmisc python3-venv python3-dev
 )
 
