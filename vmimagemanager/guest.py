@@ -53,19 +53,22 @@ class Endpoint:
 
 
 def parse_console_host_keys(text: str) -> list[str]:
-    """Host keys from the console's BEGIN/END block ("type base64" lines), last block wins."""
+    """Host keys from the console's BEGIN/END block ("type base64" lines), the last complete
+    block wins. A block whose END line has not arrived yet gives nothing: its last key line may
+    still be half written (the console is read while the guest prints it)."""
     keys: list[str] = []
-    inside = False
+    block: list[str] | None = None
     for raw in text.splitlines():
         line = raw.strip().strip("\r")
         if line == HOST_KEY_BEGIN:
-            inside, keys = True, []
+            block = []
         elif line == HOST_KEY_END:
-            inside = False
-        elif inside and line.startswith(("ssh-", "ecdsa-")):
+            if block is not None:
+                keys, block = block, None
+        elif block is not None and line.startswith(("ssh-", "ecdsa-")):
             parts = line.split()
             if len(parts) >= 2:
-                keys.append(f"{parts[0]} {parts[1]}")
+                block.append(f"{parts[0]} {parts[1]}")
     return keys
 
 
