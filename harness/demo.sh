@@ -53,9 +53,18 @@ say "configuring the SGE queue $queue (prolog, starter_method, epilog): 2 job sl
 vmim sge install-queue --queue "$queue" --slots 2
 qconf -sq "$queue" | grep -E '^(hostlist|slots|prolog|epilog|starter_method)'
 
+metrics_port=19100
+say "starting node_exporter on 127.0.0.1:$metrics_port: its textfile collector serves our metrics"
+install -d -m 0755 /var/lib/vmimagemanager-demo/metrics
+pkill -f -- "--web.listen-address=127.0.0.1:$metrics_port" || true  # one a KEEP=1 run left
+prometheus-node-exporter --web.listen-address=127.0.0.1:$metrics_port --collector.disable-defaults \
+  --collector.textfile --collector.textfile.directory=/var/lib/vmimagemanager-demo/metrics \
+  >/var/log/vmimagemanager-demo-node-exporter.log 2>&1 &
+exporter=$!
+
 say "starting the agent: it boots a warm spare VM for atlas ahead of any job"
 bash "$here/harness/agent.sh" start "$config"
-trap 'bash "$here/harness/agent.sh" stop "$config" || true' EXIT
+trap 'bash "$here/harness/agent.sh" stop "$config" || true; kill $exporter 2>/dev/null || true' EXIT
 deadline=$((SECONDS + 300))
 until vmim spares --json | grep -q '"state": "spare"'; do
   [ $SECONDS -gt $deadline ] && { echo "demo: no spare after 5 minutes; see /var/log/vmimagemanager-agent.demo-*.log" >&2; exit 1; }
@@ -137,12 +146,20 @@ fi
 say "after the jobs: slots and leftovers (the agent booted a new spare for the next atlas job)"
 vmim slots
 vmim reconcile --dry-run
+
+say "the audit trail (vmimagemanager history) and the metrics node_exporter serves"
+vmim history | tail -n 8
+echo "--- GET http://127.0.0.1:$metrics_port/metrics (vmimagemanager lines that are not 0, no buckets)"
+"$venv/bin/python" -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())' \
+  "http://127.0.0.1:$metrics_port/metrics" \
+  | grep -E '^vmimagemanager_|^node_textfile_scrape_error' | grep -v -E '_bucket|[^0-9.]0$' | sed 's/^/    /' || true
 if [ "${KEEP:-0}" = 1 ]; then
   trap - EXIT
   echo "KEEP=1: leaving the cell, libvirtd, the agent and queue $queue running"
   exit 0
 fi
 bash "$here/harness/agent.sh" stop "$config"
+kill $exporter 2>/dev/null || true
 vmim spares --retire
 qconf -dq "$queue" >/dev/null
 [ "${CE:-0}" = 1 ] && bash "$here/harness/ce-gram.sh" down

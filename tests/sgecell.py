@@ -240,6 +240,23 @@ def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None
     return VmCell(cfg, path, base, queue)
 
 
+# A VO whose image cannot boot (a blank disk: the initramfs finds no root file system and powers
+# off), for the failed-boot cases; atlas002 is its only member.
+BROKEN_VOS = {"broken": {"image": "broken", "users": ["atlas002"]},
+              "atlas": {"image": "atlas", "groups": ["atlas"]},
+              "cms": {"image": "cms", "groups": ["cms"]}}
+
+
+def import_broken_image(cell: VmCell, guest_images: dict) -> None:
+    blank = cell.base / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
+    d = guest_images["dir"]
+    r = cell.cli("images", "import", "broken", str(blank), "--kernel",
+                 str(d / guest_images["kernel"]), "--initrd", str(d / guest_images["initrd"]),
+                 "--cmdline", guest_images["cmdline"])
+    assert r.returncode == 0, r.stderr
+
+
 def close_vm_cell(cell: VmCell) -> None:
     from conftest import HARNESS, run_script
 

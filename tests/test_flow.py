@@ -80,26 +80,31 @@ def cfg(tmp_path):
 
 JOB = Job(job_id="42", task_id="0", owner=ME, queue="vm.q")
 
-TABLE = [
-    (NoFreeSlot("all 2 VM slots on this node are in use"), Outcome.RETRY, "slots"),
-    (HypervisorUnavailable("libvirtd is not answering"), Outcome.RETRY, "libvirtd"),
-    (LeaseDbBusy("stayed locked"), Outcome.RETRY, "locked"),
-    (NoSpace("no space left in /o"), Outcome.RETRY, "no space left"),
-    (KeyboardInterrupt("signal 15"), Outcome.RETRY, "interrupted (signal 15)"),
-    (ImageError("image 'img' changed after import"), Outcome.HOLD, "changed after import"),
-    (ShareError("home not below /home"), Outcome.HOLD, "home not below"),
-    (LeaseDbBroken("the leases database cannot be used"), Outcome.HOLD, "cannot be used"),
-    (RuntimeError("a bug"), Outcome.HOLD, "unexpected error"),
+TABLE = [  # error, outcome, words of the reason, the audit trail's (and metrics') cause
+    (NoFreeSlot("all 2 VM slots on this node are in use"), Outcome.RETRY, "slots",
+     "no_free_slot"),
+    (HypervisorUnavailable("libvirtd is not answering"), Outcome.RETRY, "libvirtd",
+     "hypervisor_unavailable"),
+    (LeaseDbBusy("stayed locked"), Outcome.RETRY, "locked", "lease_db_busy"),
+    (NoSpace("no space left in /o"), Outcome.RETRY, "no space left", "no_space"),
+    (KeyboardInterrupt("signal 15"), Outcome.RETRY, "interrupted (signal 15)", "interrupted"),
+    (ImageError("image 'img' changed after import"), Outcome.HOLD, "changed after import",
+     "image_error"),
+    (ShareError("home not below /home"), Outcome.HOLD, "home not below", "share_error"),
+    (LeaseDbBroken("the leases database cannot be used"), Outcome.HOLD, "cannot be used",
+     "lease_db_broken"),
+    (RuntimeError("a bug"), Outcome.HOLD, "unexpected error", "unexpected"),
 ]
 
 
-@pytest.mark.parametrize(("error", "outcome", "words"), TABLE,
+@pytest.mark.parametrize(("error", "outcome", "words", "cause"), TABLE,
                          ids=[type(row[0]).__name__ for row in TABLE])
-def test_each_error_of_a_start_has_its_outcome_and_reason(cfg, error, outcome, words):
+def test_each_error_of_a_start_has_its_outcome_and_reason(cfg, error, outcome, words, cause):
     life = Life(error)
     decision = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert decision.outcome is outcome
     assert words in decision.reason
+    assert decision.facts == {"cause": cause, "vo": "mine", "image": "img"}
     assert life.leases.failures == {}  # only failed boots are counted
 
 
@@ -120,6 +125,7 @@ def test_failed_boots_are_retried_then_held(cfg, error):
     first = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert first.outcome is Outcome.RETRY
     assert "the VM failed to start (attempt 1 of 2, VO mine, image img)" in first.reason
+    assert first.facts == {"cause": "boot_failed", "vo": "mine", "image": "img"}
     second = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert second.outcome is Outcome.HOLD
     assert second.reason.startswith("the VM failed to start 2 times")
@@ -136,6 +142,7 @@ def test_with_on_boot_failure_fail_the_last_failed_boot_ends_the_job_with_its_re
     assert start_job(cfg, JOB, make_life=lambda _cfg: life).outcome is Outcome.RETRY
     last = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert last.outcome is Outcome.READY and last.reason == ""  # the starter ends it
+    assert last.facts["mode"] == "reject" and last.facts["cause"] == "boot_failed"
     context = read_context(cfg.run_dir, JOB.label)
     assert context.mode == "reject"
     assert context.message.startswith("vmimagemanager: the VM failed to start 2 times")
@@ -187,7 +194,7 @@ def test_interactive_jobs_are_held_without_touching_the_node(cfg):
         raise AssertionError("an interactive job must not reach the life cycle")
 
     decision = start_job(cfg, JOB, interactive=True, make_life=never)
-    assert decision.outcome is Outcome.HOLD
+    assert decision.outcome is Outcome.HOLD and decision.facts == {"cause": "interactive"}
     assert "interactive jobs" in decision.reason
 
 

@@ -17,7 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import HARNESS, require, run_script
-from sgecell import SGE_ENV, close_vm_cell, home, open_vm_cell, wait_done, wait_for
+from sgecell import (
+    BROKEN_VOS,
+    SGE_ENV,
+    close_vm_cell,
+    home,
+    import_broken_image,
+    open_vm_cell,
+    wait_done,
+    wait_for,
+)
 from sgecell import grid_client as grid
 
 from vmimagemanager.audit import vm_starts
@@ -42,16 +51,8 @@ def gram(libvirt_system, guest_images):
         "shared_paths": [{"path": "/home", "mode": "hypervisor"},
                          {"path": common, "mode": "hypervisor", "scope": "tree",
                           "readonly": True}],
-        "vos": {"broken": {"image": "broken", "users": ["atlas002"]},
-                "atlas": {"image": "atlas", "groups": ["atlas"]},
-                "cms": {"image": "cms", "groups": ["cms"]}}})
-    blank = cell.base / "blank.qcow2"  # the initramfs finds no root file system: powers off
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(blank), "64M"], check=True)
-    d = guest_images["dir"]
-    r = cell.cli("images", "import", "broken", str(blank), "--kernel",
-                 str(d / guest_images["kernel"]), "--initrd", str(d / guest_images["initrd"]),
-                 "--cmdline", guest_images["cmdline"])
-    assert r.returncode == 0, r.stderr
+        "vos": BROKEN_VOS})
+    import_broken_image(cell, guest_images)
     up = run_script(str(HARNESS / "ce-gram.sh"), "up", QUEUE, *USERS)
     require(up.returncode == 0, f"the GRAM CE did not come up: {up.stderr.strip()}")
     for user in USERS:

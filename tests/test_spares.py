@@ -21,9 +21,10 @@ import pytest
 import yaml
 from sgecell import CLI, close_vm_cell, open_vm_cell, virsh, wait_done
 
-from vmimagemanager.audit import vm_starts
+from vmimagemanager.audit import read_history, vm_starts
 from vmimagemanager.config import ConfigError, load_config, parse_config
 from vmimagemanager.leases import SPARE_JOB_ID, LeaseStore
+from vmimagemanager.metrics import boot_seconds
 from vmimagemanager.states import LeaseState
 
 QUEUE = "vmspare.q"
@@ -216,6 +217,9 @@ def test_the_agent_boots_a_spare_that_holds_no_job_key_and_no_home(spares_cell):
     rows = spares(spares_cell)
     assert [(r["state"], r["image"], r["vo"]) for r in rows] == [("spare", "atlas", "atlas")]
     slot = rows[0]["slot"]
+    (booted,) = [e for e in read_history(spares_cell.cfg) if e["event"] == "spare"]
+    assert (booted["outcome"], booted["image"], booted["slot"]) == ("ready", "atlas", slot)
+    assert booted["job"] == rows[0]["job"] and boot_seconds(booted["phases"]) > 0
     seen = in_guest(spares_cell, slot, "ls /etc/ssh/authorized_keys; echo ---; "
                     "ls -A /run/vmim-spare/v0_home/home; echo ---; "
                     "[ $(stat -c %d /home/atlas001) = $(stat -c %d /) ] && echo home-not-mounted;"

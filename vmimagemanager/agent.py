@@ -19,9 +19,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import metrics
+from .audit import record
 from .errors import NoFreeSlot, RetryLater, VmimError
 from .leases import Lease
 from .lifecycle import LifeCycle
+from .metrics import cause_of
 from .states import LeaseState
 
 log = logging.getLogger("vmimagemanager.agent")
@@ -48,6 +51,7 @@ class Agent:
         actions += self.life.reconcile()
         actions += self._replace_outdated()
         self._fill()  # what it starts is reported by _collect once done
+        metrics.observe(self.life.cfg)  # the gauges, fresh each round
         return actions
 
     def wait(self) -> list[str]:
@@ -109,7 +113,20 @@ class Agent:
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
         try:
-            return provision_spare(life, image, vo)
+            lease = provision_spare(life, image, vo)
+        except NoFreeSlot:
+            raise
+        except Exception as exc:
+            from .flow import NOT_BOOT_FAILURES
+
+            cause = cause_of(exc) if isinstance(exc, NOT_BOOT_FAILURES) else "boot_failed"
+            record(life.cfg, "spare", outcome="failed", image=image, vo=vo, cause=cause,
+                   reason=str(exc))
+            raise
+        else:
+            record(life.cfg, "spare", lease.job_label, outcome="ready", image=image, vo=vo,
+                   slot=lease.slot, phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
+            return lease
         finally:
             life.leases.close()
             life.hv.close()

@@ -1,14 +1,15 @@
 """The audit trail: one JSON line per job event, for the questions a security incident asks.
 
 Which Grid user ran what, in which image (name and sha256), on which node and slot, when, and
-how it ended. `state_dir/audit.jsonl` is root-only (0600; logrotate snippet in packaging/); the
+how it ended. `state_dir/audit.jsonl` is root-only (0600; etc/logrotate.d/vmimagemanager); the
 same line goes to syslog or the journal when one runs (logger "vmimagemanager.audit").
 `vmimagemanager history` reads it.
 
 Events: `start` (the prolog's outcome: ready, retry or hold, with the reason; for a VM the slot,
 domain, image, sha256, boot and prolog seconds, whether a warm spare served it), `end` (the
-epilog: the payload's exit status or signal, the VM's CPU seconds) and `reconcile` (what a
-reconcile round cleaned up).
+epilog: the payload's exit status or signal, the VM's CPU seconds), `spare` (the agent booted a
+warm spare, or failed to) and `reconcile` (what a reconcile round cleaned up). Each event also
+moves the Prometheus counters (metrics.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def record(cfg: Config, event: str, job: str = "", **fields: object) -> None:
     except OSError as exc:
         log.warning("audit trail %s not written: %s", audit_path(cfg), exc)
     log.info("%s", line)
+    from .metrics import observe
+
+    observe(cfg, entry)  # the Prometheus counters are a fold of these events
 
 
 def proxy_identity(path: str | None, owner_uid: int) -> str:

@@ -238,6 +238,27 @@ def cmd_reconcile(cfg: Config, args) -> int:
         print(prefix + action)
     if not actions:
         print("nothing to do: leases, domains and files agree")
+    if not args.dry_run:
+        from .metrics import observe
+
+        observe(cfg)  # the reconcile timer keeps the metrics' gauges fresh
+    return 0
+
+
+def cmd_metrics(cfg: Config, args) -> int:
+    """Print the metrics node_exporter serves; --write also writes them to metrics_dir."""
+    from . import metrics
+
+    if args.write:
+        if cfg.metrics_dir is None:
+            raise VmimError(f"no metrics_dir in {cfg.path}: set it to node_exporter's "
+                            "--collector.textfile.directory (Debian: "
+                            "/var/lib/prometheus/node-exporter)")
+        try:
+            print(f"written: {metrics.update(cfg)}", file=sys.stderr)
+        except OSError as exc:
+            raise VmimError(f"metrics not written: {exc}") from None
+    print(metrics.text(cfg), end="")
     return 0
 
 
@@ -331,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job", help="one job: ID or ID.TASK")
     s.add_argument("--user", help="one owner (pool account)")
     s.add_argument("--json", action="store_true")
+    s = sub.add_parser("metrics", help="print the Prometheus metrics of this node (root)")
+    s.add_argument("--write", action="store_true", help="also write them to metrics_dir for "
+                   "node_exporter's textfile collector")
     img = sub.add_parser("images", help="manage golden images")
     isub = img.add_subparsers(dest="images_command", required=True, metavar="ACTION")
     i = isub.add_parser("import", help="copy a disk image into the image store (sha256 recorded)")
@@ -402,7 +426,7 @@ COMMANDS = {
     "slots": cmd_slots, "status": cmd_slots, "images": cmd_images, "up": cmd_up,
     "restore": cmd_up, "down": cmd_down, "kill": cmd_down, "store": cmd_store,
     "reconcile": cmd_reconcile, "print-config": cmd_print_config, "exec": cmd_exec,
-    "spares": cmd_spares, "agent": cmd_agent, "history": cmd_history,
+    "spares": cmd_spares, "agent": cmd_agent, "history": cmd_history, "metrics": cmd_metrics,
 }
 
 

@@ -143,6 +143,7 @@ class Config:
     # sees and can act on; a held job looks pending to them for ever).
     on_boot_failure: str = "hold"
     spares: SparePolicy = SparePolicy()
+    metrics_dir: Path | None = None  # node_exporter's textfile directory (metrics.py)
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:
@@ -160,7 +161,7 @@ TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
-    "on_boot_failure",
+    "on_boot_failure", "metrics_dir",
 }
 
 
@@ -437,6 +438,8 @@ def parse_config(data: Any, path: str) -> Config:
         scratch_dir=c.typed(data.get("scratch_dir", "/tmp"), "scratch_dir", str,
                             "an absolute path in the guest", os.path.isabs),
         spares=_parse_spares(c, data.get("spares"), vos, len(slots)),
+        metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
+                     if data.get("metrics_dir") is not None else None),
     )
 
 

@@ -28,7 +28,7 @@ import enum
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimError
@@ -43,6 +43,8 @@ log = logging.getLogger("vmimagemanager.flow")
 # How long a starting job waits for another process's lock on the leases database before it is
 # retried later (normal transactions take milliseconds).
 START_DB_WAIT = 20.0
+# What start_vm may raise that says nothing about the VM's boot (not counted as a failed boot).
+NOT_BOOT_FAILURES = (RetryLater, ImageError, ConfigError, LeaseDbBroken, KeyboardInterrupt)
 
 
 class Outcome(enum.Enum):
@@ -79,17 +81,26 @@ def start_job(cfg: Config, job: Job, interactive: bool = False,
               make_life: Callable[[Config], LifeCycle] = default_life) -> Decision:
     """Decide what happens to `job` and do it (boot its VM, or write its context); the
     decision goes to the audit trail."""
+    from .metrics import cause_of
+
+    known: dict = {}  # what _start learnt before it failed (VO, image): for the audit trail
     try:
-        decision = _start(cfg, job, interactive, make_life)
+        decision = _start(cfg, job, interactive, make_life, known)
     except KeyboardInterrupt as exc:  # the adapter's signal handler: cleanup is done
         decision = Decision.retry(f"the hook was interrupted ({exc})")
+        known["cause"] = "interrupted"
     except RetryLater as exc:
         decision = Decision.retry(str(exc))
+        known["cause"] = cause_of(exc)
     except VmimError as exc:  # image, share, owner, configuration, leases DB: an admin's
         decision = Decision.hold(str(exc))
+        known["cause"] = cause_of(exc)
     except Exception as exc:  # a bug: keep the job and say so, never crash the hook
         log.exception("job %s: unexpected error", job.label)
         decision = Decision.hold(f"unexpected error: {exc!r}; see the node's log")
+        known["cause"] = "unexpected"
+    if decision.outcome is not Outcome.READY or "failed" in decision.facts:
+        decision = replace(decision, facts={**known, **decision.facts})
     _audit_start(cfg, job, decision)
     return decision
 
@@ -108,12 +119,13 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
 
 
 def _start(cfg: Config, job: Job, interactive: bool,
-           make_life: Callable[[Config], LifeCycle]) -> Decision:
+           make_life: Callable[[Config], LifeCycle], known: dict) -> Decision:
     from .context import JobContext, write_context
     from .lifecycle import JobRequest, owner_ids
     from .policy import match_vo, unmatched_message
 
     if interactive:
+        known["cause"] = "interactive"
         return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
                              "queue; submit a batch job, or use a queue without VMs")
     uid, gid = owner_ids(job.owner)
@@ -125,6 +137,7 @@ def _start(cfg: Config, job: Job, interactive: bool,
         log.info("job %s: owner %s matches no VO; mode %s", job.label, job.owner,
                  cfg.unmatched)
         return Decision(Outcome.READY, facts={"mode": cfg.unmatched})
+    known.update(vo=rule.name, image=rule.image)
     life = make_life(cfg)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
                          image=rule.image, vo=rule.name)
@@ -133,10 +146,11 @@ def _start(cfg: Config, job: Job, interactive: bool,
         from .spares import bind_spare as bind
     try:
         lease, _ = life.start_vm(request, bind=bind)
-    except (RetryLater, ImageError, ConfigError, LeaseDbBroken, KeyboardInterrupt):
+    except NOT_BOOT_FAILURES:
         raise
     except VmimError as exc:  # the VM did not come up (BootError, a stale domain): counted
         count = life.leases.record_boot_failure(job.job_id, job.task_id, str(exc))
+        known["cause"] = "boot_failed"
         if count >= cfg.max_boot_attempts:
             reason = (f"the VM failed to start {count} times (VO {rule.name}, image "
                       f"{rule.image}); last error: {exc}")

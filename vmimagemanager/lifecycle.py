@@ -138,6 +138,7 @@ class LifeCycle:
         self.usage: dict[str, dict[str, float]] = {}  # job label -> what its VM used (end_vm)
         self.bound_spare = ""  # the spare the last start_vm bound ('' when it booted a VM)
         self.started_image: Image | None = None  # the image record the last start_vm used
+        self.ended_lease: Lease | None = None  # the lease the last end_job ended (VO, image)
 
     # -- start ----------------------------------------------------------------------------------
     def start_vm(self, request: JobRequest, slots: list[str] | None = None,
@@ -375,7 +376,7 @@ class LifeCycle:
         they are done here.
         """
         label = check_label(f"{job_id}.{task_id}")
-        lease = self.leases.find_job(job_id, task_id)
+        lease = self.ended_lease = self.leases.find_job(job_id, task_id)
         removed = remove_context(self.cfg.run_dir, label)
         if lease is None:
             return removed

@@ -175,7 +175,9 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
                     args, read_spool_file(spool_dir), usage, vm), 0o640)
             from ..audit import record
 
+            ended = life.ended_lease
             record(cfg, "end", f"{args.job_id}.{args.task_id}", owner=args.owner,
+                   vo=ended.vo if ended else None, image=ended.image if ended else None,
                    exit_status=usage.get("exit_status"), signal=usage.get("signal"),
                    vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
