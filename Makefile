@@ -14,7 +14,7 @@ demo:
 test: deps
 	bash harness/libvirt-up.sh
 	bash harness/sge-cell.sh up
-	$(PY) -m ruff check vmimagemanager tests examples benchmarks
+	$(PY) -m ruff check vmimagemanager tests examples benchmarks packaging
 	VMIM_INTEGRATION=1 $(PY) -m pytest -q --durations=15
 
 bench: deps

@@ -18,6 +18,8 @@ APT_PACKAGES=(
   globus-gram-job-manager-fork-setup-poll
   nordugrid-arc-arex nordugrid-arc-arcctl nordugrid-arc-client nordugrid-arc-plugins-needed
   prometheus-node-exporter
+  debhelper dh-python python3-all python3-setuptools python3-libvirt python3-lxml python3-yaml
+  rpm cpio
   time iproute2 procps psmisc python3-venv python3-dev
 )
 
