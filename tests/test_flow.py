@@ -211,6 +211,12 @@ def test_owner_of_no_vo_gets_a_context_for_the_starter(cfg, mode):
     assert decision.outcome is Outcome.READY
     context = read_context(cfg.run_dir, "42.0")
     assert context.mode == mode and "belongs to no VO" in context.message
+    # a fresh node (no state directory yet) still records the first job's start
+    from vmimagemanager.audit import read_history
+
+    (start,) = read_history(cfg)
+    assert (start["job"], start["mode"]) == ("42.0", mode)
+    assert oct(cfg.state_dir.stat().st_mode & 0o777) == "0o700"
 
 
 def test_unknown_owner_is_held(cfg):

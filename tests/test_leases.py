@@ -178,3 +178,29 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
             proc.kill()
             proc.wait()
     assert sorted(map(str, got.values())) == names, got
+
+
+def _admin_public(state_dir: str, out) -> None:
+    from vmimagemanager.config import parse_config
+    from vmimagemanager.lifecycle import admin_key
+
+    cfg = parse_config({"state_dir": state_dir, "slots": [
+        {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")
+    out.put(admin_key(cfg)[1])
+
+
+def test_the_first_jobs_of_a_fresh_node_race_for_the_admin_key_and_all_get_the_same(tmp_path):
+    import multiprocessing
+
+    (tmp_path / "keys").mkdir()
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    procs = [context.Process(target=_admin_public, args=(str(tmp_path), out)) for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+        assert proc.exitcode == 0
+    keys = {out.get(timeout=5) for _ in procs}
+    assert len(keys) == 1 and next(iter(keys)).startswith("ssh-ed25519 ")
+    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["admin_ed25519"]  # no temp left

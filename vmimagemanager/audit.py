@@ -49,6 +49,8 @@ def record(cfg: Config, event: str, job: str = "", **fields: object) -> None:
              "job": job, **{k: v for k, v in fields.items() if v not in (None, "", {})}}
     line = json.dumps(entry)
     try:
+        # a fresh node's first job may be one without a VM: nothing has made state_dir yet
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         append_line(audit_path(cfg), line, 0o600)
     except OSError as exc:
         log.warning("audit trail %s not written: %s", audit_path(cfg), exc)

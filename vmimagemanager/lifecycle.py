@@ -97,8 +97,19 @@ def admin_key(cfg: Config) -> tuple[Path, str]:
     """The key root uses to log in to every guest: the site's, or one made once on this node."""
     path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
     if not path.exists():
+        # The first jobs of a fresh node start at once: the key is written whole under a name
+        # of its own and linked into place, so the one that loses the race uses the winner's
+        # key, never half of one (and never fails on the other's file).
         pair = generate_keypair(f"vmimagemanager-admin@{os.uname().nodename}")
-        write_private_file(path, pair.private_openssh)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        write_private_file(tmp, pair.private_openssh)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path, f"{public_key_line(path)} vmimagemanager-admin"
 
 
