@@ -20,6 +20,7 @@ APT_PACKAGES=(
   prometheus-node-exporter
   debhelper dh-python python3-all python3-setuptools python3-libvirt python3-lxml python3-yaml
   rpm cpio
+  slurm-wlm munge libslurm-dev
   time iproute2 procps psmisc python3-venv python3-dev
 )
 

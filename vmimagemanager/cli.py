@@ -324,6 +324,12 @@ def cmd_sge(cfg_path: str, args) -> int:
     return install_queue(cfg_path, args)
 
 
+def cmd_slurm(cfg_path: str, args) -> int:
+    from .batch.slurm_setup import install_hooks
+
+    return install_hooks(cfg_path, args)
+
+
 # -- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -419,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--wrapper-dir", default="/usr/local/libexec/vmimagemanager",
                    help="where the root-owned hook wrappers are written")
     q.add_argument("--slots", type=int, help="job slots per host (default: VM slots configured)")
+    slurm = sub.add_parser("slurm", help="Slurm set-up")
+    lsub = slurm.add_subparsers(dest="slurm_command", required=True, metavar="ACTION")
+    h = lsub.add_parser("install-hooks", help="write this node's Prolog/Epilog wrappers and "
+                        "SPANK plugin (every job of the node runs in a VM)")
+    h.add_argument("--dir", default="/etc/slurm/vmimagemanager",
+                   help="where the root-owned wrappers and the plugin are written")
+    h.add_argument("--plugstack", default="/etc/slurm/plugstack.conf.d/vmimagemanager.conf",
+                   help="the plugstack.conf include that loads the plugin")
     return p
 
 
@@ -444,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sge":
             return cmd_sge(path, args)
+        if args.command == "slurm":
+            return cmd_slurm(path, args)
         if args.command == "config":
             return cmd_import_legacy(args.file)
         cfg = load_config(path)

@@ -1,8 +1,9 @@
 """What happens to a job when it starts: every decision in one batch-neutral place.
 
 An adapter turns its batch system's hook arguments into a Job, calls `start_job`, and maps the
-Decision to its own conventions (SGE: 0, 99, 100; see batch/sge.py). No batch system is named
-here. The table (tests/test_flow.py checks every row):
+Decision to its own conventions (SGE: exit 0, 99, 100, batch/sge.py; Slurm: exit 0 and
+scontrol requeue or requeuehold, batch/slurm.py). No batch system is named here. The table
+(tests/test_flow.py checks every row):
 
 | situation                                                     | outcome | counted |
 |---------------------------------------------------------------|---------|---------|

@@ -108,8 +108,7 @@ class JobRunner:
             script = Path(argv[0]).read_bytes()
             guest_script = f"{scratch}/job-script"
             self.session.upload(script, guest_script, 0o700)
-            if os.environ.get("SGE_STARTER_SHELL_START_MODE") == "unix_behavior" and \
-                    script.startswith(b"#!"):
+            if job.exec_script and script.startswith(b"#!"):
                 argv = [guest_script, *argv[1:]]
             else:
                 argv = [job.shell, guest_script, *argv[1:]]

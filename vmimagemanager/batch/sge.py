@@ -25,22 +25,14 @@ from collections.abc import Mapping, Sequence
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
 from ..logsetup import setup_logging
-from .base import Job, check_job_id, normalise_task_id
+from .base import Job, check_job_id, normalise_task_id, root_hook_setup, starter_arguments
+from .wrappers import start_in_context
 
 log = logging.getLogger("vmimagemanager.sge")
 
 EXIT_OK = 0
 EXIT_RESCHEDULE = 99
 EXIT_HOLD = 100
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def _root_hook_setup(program: str) -> None:
-    os.environ["PATH"] = SAFE_PATH
-    for key in ("VMIM_CONFIG", "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH"):
-        os.environ.pop(key, None)
-    os.umask(0o077)
-    setup_logging(program, stderr_level=logging.CRITICAL)  # they print their own one line
 
 
 def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,7 +60,7 @@ def _load(explicit: str | None) -> Config:
 
 
 def prolog_main(argv: Sequence[str] | None = None) -> int:
-    _root_hook_setup("vmim-sge-prolog")
+    root_hook_setup("vmim-sge-prolog")
     try:
         args = _hook_args("vmim-sge-prolog", argv)
         cfg = _load(args.config)
@@ -152,7 +144,7 @@ def is_interactive(spool: Mapping[str, str]) -> bool:
 
 
 def epilog_main(argv: Sequence[str] | None = None) -> int:
-    _root_hook_setup("vmim-sge-epilog")
+    root_hook_setup("vmim-sge-epilog")
     try:
         args = _hook_args("vmim-sge-epilog", argv)
         cfg = _load(args.config)
@@ -235,19 +227,16 @@ def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
     return Job(job_id=check_job_id(env.get("JOB_ID", "")),
                task_id=normalise_task_id(env.get("SGE_TASK_ID")),
                owner=env.get("USER", ""), queue=env.get("QUEUE", ""), argv=list(argv),
-               is_script=is_script, shell=shell, env=env, cwd=os.getcwd(), guest_files=needs)
+               is_script=is_script, shell=shell, env=env, cwd=os.getcwd(), guest_files=needs,
+               exec_script=env.get("SGE_STARTER_SHELL_START_MODE") == "unix_behavior")
 
 
 def starter_main(argv: Sequence[str] | None = None) -> int:
     from ..context import read_context
 
     setup_logging("vmim-sge-starter", stderr_level=logging.ERROR)
-    parser = argparse.ArgumentParser(prog="vmim-sge-starter",
-                                     description="SGE starter_method of vmimagemanager")
-    parser.add_argument("--config")
-    parser.add_argument("command", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args, command = starter_arguments("vmim-sge-starter", "SGE starter_method of "
+                                      "vmimagemanager", argv)
     if not command:
         print("vmimagemanager starter: no job command given", file=sys.stderr)
         return 1
@@ -258,38 +247,4 @@ def starter_main(argv: Sequence[str] | None = None) -> int:
     except VmimError as exc:
         print(f"vmimagemanager: {exc}", file=sys.stderr)
         return 1
-    if context.mode == "reject":
-        print(context.message, file=sys.stderr)
-        return 1
-    if context.mode == "native":
-        return _exec_native(job)
-    from ..runner import JobRunner
-
-    try:
-        return JobRunner(job, context, cfg.run_dir).run()
-    except VmimError as exc:
-        print(f"vmimagemanager: job {job.label}: {exc}", file=sys.stderr)
-        return 1
-
-
-def _exec_native(job: Job) -> int:
-    """No VO matched and the site runs such jobs on the host: do what SGE itself would."""
-    argv = list(job.argv)
-    if job.is_script and not (os.environ.get("SGE_STARTER_SHELL_START_MODE") == "unix_behavior"
-                              and _has_shebang(argv[0])):
-        argv = [job.shell, *argv]
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        print(f"vmimagemanager: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return 127
-    return 127  # not reached
-
-
-def _has_shebang(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(2) == b"#!"
-    except OSError:
-        return False
-
+    return start_in_context(job, context, cfg.run_dir)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import VmimError
+from . import wrappers
+from .wrappers import HookSystem
 
 HOOK_ARGS = "$job_id $ja_task_id $job_owner $queue $host"
 
@@ -34,49 +36,25 @@ def _qconf(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 # What a prolog or epilog wrapper does when its hook did not end normally. Exit codes as seen on
 # a real cell (batch/sge.py): prolog 99 reschedules the job; epilog 0 (99 would run the job twice).
-# A hook is idempotent, so the epilog runs once more to finish an interrupted teardown.
 _ABNORMAL = {
     "prolog": ("0|99|100", 'say "the prolog hook failed ($why); the job is rescheduled"\n'
                            "exit 99"),
-    "epilog": ("0", 'say "the epilog hook failed ($why); running it once more to finish the '
-                    'teardown"\n[ -x "$hook" ] && "$python" -I "$hook" --config "$config" "$@" '
-                    '</dev/null\n'
-                    "exit 0"),
+    "epilog": wrappers.EPILOG_AGAIN,
 }
 
-WRAPPER = """#!/bin/sh
-# vmimagemanager SGE {hook}. Written by 'vmimagemanager sge install-queue'; do not edit.
-# Runs the Python hook as a child and maps however it ends (a crash, the OOM killer's SIGKILL, a
-# missing installation) to an exit code SGE handles per job, never to one that puts the queue
-# instance into E (any other code, or a signal, would). The hook runs as root with the job's
-# environment: `python -I` ignores PYTHONPATH and every other PYTHON* variable a job may set.
-PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
-python={python}
-hook={target}
-config={config}
-say() {{ echo "vmimagemanager {hook}: $*" >&2; logger -t vmim-sge-{hook} -- "$*" 2>/dev/null; }}
-if [ -x "$hook" ]; then
-  "$python" -I "$hook" --config "$config" "$@" </dev/null &
-  child=$!
-  trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
-  while :; do
-    wait $child 2>/dev/null; rc=$?
-    kill -0 $child 2>/dev/null || break  # wait was interrupted by a trapped signal
-  done
-  case $rc in {allowed}) exit $rc ;; esac
-  if [ $rc -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
-else
-  why="$hook is not installed on $(hostname)"
-fi
-{abnormal}
-"""
+SGE = HookSystem(
+    name="SGE", tag="sge", installer="sge install-queue", abnormal=_ABNORMAL,
+    purpose=(
+        "# Runs the Python hook as a child and maps however it ends (a crash, the OOM killer's "
+        "SIGKILL, a\n# missing installation) to an exit code SGE handles per job, never to one "
+        "that puts the queue\n# instance into E (any other code, or a signal, would). The hook "
+        "runs as root with the job's\n# environment: `python -I` ignores PYTHONPATH and every "
+        "other PYTHON* variable a job may set."))
 
 
 def wrapper_script(hook: str, target: str, config: str, python: str) -> str:
     """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER)."""
-    allowed, abnormal = _ABNORMAL[hook]
-    return WRAPPER.format(hook=hook, target=shlex.quote(target), config=shlex.quote(config),
-                          python=shlex.quote(python), allowed=allowed, abnormal=abnormal)
+    return wrappers.wrapper_script(SGE, hook, target, config, python)
 
 
 STARTER = """#!/bin/sh
@@ -87,18 +65,6 @@ exec {python} -I {target} --config {config} -- "$@"
 """
 
 
-def hook_interpreter(target: Path) -> str:
-    """The Python a console script runs with (its #! line): the wrappers call it with -I."""
-    try:
-        with open(target, "rb") as fh:
-            first = fh.readline().decode("utf-8", "replace").strip()
-    except OSError as exc:
-        raise VmimError(f"{target}: cannot read ({exc.strerror})") from None
-    if not first.startswith("#!/") or " " in first:
-        raise VmimError(f"{target}: not a Python console script (first line {first!r})")
-    return first[2:]
-
-
 def hook_script(hook: str, target: str, config: str, python: str) -> str:
     if hook == "starter":
         return STARTER.format(target=shlex.quote(target), config=shlex.quote(config),
@@ -107,22 +73,11 @@ def hook_script(hook: str, target: str, config: str, python: str) -> str:
 
 
 def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o755)
-    wrappers = {}
+    bodies = {}
     for hook in ("prolog", "starter", "epilog"):
         target = bindir / f"vmim-sge-{hook}"
-        if not target.exists():
-            raise VmimError(f"{target} not found: install vmimagemanager with pip first")
-        body = hook_script(hook, str(target), config, hook_interpreter(target))
-        path = directory / hook
-        tmp = directory / f".{hook}.tmp"
-        tmp.write_text(body)
-        os.chown(tmp, 0, 0)
-        os.chmod(tmp, 0o755)
-        tmp.rename(path)
-        wrappers[hook] = path
-    return wrappers
+        bodies[hook] = hook_script(hook, str(target), config, wrappers.hook_interpreter(target))
+    return wrappers.write_root_scripts(directory, bodies)
 
 
 def queue_definition(template: str, values: dict[str, str]) -> str:

@@ -1,0 +1,121 @@
+"""The shell wrappers a batch system calls for the root hooks (prolog, epilog), for any adapter.
+
+A batch system turns a hook that crashed, was killed or is not installed into trouble for the
+whole node (SGE: the queue instance goes to E; Slurm: the node drains). The wrapper runs the
+Python hook as a child and maps however it ends to what that batch system handles per job
+(`HookSystem.abnormal`). It is written root-owned with the configuration path baked in: the
+root hooks never read it from the job's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import VmimError
+
+
+@dataclass(frozen=True)
+class HookSystem:
+    name: str  # as admins know it: "SGE", "Slurm"
+    tag: str  # in the hooks' names and syslog tags: vmim-<tag>-prolog
+    installer: str  # the CLI command that writes the wrappers
+    purpose: str  # the wrapper's comment: what "abnormal" means for this batch system
+    # hook -> (exit codes passed through as they are, shell lines run for any other end)
+    abnormal: Mapping[str, tuple[str, str]]
+
+
+# An epilog hook that did not end normally runs once more (hooks are idempotent) to finish an
+# interrupted teardown; an epilog exits 0 in every batch system (anything else re-runs the job,
+# holds it or takes the node out of service).
+EPILOG_AGAIN = ("0", 'say "the epilog hook failed ($why); running it once more to finish the '
+                     'teardown"\n[ -x "$hook" ] && "$python" -I "$hook" --config "$config" "$@" '
+                     '</dev/null\n'
+                     "exit 0")
+
+WRAPPER = """#!/bin/sh
+# vmimagemanager {system} {hook}. Written by 'vmimagemanager {installer}'; do not edit.
+{purpose}
+PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+python={python}
+hook={target}
+config={config}
+say() {{ echo "vmimagemanager {hook}: $*" >&2; logger -t vmim-{tag}-{hook} -- "$*" 2>/dev/null; }}
+if [ -x "$hook" ]; then
+  "$python" -I "$hook" --config "$config" "$@" </dev/null &
+  child=$!
+  trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
+  while :; do
+    wait $child 2>/dev/null; rc=$?
+    kill -0 $child 2>/dev/null || break  # wait was interrupted by a trapped signal
+  done
+  case $rc in {allowed}) exit $rc ;; esac
+  if [ $rc -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
+else
+  why="$hook is not installed on $(hostname)"
+fi
+{abnormal}
+"""
+
+
+def wrapper_script(system: HookSystem, hook: str, target: str, config: str,
+                   python: str) -> str:
+    allowed, abnormal = system.abnormal[hook]
+    return WRAPPER.format(system=system.name, installer=system.installer,
+                          purpose=system.purpose, tag=system.tag, hook=hook,
+                          target=shlex.quote(target), config=shlex.quote(config),
+                          python=shlex.quote(python), allowed=allowed, abnormal=abnormal)
+
+
+def start_in_context(job, context, run_dir: Path) -> int:
+    """The starter's last step in every batch system: end a rejected job with its reason, run a
+    native one as the batch system would, or run the job in its VM."""
+    import sys
+
+    from ..runner import JobRunner
+    from .base import exec_native
+
+    if context.mode == "reject":
+        print(context.message, file=sys.stderr)
+        return 1
+    if context.mode == "native":
+        return exec_native(job)
+    try:
+        return JobRunner(job, context, run_dir).run()
+    except VmimError as exc:
+        print(f"vmimagemanager: job {job.label}: {exc}", file=sys.stderr)
+        return 1
+
+
+def hook_interpreter(target: Path) -> str:
+    """The Python a console script runs with (its #! line): the wrappers call it with -I."""
+    if not target.exists():
+        raise VmimError(f"{target} not found: install vmimagemanager first")
+    try:
+        with open(target, "rb") as fh:
+            first = fh.readline().decode("utf-8", "replace").strip()
+    except OSError as exc:
+        raise VmimError(f"{target}: cannot read ({exc.strerror})") from None
+    if not first.startswith("#!/") or " " in first:
+        raise VmimError(f"{target}: not a Python console script (first line {first!r})")
+    return first[2:]
+
+
+def write_root_scripts(directory: Path, bodies: Mapping[str, str]) -> dict[str, Path]:
+    """Write each script root-owned, 0755, by rename (a hook starting meanwhile sees the old
+    or the new one, never half of one)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o755)
+    paths = {}
+    for name, body in bodies.items():
+        path = directory / name
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(body)
+        os.chown(tmp, 0, 0)
+        os.chmod(tmp, 0o755)
+        tmp.rename(path)
+        paths[name] = path
+    return paths
