@@ -200,6 +200,19 @@ def end_job(life: LifeCycle, job_id: str, task_id: str) -> bool:
         life.cfg, slot, label))
 
 
+def audit_end(life: LifeCycle, label: str, owner: str, exit_status: str | None,
+              signal: str | None) -> None:
+    """The trail's `end` event of a job end_job ended: its VO and image (from the lease), how
+    the payload ended as the batch system says, and its VM's CPU seconds."""
+    from .audit import record
+
+    ended, vm = life.ended_lease, life.usage.get(label)
+    record(life.cfg, "end", label, owner=owner, vo=ended.vo if ended else None,
+           image=ended.image if ended else None, exit_status=exit_status or None,
+           signal=signal or None,
+           vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
+
+
 def _detach_teardown(cfg: Config, slot: str, label: str) -> int:
     """Start the process that destroys the VM and frees the slot; its pid (0: not started).
 

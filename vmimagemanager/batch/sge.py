@@ -148,7 +148,7 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _hook_args("vmim-sge-epilog", argv)
         cfg = _load(args.config)
-        from ..flow import end_job
+        from ..flow import audit_end, end_job
         from ..hypervisor import LibvirtHypervisor
         from ..lifecycle import LifeCycle
 
@@ -165,13 +165,8 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
 
                 append_line(cfg.state_dir / "accounting", record_line(
                     args, read_spool_file(spool_dir), usage, vm), 0o640)
-            from ..audit import record
-
-            ended = life.ended_lease
-            record(cfg, "end", f"{args.job_id}.{args.task_id}", owner=args.owner,
-                   vo=ended.vo if ended else None, image=ended.image if ended else None,
-                   exit_status=usage.get("exit_status"), signal=usage.get("signal"),
-                   vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
+            audit_end(life, f"{args.job_id}.{args.task_id}", args.owner,
+                      usage.get("exit_status"), usage.get("signal"))
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
                 print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
                       f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "

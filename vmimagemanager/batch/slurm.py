@@ -140,20 +140,14 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         args = _hook_args("vmim-slurm-epilog", argv)
         job = _job_from_hook_env()
         cfg = load_config(config_path(args.config, trust_environment=False))
-        from ..audit import record
-        from ..flow import end_job
+        from ..flow import audit_end, end_job
         from ..hypervisor import LibvirtHypervisor
         from ..lifecycle import LifeCycle
 
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
         if end_job(life, job.job_id, job.task_id):
             status, _, sig = os.environ.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
-            ended = life.ended_lease
-            vm = life.usage.get(job.label)
-            record(cfg, "end", job.label, owner=job.owner, vo=ended.vo if ended else None,
-                   image=ended.image if ended else None, exit_status=status or None,
-                   signal=sig or None,
-                   vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
+            audit_end(life, job.label, job.owner, status, sig)
     except (Exception, SystemExit) as exc:  # never non-zero: it would drain the node
         log.error("epilog: %s", exc)
     return 0
