@@ -97,15 +97,20 @@ BY_NAME = {f.name: f for f in FAMILIES}
 
 
 # -- the fold: audit events -> totals ------------------------------------------------------------
+def _key(family: Family, labels: Mapping[str, object]) -> str:
+    """A series' key in the totals: its label values in the family's order, as JSON."""
+    return json.dumps([str(labels.get(n) or "") for n in family.labels])
+
+
 def _inc(totals: dict, name: str, labels: Mapping[str, object], by: float = 1) -> None:
-    key = json.dumps([str(labels.get(n) or "") for n in BY_NAME[name].labels])
+    key = _key(BY_NAME[name], labels)
     series = totals.setdefault(name, {})
     series[key] = series.get(key, 0) + by
 
 
 def _observe(totals: dict, name: str, labels: Mapping[str, object], value: float) -> None:
     family = BY_NAME[name]
-    key = json.dumps([str(labels.get(n) or "") for n in family.labels])
+    key = _key(family, labels)
     h = totals.setdefault(name, {}).setdefault(
         key, {"buckets": [0] * len(family.buckets), "sum": 0.0, "count": 0})
     for i, bound in enumerate(family.buckets):
