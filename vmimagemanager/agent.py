@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from . import metrics
+from . import agentwake, metrics
 from .audit import record
 from .errors import NoFreeSlot, RetryLater, VmimError
 from .leases import Lease
@@ -167,6 +167,7 @@ def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
     signal.signal(signal.SIGTERM, _interrupt)
     agent = Agent(life, make_life)
     pause = interval or life.cfg.spares.interval
+    wake = None if once else agentwake.listen(life.cfg)
     try:
         while True:
             try:
@@ -183,7 +184,7 @@ def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
                     return 1
             if once:
                 return 0
-            time.sleep(pause)
+            agentwake.wait(wake, pause)
     except KeyboardInterrupt:
         # Boots under way are finished (a half-booted spare would only be reclaimed later).
         for action in agent.wait():
@@ -193,4 +194,6 @@ def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
     finally:
         if agent.pool is not None:
             agent.pool.shutdown(wait=True)
+        if wake is not None:
+            os.close(wake)
         lock.close()
