@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Warm spares against the cold path, through the real gridengine cell, in one run.
 
-One node: `--job-slots` queue slots, one VM slot more per spare (atlas 1 and cms 1), the agent
-started and stopped with harness/agent.sh. Both paths run on the same machine in the same run:
+One node: `--job-slots` queue slots, one VM slot more per spare (`--spares` each for atlas and
+cms), the agent started and stopped with harness/agent.sh. Both paths run on the same machine in
+the same run:
   latency: jobs one at a time (cold: agent stopped, no spare; warm: a spare of the job's image
            ready). Per job: the prolog's wall time (the audit trail's start event: from the hook's
            process start, interpreter included) and qsub -> the payload's first output line.
@@ -10,7 +11,8 @@ started and stopped with harness/agent.sh. Both paths run on the same machine in
            results, double leases (sampled), leftovers after the agent stopped and the spares
            were retired.
   idle:    what an idle spare costs: its QEMU's resident memory and CPU % over --idle-seconds.
-Usage: benchmarks/spares.py [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--idle-seconds 60]
+Usage: benchmarks/spares.py [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--spares 2]
+                            [--idle-seconds 60]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from sgecell import SGE_ENV, sge  # noqa: E402 - the tests' helpers
 AGENT = str(REPO / "harness/agent.sh")
 
 
-def setup(job_slots: int):
+def setup(job_slots: int, spares: int):
     from conftest import import_test_images, make_base_dir, write_config
 
     from vmimagemanager.config import load_config
@@ -43,8 +45,9 @@ def setup(job_slots: int):
         subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
     subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
     base = make_base_dir("vmim-bench-")
-    path = write_config(base, job_slots + 2, prefix=f"bw{os.getpid()}s", extra={
-        "boot_timeout": 180, "spares": {"vos": {"atlas": 1, "cms": 1}, "interval": 1}})
+    path = write_config(base, job_slots + 2 * spares, prefix=f"bw{os.getpid()}s", extra={
+        "boot_timeout": 180, "spares": {"vos": {"atlas": spares, "cms": spares},
+                                        "interval": 1}})
     cfg = load_config(str(path))
     import_test_images(cfg, build_images(), names=("atlas", "cms"))
     cli = str(Path(sys.executable).parent / "vmimagemanager")
@@ -75,9 +78,9 @@ def ready_spares(cli: str, path: Path) -> dict[str, int]:
     return ready
 
 
-def wait_spares(cli: str, path: Path, timeout: float = 300) -> None:
+def wait_spares(cli: str, path: Path, count: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while ready_spares(cli, path) != {"atlas": 1, "cms": 1}:
+    while ready_spares(cli, path) != {"atlas": count, "cms": count}:
         if time.monotonic() > deadline:
             sys.exit("no spares ready after 5 minutes; see /var/log/vmimagemanager-agent.*.log")
         time.sleep(0.5)
@@ -89,11 +92,12 @@ def starts(cfg) -> dict[str, dict]:
     return vm_starts(cfg)
 
 
-def latency(cfg, script: Path, path: Path, cli: str, jobs: int, warm: bool) -> list[dict]:
+def latency(cfg, script: Path, path: Path, cli: str, jobs: int, warm: bool,
+            spares: int) -> list[dict]:
     rows = []
     for n in range(jobs):
         if warm:
-            wait_spares(cli, path)
+            wait_spares(cli, path, spares)
         submitted = time.time()
         job, out = submit("atlas001", script, f"lat{'w' if warm else 'c'}{n}")
         while not (out.exists() and out.read_text().startswith("first")):
@@ -140,22 +144,23 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--latency-jobs", type=int, default=3)
     parser.add_argument("--job-slots", type=int, default=2)
+    parser.add_argument("--spares", type=int, default=2, help="spares each for atlas and cms")
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
-    base, path, cfg, cli, script = setup(args.job_slots)
+    base, path, cfg, cli, script = setup(args.job_slots, args.spares)
     try:
-        lat = latency(cfg, script, path, cli, args.latency_jobs, warm=False)
+        lat = latency(cfg, script, path, cli, args.latency_jobs, False, args.spares)
         agent("start", path, cli)
-        lat += latency(cfg, script, path, cli, args.latency_jobs, warm=True)
-        wait_spares(cli, path)
+        lat += latency(cfg, script, path, cli, args.latency_jobs, True, args.spares)
+        wait_spares(cli, path, args.spares)
         idle = idle_cost(cfg, args.idle_seconds)
         agent("stop", path, cli)
         runs = []
         for warm in (False, True):
             if warm:
                 agent("start", path, cli)
-                wait_spares(cli, path)
+                wait_spares(cli, path, args.spares)
             result = run_jobs(cfg, script, args.jobs, args.timeout, "w" if warm else "c")
             write_png(REPO / "benchmarks" / "results" /
                       f"spares-{'warm' if warm else 'cold'}-timeline.png", result.pop("segments"))

@@ -125,6 +125,74 @@ def test_spare_states_follow_the_table(tmp_path):
         store.transition("s1", LeaseState.RUNNING)  # only through binding
 
 
+def test_a_job_waits_for_the_spare_of_its_image_that_is_booting(test_life):
+    """Under a burst a job must not boot a second VM beside the spare the agent is booting for
+    its image: it takes that spare once it is ready. It stops waiting (and boots its own) as
+    soon as no spare of its image is booting: the agent died, or the boot failed."""
+    import subprocess
+
+    from vmimagemanager.lifecycle import JobRequest
+    from vmimagemanager.spares import _wait_for_booting_spare
+
+    life, cfg = test_life
+    agent = subprocess.Popen(["sleep", "60"])  # the agent process booting the spares
+    try:
+        for slot, image in (("s1", "atlas"), ("s2", "cms")):
+            life.leases.allocate([slot], SPARE_JOB_ID, f"x{slot}", "", image)
+            life.leases.transition(slot, LeaseState.BOOTING, f"{SPARE_JOB_ID}.x{slot}")
+            life.leases.hand_over(slot, f"{SPARE_JOB_ID}.x{slot}", agent.pid)
+        request = JobRequest("300", "0", "atlas001", "atlas", "atlas")
+        threading.Timer(0.6, lambda: LeaseStore(cfg.leases_db).transition(
+            "s1", LeaseState.SPARE, f"{SPARE_JOB_ID}.xs1")).start()
+        started = time.monotonic()
+        spare, lease = _wait_for_booting_spare(life, request)
+        assert time.monotonic() - started >= 0.5
+        assert (spare.slot, lease.job_label, str(lease.state)) == ("s1", "300.0", "binding")
+        # nothing of atlas is booting any more: the next atlas job does not wait for cms's
+        started = time.monotonic()
+        assert _wait_for_booting_spare(life, JobRequest("301", "0", "atlas001", "atlas",
+                                                        "atlas")) is None
+        assert time.monotonic() - started < 0.5
+        agent.kill()
+        agent.wait()
+        # the agent died while booting: a cms job does not wait for its spare
+        started = time.monotonic()
+        assert _wait_for_booting_spare(life, JobRequest("302", "0", "cms001", "cms",
+                                                        "cms")) is None
+        assert time.monotonic() - started < 0.5
+    finally:
+        agent.kill()
+        agent.wait()
+
+
+def test_a_job_waits_for_a_slot_being_torn_down_before_it_retires_another_images_spare(
+        test_life):
+    """A slot whose VM is being destroyed is free in a second or two; retiring an idle spare of
+    another image throws its boot away. The job waits for the teardown and the spare stays."""
+    import subprocess
+
+    from vmimagemanager.lifecycle import JobRequest
+
+    life, cfg = test_life
+    lease, _ = life.leases.allocate(["s1"], "50", "0", "atlas001", "atlas")
+    life.leases.transition("s1", LeaseState.TEARING_DOWN, lease.job_label)
+    teardown = subprocess.Popen(["sleep", "60"])
+    try:
+        life.leases.hand_over("s1", lease.job_label, teardown.pid)
+        _spare(life.leases, "s2", "atlas")
+        life.hv.start("<domain type='test'><name>vmim-s2</name><memory>65536</memory>"
+                      "<os><type>hvm</type></os></domain>")  # the spare's VM runs
+        threading.Timer(0.5, lambda: LeaseStore(cfg.leases_db).transition(
+            "s1", LeaseState.FREE, lease.job_label)).start()
+        got, created = life._allocate(["s1", "s2"], JobRequest("51", "0", "cms001", "cms",
+                                                                 "cms"))
+    finally:
+        teardown.kill()
+        teardown.wait()
+    assert created and got.slot == "s1"
+    assert str(life.leases.get("s2").state) == "spare"
+
+
 def test_nothing_a_guest_left_in_its_export_reaches_the_next_spare(tmp_path):
     """Root in a guest can write into its export over 9p: a planted file, or `home` replaced by
     a symlink to a host directory, must be gone (and the link's target untouched) when the slot's
@@ -197,6 +265,13 @@ def in_guest(cell, slot: str, command: str) -> str:
     return r.stdout
 
 
+def cpu_weight(slot: str) -> int:
+    """The domain's CPU weight as libvirt reports it (virsh schedinfo's cpu_shares)."""
+    out = virsh("schedinfo", f"vmim-{slot}").stdout
+    return int(next(line.split(":")[1] for line in out.splitlines()
+                    if line.startswith("cpu_shares")))
+
+
 def spare_facts(cell) -> dict:
     """The one idle spare: its slot, boot id, domain UUID, the host key on its console."""
     (row,) = [r for r in spares(cell) if r["state"] == "spare"]
@@ -228,6 +303,7 @@ def test_the_agent_boots_a_spare_that_holds_no_job_key_and_no_home(spares_cell):
     assert keys.split() == ["root"]  # the admin key only: no pool account can log in
     assert exported.strip() == ""  # the slot's export is empty until a job binds it
     assert rest.split() == ["home-not-mounted", "no-marker"]
+    assert cpu_weight(slot) == 1024 // 16  # it never takes CPU a job's VM wants
     # a second round changes nothing: the count is met, the spare stays
     assert not any("ready in slot" in line or "retired" in line
                    for line in agent_once(spares_cell))
@@ -258,6 +334,7 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
         seen["host_key"] = ctx["host_key"]
         seen["uuid"] = virsh("domuuid", f"vmim-{lease.slot}").stdout.strip()
         seen["keys"] = in_guest(cell, lease.slot, "ls /etc/ssh/authorized_keys").split()
+        seen["weight"] = cpu_weight(lease.slot)
 
     job, out = _run_probe(cell, "spare1", sleep=4, during=while_running)
     assert f"boot {spare['boot']}" in out, out  # it ran in the spare, not in a new VM
@@ -266,6 +343,7 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
     assert seen["slot"] == spare["slot"] and seen["uuid"] == spare["uuid"]
     assert seen["host_key"] == spare["host_key"]  # the starter pins the key of the spare's boot
     assert sorted(seen["keys"]) == ["atlas001", "root"]
+    assert seen["weight"] == 1024  # bound: the weight of any job's VM again
     written = Path("/home/atlas001/vmim-spare-from-job")
     assert written.read_text() == "written by the job\n"
     assert (written.stat().st_uid, written.stat().st_gid) == (5001, 5000)
@@ -291,6 +369,27 @@ def test_every_job_gets_a_freshly_booted_vm(spares_cell):
         boots.append(spare["boot"])
         cell.assert_clean(within=30)
     assert boots[0] != boots[1]
+
+
+@pytest.mark.integration
+def test_a_job_that_comes_while_its_spare_boots_takes_that_spare(spares_cell):
+    cell = spares_cell
+    assert cell.cli("spares", "--retire").returncode == 0
+    agent = subprocess.Popen([CLI, "--config", str(cell.config_path), "agent", "--once"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not [r for r in spares(cell) if r["state"] in ("preparing", "booting")]:
+            assert time.monotonic() < deadline and agent.poll() is None, "no spare booting"
+            time.sleep(0.1)
+        job, out = _run_probe(cell, "booting1")
+    finally:
+        assert agent.wait(timeout=120) == 0
+    record = vm_starts(cell.cfg)[f"{job}.0"]
+    assert record["spare"].startswith(f"{SPARE_JOB_ID}.") and "done" in out, record
+    assert record["phases"]["wait for a booting spare"] > 0, record
+    assert "guest boot (to host key on console)" not in record["phases"], record
+    cell.assert_clean(within=30)
 
 
 @pytest.mark.integration

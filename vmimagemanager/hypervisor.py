@@ -90,6 +90,16 @@ class Hypervisor(abc.ABC):
     def process_id(self, name: str) -> int:
         """The pid of the process that runs the domain (QEMU), to enter its mount namespace."""
 
+    @abc.abstractmethod
+    def cpu_weight(self, name: str) -> int | None:
+        """The running domain's CPU weight against the node's other domains (libvirt's
+        cpu_shares: relative, the host's default unless set); None where the host gives libvirt
+        no CPU controller."""
+
+    @abc.abstractmethod
+    def set_cpu_weight(self, name: str, weight: int) -> None:
+        """Change the running domain's CPU weight (a warm spare's, see spares.py)."""
+
 
 class LibvirtHypervisor(Hypervisor):
     """Connects on first use: an epilog with no VM to end never waits for libvirtd."""
@@ -259,3 +269,31 @@ class LibvirtHypervisor(Hypervisor):
             if exc.get_error_code() == self._libvirt.VIR_ERR_NO_DOMAIN:
                 return None
             raise self._unavailable(exc) or exc from None
+
+    def cpu_weight(self, name: str) -> int | None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise BootError(f"domain {name} is not running")
+        lv = self._libvirt
+        try:
+            weight = dom.schedulerParameters().get("cpu_shares")
+        except lv.libvirtError as exc:
+            if exc.get_error_code() in (lv.VIR_ERR_OPERATION_INVALID, lv.VIR_ERR_NO_SUPPORT,
+                                        lv.VIR_ERR_OPERATION_UNSUPPORTED):
+                return None  # no CPU controller for libvirt on this host
+            raise self._unavailable(exc) or BootError(
+                f"libvirt cannot read the CPU weight of {name}: {exc.get_error_message()}"
+            ) from None
+        return None if weight is None else int(weight)
+
+    def set_cpu_weight(self, name: str, weight: int) -> None:
+        dom = self._lookup(name)
+        if dom is None:
+            raise BootError(f"domain {name} is not running")
+        lv = self._libvirt
+        try:
+            dom.setSchedulerParametersFlags({"cpu_shares": weight}, lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise self._unavailable(exc) or BootError(
+                f"libvirt refused to set the CPU weight of {name}: {exc.get_error_message()}"
+            ) from None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 
+from .agentwake import poke
 from .config import DOMAIN_PREFIX, Config, Slot, UserNetwork, domain_name
 from .context import (
     JobContext,
@@ -200,9 +201,10 @@ class LifeCycle:
     def _allocate(self, names: list[str], request: JobRequest) -> tuple[Lease, bool]:
         """Take a slot; when none is free, first reclaim slots whose holder died (self-healing:
         a crashed prolog or epilog never costs the node a slot for longer than one job's wait),
-        then retire a spare of another image, then wait (up to TEARDOWN_WAIT s) for a slot
-        whose VM a live process is destroying. Another starting job may take a slot freed so
-        first: then the next one is waited for, until the deadline."""
+        then wait (up to TEARDOWN_WAIT s) for a slot whose VM a live process is destroying (a
+        second or two), and only then retire a spare of another image (a boot thrown away).
+        Another starting job may take a slot freed so first: then the next one is waited for,
+        until the deadline."""
         args = (names, request.job_id, request.task_id, request.owner, request.image, request.vo)
         deadline = time.monotonic() + TEARDOWN_WAIT
         while True:
@@ -211,10 +213,10 @@ class LifeCycle:
             except NoFreeSlot:
                 if time.monotonic() > deadline:
                     raise
-                if self.reclaim_stale() or self.retire_spare(not_image=request.image):
+                if (self.reclaim_stale() or self._wait_for_teardown(names, deadline)
+                        or self.retire_spare(not_image=request.image)):
                     continue
-                if not self._wait_for_teardown(names, deadline):
-                    raise
+                raise
 
     def _wait_for_teardown(self, names: list[str], deadline: float) -> bool:
         """Wait until `deadline` for a slot whose VM a live process is destroying: an epilog
@@ -277,9 +279,11 @@ class LifeCycle:
                                       gid, shares)
 
     def launch(self, slot: Slot, label: str, image, owner: str, keys: dict[str, list[str]],
-               shares: tuple[GuestShare, ...], login, boot_timeout: float | None) -> str:
+               shares: tuple[GuestShare, ...], login, boot_timeout: float | None,
+               after_start: Callable[[], None] | None = None) -> str:
         """Overlay, seed, domain; returns the host key once `login` (an Endpoint without its
-        host key) gets in. The lease is `preparing`; it is `booting` when this returns."""
+        host key) gets in. The lease is `preparing`; it is `booting` when this returns.
+        `after_start` runs once the domain exists, before the guest is waited for."""
         from dataclasses import replace
 
         from .guest import wait_for_host_key, wait_for_ssh
@@ -302,6 +306,8 @@ class LifeCycle:
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
             self.hv.start(build_domain_xml(spec))
+            if after_start is not None:
+                after_start()
         deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
         running = lambda: self.hv.is_running(slot.domain_name)  # noqa: E731
         with self.phase("guest boot (to host key on console)"):
@@ -367,6 +373,7 @@ class LifeCycle:
             self.leases.transition(slot_name, LeaseState.FREE, label)
         except LeaseError:
             log.info("slot %s was released concurrently", slot_name)
+        poke(self.cfg)  # a free slot: the agent may boot a spare into it
         return True
 
     def _spare_files(self, slot_name: str, lease: Lease) -> list[Path]:

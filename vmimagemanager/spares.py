@@ -18,11 +18,13 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .agentwake import poke
 from .config import Config, Slot
-from .errors import GuestError, VmimError
+from .errors import BootError, GuestError, VmimError
 from .leases import SPARE_JOB_ID, Lease
 from .lifecycle import IDLE_FIGURES, JobRequest, LifeCycle, admin_key, lease_files
 from .shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
@@ -35,6 +37,9 @@ log = logging.getLogger("vmimagemanager.spares")
 
 SPARE_MOUNT_ROOT = "/run/vmim-spare"  # in the guest: where a spare mounts its empty exports
 HOME_SLOT = "home"  # the subdirectory of an export the owner's home is bound onto
+SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
+WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
+WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
 
 
 def export_dir(cfg: Config, slot: str, tag: str) -> Path:
@@ -171,7 +176,8 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
         host, port = slot.ssh_address
         login = Endpoint(host=host, port=port, user="root", key=admin_path, host_key="")
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
-                    None)
+                    None, after_start=lambda: _into_background(life, slot, lease.job_label,
+                                                               image_name))
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -187,7 +193,11 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
         claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
                                           request.owner, request.vo)
     if claimed is None:
+        with life.phase("wait for a booting spare"):
+            claimed = _wait_for_booting_spare(life, request)
+    if claimed is None:
         return None
+    poke(life.cfg)  # one spare fewer: the agent boots the next now, not at its next round
     spare, lease = claimed
     slot = life.cfg.slot(lease.slot)
     try:
@@ -206,6 +216,61 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
     return life.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
 
 
+def _into_background(life: LifeCycle, slot: Slot, label: str, image: str) -> None:
+    """Right after the spare's domain started: note the weight a job's VM has on this node in
+    the lease metadata (bind gives it back), then lower the spare's to a fraction of it."""
+    from .domain_xml import lease_attributes, lease_element
+
+    name = slot.domain_name
+    weight = life.hv.cpu_weight(name)
+    if weight is None:
+        log.info("spare %s slot %s: libvirt has no CPU controller here; the spare boots at the "
+                 "weight of a job's VM", label, slot.name)
+        return
+    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
+        label, image, "", slot.name, **{WEIGHT_KEY: str(weight)})))
+    life.hv.set_cpu_weight(name, max(2, weight // SPARE_WEIGHT_DIVISOR))
+
+
+def _job_weight(life: LifeCycle, name: str, meta: dict[str, str]) -> None:
+    """Give a spare's domain the weight of a job's VM again (noted at its start)."""
+    weight = int(meta.get(WEIGHT_KEY) or 0)
+    if weight and life.hv.cpu_weight(name) != weight:
+        life.hv.set_cpu_weight(name, weight)
+
+
+def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
+                            ) -> tuple[Lease, Lease] | None:
+    """The agent is booting a spare of the job's image: take it once it is ready, rather than
+    boot a second VM beside it (under a burst that would cost every boot's CPU twice, and take
+    a slot another image's spare holds). Meanwhile the oldest such spare boots at a job's
+    weight. None as soon as none is booting any more (failed, its agent gone, taken by another
+    job, or past boot_timeout): the job boots its own VM."""
+    from .domain_xml import lease_metadata
+
+    booting_states = (LeaseState.PREPARING, LeaseState.BOOTING)
+    while True:
+        booting = sorted((lease for lease in life.leases.all()
+                          if lease.is_spare and lease.image == request.image
+                          and lease.state in booting_states and lease.holder_alive()
+                          and time.time() < lease.created + life.cfg.boot_timeout),
+                         key=lambda lease: lease.created)
+        if not booting:
+            return None
+        name = life.cfg.slot(booting[0].slot).domain_name
+        try:
+            meta = lease_metadata(life.hv.domain_xml(name) or "<domain/>")
+            if meta.get("job") == booting[0].job_label:
+                _job_weight(life, name, meta)
+        except BootError:
+            pass  # the domain went away meanwhile: its lease leaves the booting states
+        time.sleep(WAIT_POLL)
+        claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
+                                          request.owner, request.vo)
+        if claimed is not None:
+            return claimed
+
+
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
     from .guest import parse_console_host_keys
@@ -222,7 +287,7 @@ def spare_host_key(console: Path) -> str:
 
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
-    from .domain_xml import exported_tags, lease_attributes, lease_element
+    from .domain_xml import exported_tags, lease_attributes, lease_element, lease_metadata
     from .guest import Endpoint, connect
     from .seed import generate_keypair
 
@@ -230,6 +295,10 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
     old, new = lease_files(cfg, slot.name, spare.job_label), lease_files(cfg, slot.name,
                                                                           request.label)
     host_key = spare_host_key(old.console)
+    xml = life.hv.domain_xml(name)
+    if xml is None:
+        raise VmimError(f"the spare's domain {name} is not running")
+    _job_weight(life, name, lease_metadata(xml))
     # The domain says which job it serves now, and what it used while idle (not the job's).
     idle = life.hv.usage(name)
     if idle is None:
@@ -239,7 +308,6 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
         spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
     os.replace(old.seed, new.seed)
-    xml = life.hv.domain_xml(name) or ""
     binds = owner_binds(cfg, slot.name, shares, exported_tags(xml))
     if binds:
         pid = life.hv.process_id(name)
