@@ -193,8 +193,7 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
         claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
                                           request.owner, request.vo)
     if claimed is None:
-        with life.phase("wait for a booting spare"):
-            claimed = _wait_for_booting_spare(life, request)
+        claimed = _wait_for_booting_spare(life, request)
     if claimed is None:
         return None
     poke(life.cfg)  # one spare fewer: the agent boots the next now, not at its next round
@@ -239,6 +238,17 @@ def _job_weight(life: LifeCycle, name: str, meta: dict[str, str]) -> None:
         life.hv.set_cpu_weight(name, weight)
 
 
+def _booting_spares(life: LifeCycle, image: str) -> list[Lease]:
+    """Spares of `image` the agent is booting (its process alive, within boot_timeout), oldest
+    first."""
+    now = time.time()
+    return sorted((lease for lease in life.leases.all()
+                   if lease.is_spare and lease.image == image
+                   and lease.state in (LeaseState.PREPARING, LeaseState.BOOTING)
+                   and lease.holder_alive() and now < lease.created + life.cfg.boot_timeout),
+                  key=lambda lease: lease.created)
+
+
 def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
                             ) -> tuple[Lease, Lease] | None:
     """The agent is booting a spare of the job's image: take it once it is ready, rather than
@@ -248,27 +258,25 @@ def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
     job, or past boot_timeout): the job boots its own VM."""
     from .domain_xml import lease_metadata
 
-    booting_states = (LeaseState.PREPARING, LeaseState.BOOTING)
-    while True:
-        booting = sorted((lease for lease in life.leases.all()
-                          if lease.is_spare and lease.image == request.image
-                          and lease.state in booting_states and lease.holder_alive()
-                          and time.time() < lease.created + life.cfg.boot_timeout),
-                         key=lambda lease: lease.created)
-        if not booting:
-            return None
-        name = life.cfg.slot(booting[0].slot).domain_name
-        try:
-            meta = lease_metadata(life.hv.domain_xml(name) or "<domain/>")
-            if meta.get("job") == booting[0].job_label:
-                _job_weight(life, name, meta)
-        except BootError:
-            pass  # the domain went away meanwhile: its lease leaves the booting states
-        time.sleep(WAIT_POLL)
-        claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
-                                          request.owner, request.vo)
-        if claimed is not None:
-            return claimed
+    booting = _booting_spares(life, request.image)
+    if not booting:
+        return None
+    with life.phase("wait for a booting spare"):
+        while booting:
+            name = life.cfg.slot(booting[0].slot).domain_name
+            try:
+                meta = lease_metadata(life.hv.domain_xml(name) or "<domain/>")
+                if meta.get("job") == booting[0].job_label:
+                    _job_weight(life, name, meta)
+            except BootError:
+                pass  # the domain went away meanwhile: its lease leaves the booting states
+            time.sleep(WAIT_POLL)
+            claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
+                                              request.owner, request.vo)
+            if claimed is not None:
+                return claimed
+            booting = _booting_spares(life, request.image)
+    return None
 
 
 def spare_host_key(console: Path) -> str:
