@@ -30,4 +30,4 @@ bench-sge: deps
 	cd benchmarks && $(PY) sge_stress.py latency --jobs 3
 	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2
 	cd benchmarks && $(PY) chaos.py --jobs 100 --slots 2 --seed 11
-	cd benchmarks && $(PY) spares.py --jobs 100 --latency-jobs 3 --job-slots 2
+	cd benchmarks && $(PY) spares.py --jobs 100 --latency-jobs 3 --job-slots 2 --spares 2 --payloads 0,5

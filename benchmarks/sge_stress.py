@@ -29,6 +29,7 @@ from sgecell import SGE_ENV, final_records, job_state, sge  # noqa: E402 - the t
 QUEUE = "vmbench.q"
 PAYLOAD = """#!/bin/sh
 echo "first $(cat /etc/grid-middleware-release)"
+sleep "${SLEEP:-0}"
 exit $((JOB_ID % 7))
 """
 
@@ -39,11 +40,13 @@ def finished(job_id: str) -> dict[str, str]:
     return records[-1] if records else {}
 
 
-def submit(user: str, script: Path, tag: str) -> tuple[str, Path]:
+def submit(user: str, script: Path, tag: str, sleep: float = 0) -> tuple[str, Path]:
+    """Submit the payload as `user`; it sleeps `sleep` seconds after its first line (a job
+    waiting on I/O: its slot is taken, the node's CPU is not)."""
     out = Path(f"/home/{user}/vmim-bench-{tag}.out")
     out.unlink(missing_ok=True)
-    job = sge("qsub", "-terse", "-q", QUEUE, "-o", str(out), "-j", "y", str(script),
-             user=user).strip()
+    job = sge("qsub", "-terse", "-q", QUEUE, "-o", str(out), "-j", "y", "-v", f"SLEEP={sleep}",
+              str(script), user=user).strip()
     return job, out
 
 
@@ -93,17 +96,35 @@ def latency(args) -> None:
                                    "dispatch (prolog start) -> first output s"])
 
 
-def run_jobs(cfg, script: Path, count: int, timeout: float, tag: str = "st") -> dict:
+def run_jobs(cfg, script: Path, count: int, timeout: float, tag: str = "st",
+             sleep: float = 0) -> dict:
     """Submit `count` jobs at once (atlas001-3, cms001-3 in turn), wait for all; what happened:
-    elapsed time, wrong results, double-lease samples, the largest starter RSS, and the slots'
-    lease states sampled every 0.2 s ("segments", for the timeline)."""
+    elapsed time, wrong results, double-lease samples, the largest starter RSS, how busy the
+    node's CPUs were, and the slots' lease states sampled every 0.2 s ("segments", for the
+    timeline)."""
+    before = cpu_ticks()
     with LeaseSampler(cfg.leases_db) as sampler:
-        result = _run_jobs(cfg, script, count, timeout, tag)
+        result = _run_jobs(cfg, script, count, timeout, tag, sleep)
+    busy, total = (after - first for after, first in zip(cpu_ticks(), before, strict=True))
+    result["node CPU busy %"] = 100 * busy / total
     result["segments"] = sampler.segments()
     return result
 
 
-def _run_jobs(cfg, script: Path, count: int, timeout: float, tag: str) -> dict:
+def listed_jobs() -> set[str]:
+    """Ids of the jobs qstat lists (pending, running, held): not finished."""
+    return {line.split()[0] for line in sge("qstat", "-u", "*").splitlines()
+            if line.split() and line.split()[0].isdigit()}
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole node since boot (/proc/stat; idle and iowait are
+    not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def _run_jobs(cfg, script: Path, count: int, timeout: float, tag: str, sleep: float) -> dict:
     from vmimagemanager.leases import LeaseStore
 
     users = ["atlas001", "atlas002", "atlas003", "cms001", "cms002", "cms003"]
@@ -112,11 +133,14 @@ def _run_jobs(cfg, script: Path, count: int, timeout: float, tag: str) -> dict:
     started = time.time()
     for n in range(count):
         user = users[n % len(users)]
-        job, out = submit(user, script, f"{tag}{n}")
+        job, out = submit(user, script, f"{tag}{n}", sleep)
         jobs[job] = (user, out)
     pending = set(jobs)
     while pending:
-        for job in list(pending):
+        # qacct parses the whole accounting file: only for jobs qstat no longer lists (one
+        # qacct per pending job every round cost the node a core, more the longer the run)
+        listed = listed_jobs()
+        for job in [job for job in pending if job not in listed]:
             if finished(job).get("exit_status") is not None:
                 pending.discard(job)
         for pid in subprocess.run(["pgrep", "-f", "vmim-sge-starter"], capture_output=True,

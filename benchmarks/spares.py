@@ -7,12 +7,15 @@ the same run:
   latency: jobs one at a time (cold: agent stopped, no spare; warm: a spare of the job's image
            ready). Per job: the prolog's wall time (the audit trail's start event: from the hook's
            process start, interpreter included) and qsub -> the payload's first output line.
-  stress:  --jobs jobs at once from atlas001-3 and cms001-3, cold then warm: throughput, wrong
-           results, double leases (sampled), leftovers after the agent stopped and the spares
-           were retired.
+  stress:  --jobs jobs at once from atlas001-3 and cms001-3, cold then warm, for each payload of
+           --payloads (seconds the job sleeps after its first line: 0 is a job that is all
+           start and end, so every job is one TCG boot of CPU and the node's 2 cores bound both
+           paths; a job that waits on I/O holds its slot, not the CPU): throughput, how busy
+           the node's CPUs were, wrong results, double leases (sampled), leftovers after the
+           agent stopped and the spares were retired.
   idle:    what an idle spare costs: its QEMU's resident memory and CPU % over --idle-seconds.
 Usage: benchmarks/spares.py [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--spares 2]
-                            [--idle-seconds 60]
+                            [--payloads 0,5] [--idle-seconds 60]
 """
 
 from __future__ import annotations
@@ -145,6 +148,8 @@ def main() -> None:
     parser.add_argument("--latency-jobs", type=int, default=3)
     parser.add_argument("--job-slots", type=int, default=2)
     parser.add_argument("--spares", type=int, default=2, help="spares each for atlas and cms")
+    parser.add_argument("--payloads", type=lambda v: [float(x) for x in v.split(",")],
+                        default=[0.0, 5.0], help="seconds each job sleeps, comma-separated")
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
@@ -157,19 +162,22 @@ def main() -> None:
         idle = idle_cost(cfg, args.idle_seconds)
         agent("stop", path, cli)
         runs = []
-        for warm in (False, True):
-            if warm:
-                agent("start", path, cli)
-                wait_spares(cli, path, args.spares)
-            result = run_jobs(cfg, script, args.jobs, args.timeout, "w" if warm else "c")
-            write_png(REPO / "benchmarks" / "results" /
-                      f"spares-{'warm' if warm else 'cold'}-timeline.png", result.pop("segments"))
-            if warm:
-                agent("stop", path, cli)
-            warm_jobs = sum(1 for rec in starts(cfg).values() if rec.get("spare"))
-            runs.append({"path": "warm spares" if warm else "cold boot", **result,
-                         "wrong": len(result["wrong"]), "jobs on a spare (cumulative)": warm_jobs,
-                         **{f"leftover {k}": v for k, v in leftovers(cfg).items()}})
+        for sleep in args.payloads:
+            for warm in (False, True):
+                if warm:
+                    agent("start", path, cli)
+                    wait_spares(cli, path, args.spares)
+                on_spare = sum(1 for rec in starts(cfg).values() if rec.get("spare"))
+                result = run_jobs(cfg, script, args.jobs, args.timeout,
+                                  f"{'w' if warm else 'c'}{sleep:g}-", sleep)
+                write_png(REPO / "benchmarks" / "results" / f"spares-{'warm' if warm else 'cold'}"
+                          f"-payload{sleep:g}-timeline.png", result.pop("segments"))
+                if warm:
+                    agent("stop", path, cli)
+                on_spare = sum(1 for rec in starts(cfg).values() if rec.get("spare")) - on_spare
+                runs.append({"payload s": sleep, "path": "warm spares" if warm else "cold boot",
+                             **result, "wrong": len(result["wrong"]), "jobs on a spare": on_spare,
+                             **{f"leftover {k}": v for k, v in leftovers(cfg).items()}})
     finally:
         subprocess.run(["bash", AGENT, "stop", str(path)], capture_output=True)
         subprocess.run([cli, "--config", str(path), "spares", "--retire"], capture_output=True)
@@ -185,7 +193,9 @@ def main() -> None:
         "prolog s, warm (median)": median("warm spare", "prolog s"),
         "qsub -> first output s, cold (median)": median("cold boot", "qsub -> first output s"),
         "qsub -> first output s, warm (median)": median("warm spare", "qsub -> first output s"),
-        "stress throughput warm / cold": runs[1]["jobs/min"] / runs[0]["jobs/min"],
+        **{f"stress throughput warm / cold, payload {cold['payload s']:g} s":
+           warm["jobs/min"] / cold["jobs/min"] for cold, warm in zip(runs[::2], runs[1::2],
+                                                                      strict=True)},
     }
     report("spares_latency", lat, ["path", "job", "prolog s", "qsub -> first output s"])
     report("spares_idle_cost", idle, ["slot", "QEMU RSS MiB", "CPU % (of one core)"])
