@@ -70,11 +70,16 @@ def test_plugstack_arguments_cannot_carry_white_space():
         plugstack_line("/p/vmim_spank.so", "/usr/bin/python3", "/s", "/etc/my config.yaml")
 
 
+# A job id slurmctld never had (below its default MaxJobId, far above what a test cell reaches):
+# 77 was a real finished job once the cell had run 77 jobs, and its requeue did not fail.
+JOB = "67000077"
+
+
 def run_starter(config, step: str, *command: str, restarts: str = "0"
                 ) -> subprocess.CompletedProcess:
     code = ("import sys; from vmimagemanager.batch.slurm import starter_main; "
             "sys.exit(starter_main(sys.argv[1:]))")
-    return subprocess.run([sys.executable, "-c", code, "--config", str(config), "--job", "77",
+    return subprocess.run([sys.executable, "-c", code, "--config", str(config), "--job", JOB,
                            "--step", step, "--", *command], capture_output=True, text=True,
                           env={**os.environ, "SLURM_RESTART_COUNT": restarts})
 
@@ -89,11 +94,11 @@ def test_the_starter_per_step_and_context(config):
     r = run_starter(config, "batch", "/bin/echo", "must not run")
     assert r.returncode == 1 and r.stdout == ""
     assert "the prolog did not prepare its VM" in r.stderr
-    assert "requeueing it failed: scontrol requeue" in r.stderr  # job 77 is not slurmctld's
+    assert "requeueing it failed: scontrol requeue" in r.stderr  # JOB is not slurmctld's
     r = run_starter(config, "batch", "/bin/echo", "must not run", restarts="3")
     assert r.returncode == 1 and "requeue" not in r.stderr  # no endless requeues
     # a reject context: the batch step ends with its message
-    write_context(cfg.run_dir, JobContext(mode="reject", label="77.0",
+    write_context(cfg.run_dir, JobContext(mode="reject", label=f"{JOB}.0",
                                           message="vmimagemanager: no VO"), None,
                   os.getuid(), os.getgid())
     r = run_starter(config, "batch", "/bin/echo", "must not run")
@@ -104,7 +109,7 @@ def test_a_step_of_a_vm_job_is_refused(config):
     from vmimagemanager.config import load_config
 
     cfg = load_config(str(config))
-    write_context(cfg.run_dir, JobContext(mode="vm", label="77.0", slot="u1", host="127.0.0.1",
+    write_context(cfg.run_dir, JobContext(mode="vm", label=f"{JOB}.0", slot="u1", host="127.0.0.1",
                                           port=30991, user=ME, vo="mine", image="x",
                                           host_key="ssh-ed25519 AAAA"), None,
                   os.getuid(), os.getgid())
