@@ -236,12 +236,17 @@ class LibvirtHypervisor(Hypervisor):
             pass
         return usage
 
-    def set_lease_metadata(self, name: str, element: str) -> None:
-        from .domain_xml import VMIM_NS
-
+    def _running(self, name: str):
+        """The domain, which must be running (BootError if it is not)."""
         dom = self._lookup(name)
         if dom is None:
             raise BootError(f"domain {name} is not running")
+        return dom
+
+    def set_lease_metadata(self, name: str, element: str) -> None:
+        from .domain_xml import VMIM_NS
+
+        dom = self._running(name)
         lv = self._libvirt
         try:
             dom.setMetadata(lv.VIR_DOMAIN_METADATA_ELEMENT, element, "vmim", VMIM_NS,
@@ -271,9 +276,7 @@ class LibvirtHypervisor(Hypervisor):
             raise self._unavailable(exc) or exc from None
 
     def cpu_weight(self, name: str) -> int | None:
-        dom = self._lookup(name)
-        if dom is None:
-            raise BootError(f"domain {name} is not running")
+        dom = self._running(name)
         lv = self._libvirt
         try:
             weight = dom.schedulerParameters().get("cpu_shares")
@@ -287,9 +290,7 @@ class LibvirtHypervisor(Hypervisor):
         return None if weight is None else int(weight)
 
     def set_cpu_weight(self, name: str, weight: int) -> None:
-        dom = self._lookup(name)
-        if dom is None:
-            raise BootError(f"domain {name} is not running")
+        dom = self._running(name)
         lv = self._libvirt
         try:
             dom.setSchedulerParametersFlags({"cpu_shares": weight}, lv.VIR_DOMAIN_AFFECT_LIVE)

@@ -232,9 +232,10 @@ def _into_background(life: LifeCycle, slot: Slot, label: str, image: str) -> Non
 
 
 def _job_weight(life: LifeCycle, name: str, meta: dict[str, str]) -> None:
-    """Give a spare's domain the weight of a job's VM again (noted at its start)."""
+    """Give a spare's domain the weight of a job's VM again (noted at its start). Set without
+    reading it first: one libvirt call, and idempotent."""
     weight = int(meta.get(WEIGHT_KEY) or 0)
-    if weight and life.hv.cpu_weight(name) != weight:
+    if weight:
         life.hv.set_cpu_weight(name, weight)
 
 
