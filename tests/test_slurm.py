@@ -54,6 +54,13 @@ def node_state() -> str:
                           text=True).stdout.strip()
 
 
+def settled_node_state() -> str:
+    """The node's state once Slurm has finished the job's epilog ("completing" is on the way to
+    idle after a requeue, not a drain; a drained node shows "drained" or "draining")."""
+    return wait_for(lambda: (state := node_state()) != "completing" and state,
+                    "the node to finish completing", timeout=120, interval=0.5)
+
+
 class SlurmCell(VmCell):
     def sbatch(self, user: str, *args: str, name: str = "job") -> str:
         home = Path(pwd.getpwnam(user).pw_dir)
@@ -69,8 +76,9 @@ class SlurmCell(VmCell):
         return job_id
 
     def assert_queue_usable(self) -> None:  # assert_clean's last check, for Slurm
-        assert node_state() == "idle", subprocess.run(["sinfo", "-R"], capture_output=True,
-                                                      text=True).stdout
+        state = settled_node_state()
+        assert state == "idle", subprocess.run(["sinfo", "-R"], capture_output=True,
+                                               text=True).stdout
 
     def files(self, user: str, name: str, task: str = "4294967294") -> tuple[str, str]:
         base = Path(pwd.getpwnam(user).pw_dir) / f"vmim-slurm-{name}-{task}"
@@ -160,14 +168,14 @@ def test_scancel_of_a_running_job_leaves_no_vm(slurm):
     subprocess.run(["scancel", job], check=True)
     assert wait_job(job)["JobState"] == "CANCELLED"
     slurm.assert_clean()
-    assert node_state() == "idle"
+    assert settled_node_state() == "idle"
 
 
 def test_a_boot_failure_is_requeued_then_held_with_the_reason_and_the_node_stays_up(slurm):
     job = slurm.sbatch("atlas002", "--wrap", "echo must not run", name="broken")
     first = wait_job(job, states={"PENDING"}, timeout=240)
     wait_for(lambda: job_fields(job).get("Restarts") == "1", "the first requeue", timeout=240)
-    assert node_state() == "idle", "a requeue from the prolog must not drain the node"
+    assert settled_node_state() == "idle", "a requeue from the prolog must not drain the node"
 
     def held_or_sooner():  # the admin's "run it now" for each requeue (Slurm waits ~2 min)
         fields = job_fields(job)
@@ -180,7 +188,7 @@ def test_a_boot_failure_is_requeued_then_held_with_the_reason_and_the_node_stays
     held = wait_for(held_or_sooner, "the job to be held, pending", timeout=300, interval=0.5)
     assert first["JobState"] == "PENDING"
     assert "the VM failed to start 2 times (VO broken, image broken)" in held["Comment"], held
-    assert node_state() == "idle"
+    assert settled_node_state() == "idle"
     assert not slurm.files("atlas002", "broken")[0]  # the payload never ran
     outcomes = [e["outcome"] for e in read_history(slurm.cfg, job=job) if e["event"] == "start"]
     assert outcomes == ["retry", "hold"]
