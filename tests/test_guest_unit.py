@@ -12,7 +12,12 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmimagemanager.guest import DRAIN_SECONDS, parse_console_host_keys, remote_command
+from vmimagemanager.guest import (
+    DRAIN_SECONDS,
+    KEX_ALGORITHMS,
+    parse_console_host_keys,
+    remote_command,
+)
 
 PRINT = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
@@ -20,9 +25,9 @@ text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_ch
 names = st.from_regex(r"\A[A-Z_][A-Z0-9_]{0,10}\Z")
 
 
-def run_locally(argv, env, cwd=None, stdin=b"", files=None):
+def run_locally(argv, env, cwd=None, stdin=b"", files=None, remove=None):
     files = files or f"/tmp/.vmim-unit-{secrets.token_hex(6)}"
-    command = remote_command(argv, env, cwd, files)
+    command = remote_command(argv, env, cwd, files, remove)
     return subprocess.run(["/bin/sh", "-c", command], input=stdin, capture_output=True)
 
 
@@ -63,6 +68,28 @@ def test_the_payloads_status_is_kept_in_the_guest_and_nothing_else_is_left(tmp_p
     assert run_locally(["sh", "-c", "exit 255"], {}, files=str(files)).returncode == 255
     assert (tmp_path / "job.rc").read_text() == "255\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.rc"]
+
+
+def test_the_scratch_dir_is_removed_once_the_payload_has_ended_whatever_its_status(tmp_path):
+    for n, payload in enumerate(["touch out; echo done", "touch out; exit 7", "kill -9 $$"]):
+        scratch = tmp_path / f"vmim-job {n} '$x'"
+        (scratch / "sub").mkdir(parents=True)
+        r = run_locally(["sh", "-c", payload], {}, cwd=str(scratch), remove=str(scratch))
+        assert r.returncode == [0, 7, 137][n]
+        assert not scratch.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing beside it was touched
+
+
+def test_the_key_exchange_list_is_one_the_nodes_ssh_accepts():
+    known = subprocess.run(["ssh", "-Q", "kex"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    listed = KEX_ALGORITHMS.split(",")
+    assert listed[0] == "curve25519-sha256" and not set(listed) - set(known)
+    assert not any(a.startswith("sntrup") for a in listed)
+    parsed = subprocess.run(["ssh", "-F", "/dev/null", "-G", "-o",
+                             f"KexAlgorithms={KEX_ALGORITHMS}", "127.0.0.1"],
+                            capture_output=True, text=True, check=True).stdout
+    assert f"kexalgorithms {KEX_ALGORITHMS}" in parsed.splitlines()
 
 
 def test_output_after_the_exit_arrives_but_a_background_holder_is_not_waited_for():

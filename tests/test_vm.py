@@ -364,6 +364,8 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
 
     from vmimagemanager.batch.base import Job
     from vmimagemanager.config import SharedPath
+    from vmimagemanager.context import key_path
+    from vmimagemanager.guest import Endpoint, connect
     from vmimagemanager.lifecycle import LifeCycle
     from vmimagemanager.runner import JobRunner
 
@@ -402,6 +404,16 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
         assert lines[2] == "tmp=/tmp/vmim-9301.0"
         assert lines[3] == "600 atlas001"
         assert lines[4] == "PROXY-CERT"
+        probe = connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, ctx.label),
+                                 ctx.host_key))
+        try:  # the scratch dir (the script was written into it) went with the payload's end
+            assert probe.check_call("ls -d /tmp/vmim-* 2>/dev/null; true") == ""
+            probe.check_call("mkdir -m 500 /tmp/vmim-9302.0")  # there, but the script can't be
+            with pytest.raises(GuestError) as info:
+                JobRunner(replace(job, job_id="9302"), ctx, cfg.run_dir).run(stdin_fd=None)
+            assert "cannot write the job script into /tmp/vmim-9302.0 in the VM" in str(info.value)
+        finally:
+            probe.close()
         # A script sourcing a file the image lacks (the SGE settings): stopped before it runs.
         settings = "/var/lib/vmim-no-cell/default/common/settings.sh"
         needy = replace(job, guest_files=(settings,))

@@ -27,6 +27,7 @@ log = logging.getLogger("vmimagemanager.runner")
 DROP_EXACT = {"PWD", "OLDPWD", "SHLVL", "_", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH_CONNECTION",
               "SSH_TTY", "VMIM_CONFIG", "BASH_ENV", "ENV"}
 DROP_PREFIX = ("LD_", "SSH_", "SGE_STARTER_", "BASH_FUNC_")
+GUEST_SCRIPT = "job-script"  # the job's script, in its scratch dir in the guest
 
 
 def guest_environment(env: Mapping[str, str], host_tmpdir: str | None, guest_tmp: str) -> dict:
@@ -76,15 +77,21 @@ class JobRunner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _check_guest_ready(self, scratch: str) -> None:
-        """One round trip: make the scratch dir, report unmounted shares and missing files."""
+    def _prepare_guest(self, scratch: str, script: bytes | None) -> None:
+        """One round trip: make the scratch dir, report unmounted shares and missing files, and
+        write the job script (if any) into the scratch dir, private from the start."""
         assert self.session is not None
         q = shlex.quote
         files = " ".join(q(p) for p in self.job.guest_files)
+        write = ""
+        if script is not None:
+            target = q(f"{scratch}/{GUEST_SCRIPT}")
+            write = f"; cat > {target} && chmod 700 -- {target} || echo 'script unwritten'"
         out = self.session.check_call(
             f"umask 077; mkdir -p -- {q(scratch)} || exit 1; "
             f"{unmounted_report(self.context.guest_checked_paths)}; "
-            f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done")
+            f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done{write}",
+            stdin=script or b"")
         missing = [line.split(" ", 1) for line in out.splitlines() if " " in line]
         dirs_missing = [p for kind, p in missing if kind == "dir"]
         files_missing = [p for kind, p in missing if kind == "file"]
@@ -96,18 +103,19 @@ class JobRunner:
             raise GuestError(f"image {self.context.image} has no {', '.join(files_missing)}, "
                              "which the job script sources (CE job managers do); share its "
                              "directory read-only (shared_paths) or install it in the image")
+        if any(kind == "script" for kind, _ in missing):
+            raise GuestError(f"cannot write the job script into {scratch} in the VM (is its "
+                             "file system full or read-only?)")
 
     def _run_in_guest(self, stdin_fd: int | None) -> int:
         assert self.session is not None
         job, ctx = self.job, self.context
         scratch = f"{ctx.scratch_dir.rstrip('/')}/vmim-{job.label}"
-        q = shlex.quote
-        self._check_guest_ready(scratch)
         argv = list(job.argv)
-        if job.is_script:
-            script = Path(argv[0]).read_bytes()
-            guest_script = f"{scratch}/job-script"
-            self.session.upload(script, guest_script, 0o700)
+        script = Path(argv[0]).read_bytes() if job.is_script else None
+        self._prepare_guest(scratch, script)
+        if script is not None:
+            guest_script = f"{scratch}/{GUEST_SCRIPT}"
             if job.exec_script and script.startswith(b"#!"):
                 argv = [guest_script, *argv[1:]]
             else:
@@ -123,10 +131,11 @@ class JobRunner:
         cwd = job.cwd if job.cwd and is_under(job.cwd, ctx.shared_paths) else scratch
         log.info("job %s: running %s in slot %s (image %s) as %s in %s", job.label,
                  "script" if job.is_script else "binary", ctx.slot, ctx.image, ctx.user, cwd)
-        try:
-            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd)
-        finally:
+        try:  # the command removes the scratch dir once the payload has ended
+            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch)
+        except BaseException:
             try:
-                self.session.check_call(f"rm -rf -- {q(scratch)}")
+                self.session.check_call(f"rm -rf -- {shlex.quote(scratch)}")
             except Exception as exc:  # noqa: BLE001 - the VM is destroyed by the epilog anyway
                 log.info("job %s: scratch cleanup skipped: %s", job.label, exc)
+            raise
