@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -263,6 +264,9 @@ def spares(cell) -> list[dict]:
     return json.loads(r.stdout)["spares"]
 
 
+ROOT_LOGINS = "grep -c 'Accepted publickey for root' /var/log/sshd.log"  # this one's included
+
+
 def in_guest(cell, slot: str, command: str) -> str:
     r = cell.cli("exec", slot, "--", "sh", "-c", command)
     assert r.returncode == 0, (r.stdout, r.stderr)
@@ -283,10 +287,15 @@ def spare_facts(cell) -> dict:
     console = (cell.cfg.state_dir / "console" / f"{slot}.log").read_text()
     from vmimagemanager.guest import parse_console_host_keys
 
-    return {"slot": slot, "label": row["job"],
-            "boot": in_guest(cell, slot, "cat /proc/sys/kernel/random/boot_id").strip(),
+    boot, root_logins = in_guest(cell, slot, f"cat /proc/sys/kernel/random/boot_id; "
+                                 f"{ROOT_LOGINS}").split()
+    return {"slot": slot, "label": row["job"], "boot": boot, "root_logins": int(root_logins),
             "uuid": virsh("domuuid", f"vmim-{slot}").stdout.strip(),
             "host_key": parse_console_host_keys(console)[0]}
+
+
+def kept_login_dir(cell, label: str) -> Path:
+    return cell.cfg.run_dir / "jobs" / label
 
 
 @pytest.mark.integration
@@ -308,6 +317,12 @@ def test_the_agent_boots_a_spare_that_holds_no_job_key_and_no_home(spares_cell):
     assert exported.strip() == ""  # the slot's export is empty until a job binds it
     assert rest.split() == ["home-not-mounted", "no-marker"]
     assert cpu_weight(slot) == 1024 // 16  # it never takes CPU a job's VM wants
+    # the agent's root login is kept for the bind, where only root may reach it
+    kept = kept_login_dir(spares_cell, rows[0]["job"])
+    st = kept.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700) and (kept / "control").is_socket()
+    assert subprocess.run(["ssh", "-F", "/dev/null", "-S", str(kept / "control"), "-O", "check",
+                           "vmim-guest"], capture_output=True).returncode == 0
     # a second round changes nothing: the count is met, the spare stays
     assert not any("ready in slot" in line or "retired" in line
                    for line in agent_once(spares_cell))
@@ -337,7 +352,11 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
         ctx = json.loads((cell.cfg.run_dir / "jobs" / f"{job}.0" / "context.json").read_text())
         seen["host_key"] = ctx["host_key"]
         seen["uuid"] = virsh("domuuid", f"vmim-{lease.slot}").stdout.strip()
-        seen["keys"] = in_guest(cell, lease.slot, "ls /etc/ssh/authorized_keys").split()
+        keys = in_guest(cell, lease.slot, f"ls /etc/ssh/authorized_keys; {ROOT_LOGINS}").split()
+        seen["keys"], seen["root_logins"] = keys[:-1], int(keys[-1])
+        seen["kept"] = kept_login_dir(cell, spare["label"]).exists()
+        seen["masters"] = subprocess.run(["pgrep", "-f", f"{spare['label']}/control"],
+                                         capture_output=True).stdout
         seen["weight"] = cpu_weight(lease.slot)
 
     job, out = _run_probe(cell, "spare1", sleep=4, during=while_running)
@@ -347,6 +366,9 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
     assert seen["slot"] == spare["slot"] and seen["uuid"] == spare["uuid"]
     assert seen["host_key"] == spare["host_key"]  # the starter pins the key of the spare's boot
     assert sorted(seen["keys"]) == ["atlas001", "root"]
+    # the bind used the agent's kept login (no root login of its own), then ended it
+    assert seen["root_logins"] == spare["root_logins"] + 1  # + the one that counted
+    assert not seen["kept"] and seen["masters"] == b""
     assert seen["weight"] == 1024  # bound: the weight of any job's VM again
     written = Path("/home/atlas001/vmim-spare-from-job")
     assert written.read_text() == "written by the job\n"
@@ -368,8 +390,13 @@ def test_every_job_gets_a_freshly_booted_vm(spares_cell):
     for n in range(2):
         agent_once(cell)
         spare = spare_facts(cell)
+        if n == 1:  # the agent's kept login is gone (its master ended): the bind logs in itself
+            control = kept_login_dir(cell, spare["label"]) / "control"
+            subprocess.run(["ssh", "-F", "/dev/null", "-S", str(control), "-O", "exit", "x"],
+                           check=True, capture_output=True)
         _job, out = _run_probe(cell, f"fresh{n}")
         assert f"boot {spare['boot']}" in out and "marker absent" in out, out
+        assert not kept_login_dir(cell, spare["label"]).exists()
         boots.append(spare["boot"])
         cell.assert_clean(within=30)
     assert boots[0] != boots[1]

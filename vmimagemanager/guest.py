@@ -143,11 +143,22 @@ def _connect_error(endpoint: Endpoint, stderr: str) -> GuestError:
     return GuestError(lines[-1] if lines else "ssh exited without saying why")
 
 
-def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
-    """Log in once (a ControlMaster); GuestError (HostKeyMismatch) if that fails."""
+def connect(endpoint: Endpoint, timeout: float = 10.0, keep_in: Path | None = None
+            ) -> GuestSession:
+    """Log in once (a ControlMaster); GuestError (HostKeyMismatch) if that fails.
+
+    With `keep_in` (a directory made here; its parent must be root's and closed to others), the
+    login outlives this process (ssh's ControlPersist) until the VM goes or `close`: the agent
+    logs in to a spare at its boot, and the prolog that binds it uses that login (`resume`)
+    instead of a login of its own on the job's path."""
     if not HOST_KEY_RE.match(endpoint.host_key):
         raise GuestError(f"not an ssh host key: {endpoint.host_key[:60]!r}")
-    private = tempfile.mkdtemp(prefix="vmim-ssh-")  # 0700: known host, key copy, socket
+    if keep_in is not None:
+        shutil.rmtree(keep_in, ignore_errors=True)
+        os.mkdir(keep_in, 0o700)
+        private = str(keep_in)
+    else:
+        private = tempfile.mkdtemp(prefix="vmim-ssh-")  # 0700: known host, key copy, socket
     master: subprocess.Popen | None = None
     try:
         with open(os.path.join(private, "known_hosts"), "w") as known:
@@ -160,8 +171,11 @@ def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
                 f.write(key)
             key = key_file
         control = os.path.join(private, "control")
+        # -f with ControlPersist: once logged in, the master goes to the background on its own
+        # and the process started here exits 0
+        persist = ["-f", "-o", "ControlPersist=yes"] if keep_in is not None else []
         master = subprocess.Popen(
-            [*_ssh_options(endpoint, private), "-i", str(key),
+            [*_ssh_options(endpoint, private), "-i", str(key), *persist,
              "-o", f"ConnectTimeout={timeout:.0f}", "-M", "-S", control, "-N", endpoint.host],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             process_group=0)
@@ -174,25 +188,50 @@ def connect(endpoint: Endpoint, timeout: float = 10.0) -> GuestSession:
                 raise GuestError(f"no ssh login to {endpoint.host}:{endpoint.port} within "
                                  f"{timeout + 5:.0f} s")
             time.sleep(0.005)
-        return GuestSession(endpoint, master, private, control)
+        if keep_in is None:
+            return GuestSession(endpoint, master, private, control)
+        master.wait(timeout + 5)
+        master.stderr.close()
+        return KeptSession(endpoint, private, control)
     except BaseException:
         if master is not None:
             if master.poll() is None:
                 master.kill()
                 master.wait()
             master.stderr.close()
+        if keep_in is not None:  # a master that went to the background meanwhile
+            _end_kept(os.path.join(private, "control"))
         shutil.rmtree(private, ignore_errors=True)
         raise
 
 
+def resume(endpoint: Endpoint, kept_in: Path) -> GuestSession | None:
+    """The login `connect(keep_in=kept_in)` kept, if its master still runs (None: log in)."""
+    control = kept_in / "control"
+    if not control.is_socket():
+        return None
+    r = subprocess.run(["ssh", "-F", "/dev/null", "-S", str(control), "-O", "check",
+                        endpoint.host], stdin=subprocess.DEVNULL, capture_output=True)
+    return KeptSession(endpoint, str(kept_in), str(control)) if r.returncode == 0 else None
+
+
+def _end_kept(control: str) -> None:
+    """Ask a kept master to end (nothing if there is none)."""
+    if os.path.exists(control):
+        subprocess.run(["ssh", "-F", "/dev/null", "-S", control, "-O", "exit", HOST_ALIAS],
+                       stdin=subprocess.DEVNULL, capture_output=True)
+
+
 def wait_for_ssh(endpoint: Endpoint, deadline: float, console_log: Path | None = None,
-                 still_running=lambda: True) -> GuestSession:
+                 still_running=lambda: True, keep_in: Path | None = None) -> GuestSession:
     """Log in as soon as sshd answers (retried, backoff up to 1 s); a clear error at the
-    deadline. sshd starts just after the guest prints its host key: the first tries are soon."""
+    deadline. sshd starts just after the guest prints its host key: the first tries are soon.
+    `keep_in`: as for connect."""
     delay, last = 0.05, "no attempt made"
     while True:
         try:
-            return connect(endpoint, timeout=max(2.0, min(10.0, deadline - time.monotonic())))
+            return connect(endpoint, timeout=max(2.0, min(10.0, deadline - time.monotonic())),
+                           keep_in=keep_in)
         except HostKeyMismatch as exc:
             raise BootError(str(exc)) from None
         except GuestError as exc:
@@ -255,7 +294,7 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
 class GuestSession:
     """A logged-in ssh connection to one guest as one user (an OpenSSH ControlMaster)."""
 
-    def __init__(self, endpoint: Endpoint, master: subprocess.Popen, private: str,
+    def __init__(self, endpoint: Endpoint, master: subprocess.Popen | None, private: str,
                  control: str):
         self.endpoint = endpoint
         self._master = master
@@ -357,3 +396,21 @@ class GuestSession:
                 raise GuestError("the ssh connection to the VM ended without an exit status "
                                  "(the VM was stopped or the connection broke)") from None
         return status
+
+
+class KeptSession(GuestSession):
+    """A login whose master ssh runs on its own (ControlPersist), not as our child: any root
+    process may use it, and `close` ends it."""
+
+    def __init__(self, endpoint: Endpoint, private: str, control: str):
+        super().__init__(endpoint, None, private, control)
+
+    def close(self) -> None:
+        _end_kept(self._control)
+        shutil.rmtree(self._private, ignore_errors=True)
+
+    def _closed(self) -> GuestError | None:
+        if not os.path.exists(self._control):  # the master removes it when it ends
+            return GuestError("the kept ssh connection to the VM is closed (the VM was stopped "
+                              "or the connection broke)")
+        return None

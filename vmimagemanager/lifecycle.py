@@ -280,10 +280,12 @@ class LifeCycle:
 
     def launch(self, slot: Slot, label: str, image, owner: str, keys: dict[str, list[str]],
                shares: tuple[GuestShare, ...], login, boot_timeout: float | None,
-               after_start: Callable[[], None] | None = None) -> str:
+               after_start: Callable[[], None] | None = None,
+               keep_login: Path | None = None) -> str:
         """Overlay, seed, domain; returns the host key once `login` (an Endpoint without its
         host key) gets in. The lease is `preparing`; it is `booting` when this returns.
-        `after_start` runs once the domain exists, before the guest is waited for."""
+        `after_start` runs once the domain exists, before the guest is waited for. With
+        `keep_login` that login is kept there (guest.connect) for a later process."""
         from dataclasses import replace
 
         from .guest import wait_for_host_key, wait_for_ssh
@@ -313,8 +315,10 @@ class LifeCycle:
         with self.phase("guest boot (to host key on console)"):
             host_key = wait_for_host_key(files.console, deadline, running)
         with self.phase("wait for ssh"):
-            wait_for_ssh(replace(login, host_key=host_key), deadline, files.console,
-                         running).close()
+            session = wait_for_ssh(replace(login, host_key=host_key), deadline, files.console,
+                                   running, keep_in=keep_login)
+            if keep_login is None:
+                session.close()
         return host_key
 
     def write_job_context(self, slot: Slot, request: JobRequest, host_key: str, private: bytes,

@@ -177,7 +177,8 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
         login = Endpoint(host=host, port=port, user="root", key=admin_path, host_key="")
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
                     None, after_start=lambda: _into_background(life, slot, lease.job_label,
-                                                               image_name))
+                                                               image_name),
+                    keep_login=kept_login(cfg, lease.job_label))
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -196,7 +197,6 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
         claimed = _wait_for_booting_spare(life, request)
     if claimed is None:
         return None
-    poke(life.cfg)  # one spare fewer: the agent boots the next now, not at its next round
     spare, lease = claimed
     slot = life.cfg.slot(lease.slot)
     try:
@@ -211,6 +211,9 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
         life.abandon(slot.name, request.label)
         raise
     log.info("job %s: bound spare %s in slot %s", request.label, spare.job_label, slot.name)
+    # One spare fewer: the agent boots the next now, not at its next round. Only now: a boot
+    # starting takes both cores for a moment, and the bind is on the job's path.
+    poke(life.cfg)
     life.bound_spare = spare.job_label
     return life.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
 
@@ -280,6 +283,20 @@ def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
     return None
 
 
+def kept_login(cfg: Config, label: str) -> Path | None:
+    """Where the agent keeps its root login to spare `label` for the prolog that binds it: the
+    spare's own directory among the job contexts (root's, 0700; removed with the lease, by
+    the bind, or by reconcile as an orphan). None where the socket's path would be too long
+    for a unix socket (ssh adds a suffix while it makes it): the bind then logs in itself."""
+    from .context import context_dir, ensure_jobs_dir
+
+    path = context_dir(cfg.run_dir, label)
+    if len(os.fsencode(path / "control")) + 17 >= 108:
+        return None
+    ensure_jobs_dir(cfg.run_dir)
+    return path
+
+
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
     from .guest import parse_console_host_keys
@@ -297,7 +314,7 @@ def spare_host_key(console: Path) -> str:
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
     from .domain_xml import exported_tags, lease_attributes, lease_element, lease_metadata
-    from .guest import Endpoint, connect
+    from .guest import Endpoint, connect, resume
     from .seed import generate_keypair
 
     cfg, name = life.cfg, slot.domain_name
@@ -324,7 +341,9 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
             attach_home(pid, share, export)
     job_key = generate_keypair(f"vmim-job-{request.label}")
     host, port = slot.ssh_address
-    session = connect(Endpoint(host, port, "root", admin_key(cfg)[0], host_key), timeout=10)
+    login = Endpoint(host, port, "root", admin_key(cfg)[0], host_key)
+    kept = kept_login(cfg, spare.job_label)
+    session = (kept and resume(login, kept)) or connect(login, timeout=10)
     try:
         run_bind(session, bind_script(request.owner, owner_home(request.owner),
                                       job_key.public_line,
@@ -332,5 +351,7 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
                                        for _export, staging, share in binds]))
     finally:
         session.close()
+        if kept is not None:  # its master is gone by now; the directory goes also if unused
+            shutil.rmtree(kept, ignore_errors=True)
     return life.write_job_context(slot, request, host_key, job_key.private_openssh, uid, gid,
                                   shares)
