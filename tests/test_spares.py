@@ -198,6 +198,45 @@ def test_a_job_waits_for_a_slot_being_torn_down_before_it_retires_another_images
     assert str(life.leases.get("s2").state) == "spare"
 
 
+def test_a_spares_kept_login_goes_with_its_lease_or_as_an_orphan(test_life):
+    """The agent's kept root login (its directory among the job contexts) lives as long as the
+    spare's lease: its teardown removes it, and reconcile removes one no lease holds."""
+    from vmimagemanager.context import context_dir, ensure_jobs_dir
+
+    life, cfg = test_life
+    lease, _ = life.leases.allocate(["s1"], SPARE_JOB_ID, "k1", "", "atlas")  # booting here
+    kept = context_dir(cfg.run_dir, lease.job_label)  # spares.kept_login, whatever its length
+    ensure_jobs_dir(cfg.run_dir)
+    kept.mkdir(mode=0o700)
+    (kept / "known_hosts").write_text("vmim-guest ssh-ed25519 AAAA\n")
+    assert life.reconcile() == [] and kept.is_dir()  # its lease lives: kept
+    life.abandon("s1", lease.job_label)
+    assert not kept.exists()
+    orphan = context_dir(cfg.run_dir, f"{SPARE_JOB_ID}.k2")
+    orphan.mkdir(mode=0o700)
+    assert life.reconcile() == [f"remove orphan job context {orphan}"]
+    assert not orphan.exists()
+
+
+def test_no_kept_login_where_its_socket_path_would_be_too_long(tmp_path):
+    """A unix socket's path has 108 bytes, and ssh adds a suffix while it makes it: beyond
+    that the bind logs in itself rather than the spare's boot failing."""
+    import shutil
+    import tempfile
+    from dataclasses import replace
+
+    from vmimagemanager.spares import kept_login
+
+    cfg = parse_config(_config(tmp_path, {"vos": {"atlas": 1}}), "c.yaml")
+    short = Path(tempfile.mkdtemp(prefix="k", dir="/tmp"))
+    try:
+        label = "vmim-spare.0123456789ab"
+        assert kept_login(replace(cfg, run_dir=short), label) == short / "jobs" / label
+        assert kept_login(replace(cfg, run_dir=short / ("r" * 50)), label) is None
+    finally:
+        shutil.rmtree(short)
+
+
 def test_nothing_a_guest_left_in_its_export_reaches_the_next_spare(tmp_path):
     """Root in a guest can write into its export over 9p: a planted file, or `home` replaced by
     a symlink to a host directory, must be gone (and the link's target untouched) when the slot's
