@@ -207,19 +207,22 @@ def connect(endpoint: Endpoint, timeout: float = 10.0, keep_in: Path | None = No
 
 def resume(endpoint: Endpoint, kept_in: Path) -> GuestSession | None:
     """The login `connect(keep_in=kept_in)` kept, if its master still runs (None: log in)."""
-    control = kept_in / "control"
-    if not control.is_socket():
+    control = str(kept_in / "control")
+    if not (kept_in / "control").is_socket() or _ask_master(control, "check") != 0:
         return None
-    r = subprocess.run(["ssh", "-F", "/dev/null", "-S", str(control), "-O", "check",
-                        endpoint.host], stdin=subprocess.DEVNULL, capture_output=True)
-    return KeptSession(endpoint, str(kept_in), str(control)) if r.returncode == 0 else None
+    return KeptSession(endpoint, str(kept_in), control)
 
 
 def _end_kept(control: str) -> None:
     """Ask a kept master to end (nothing if there is none)."""
     if os.path.exists(control):
-        subprocess.run(["ssh", "-F", "/dev/null", "-S", control, "-O", "exit", HOST_ALIAS],
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        _ask_master(control, "exit")
+
+
+def _ask_master(control: str, command: str) -> int:
+    """`ssh -O check|exit` to the master listening on `control`; its exit status."""
+    return subprocess.run(["ssh", "-F", "/dev/null", "-S", control, "-O", command, HOST_ALIAS],
+                          stdin=subprocess.DEVNULL, capture_output=True).returncode
 
 
 def wait_for_ssh(endpoint: Endpoint, deadline: float, console_log: Path | None = None,
