@@ -178,7 +178,7 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
                     None, after_start=lambda: _into_background(life, slot, lease.job_label,
                                                                image_name),
-                    keep_login=kept_login(cfg, lease.job_label))
+                    keep_login=_kept_login_dir(cfg, lease.job_label))
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -288,12 +288,19 @@ def kept_login(cfg: Config, label: str) -> Path | None:
     spare's own directory among the job contexts (root's, 0700; removed with the lease, by
     the bind, or by reconcile as an orphan). None where the socket's path would be too long
     for a unix socket (ssh adds a suffix while it makes it): the bind then logs in itself."""
-    from .context import context_dir, ensure_jobs_dir
+    from .context import context_dir
 
     path = context_dir(cfg.run_dir, label)
-    if len(os.fsencode(path / "control")) + 17 >= 108:
-        return None
-    ensure_jobs_dir(cfg.run_dir)
+    return None if len(os.fsencode(path / "control")) + 17 >= 108 else path
+
+
+def _kept_login_dir(cfg: Config, label: str) -> Path | None:
+    """kept_login, with the job contexts' directory made (at provision; the bind only reads)."""
+    from .context import ensure_jobs_dir
+
+    path = kept_login(cfg, label)
+    if path is not None:
+        ensure_jobs_dir(cfg.run_dir)
     return path
 
 
