@@ -113,8 +113,8 @@ def run_jobs(cfg, script: Path, count: int, timeout: float, tag: str = "st",
 
 def listed_jobs() -> set[str]:
     """Ids of the jobs qstat lists (pending, running, held): not finished."""
-    return {line.split()[0] for line in sge("qstat", "-u", "*").splitlines()
-            if line.split() and line.split()[0].isdigit()}
+    return {fields[0] for line in sge("qstat", "-u", "*").splitlines()
+            if (fields := line.split()) and fields[0].isdigit()}
 
 
 def cpu_ticks() -> tuple[int, int]:

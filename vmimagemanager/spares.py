@@ -161,6 +161,7 @@ def run_bind(session, script: str) -> None:
 def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
     """Boot a spare of `image_name` in a free slot; returns its lease (`spare`). NoFreeSlot if
     every slot is taken: a spare never takes a slot from a job."""
+    from .context import ensure_jobs_dir
     from .guest import Endpoint
 
     cfg = life.cfg
@@ -175,10 +176,13 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
         admin_path, admin_public = admin_key(cfg)
         host, port = slot.ssh_address
         login = Endpoint(host=host, port=port, user="root", key=admin_path, host_key="")
+        kept = kept_login(cfg, lease.job_label)
+        if kept is not None:  # made here, at provision; the bind only reads the path
+            ensure_jobs_dir(cfg.run_dir)
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
                     None, after_start=lambda: _into_background(life, slot, lease.job_label,
                                                                image_name),
-                    keep_login=_kept_login_dir(cfg, lease.job_label))
+                    keep_login=kept)
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -283,6 +287,10 @@ def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
     return None
 
 
+UNIX_SOCKET_PATH_MAX = 108  # sun_path, the terminating NUL included
+SSH_SOCKET_SUFFIX = 17  # ssh makes the control socket as PATH.XXXXXXXXXXXXXXXX, then renames it
+
+
 def kept_login(cfg: Config, label: str) -> Path | None:
     """Where the agent keeps its root login to spare `label` for the prolog that binds it: the
     spare's own directory among the job contexts (root's, 0700; removed with the lease, by
@@ -291,17 +299,8 @@ def kept_login(cfg: Config, label: str) -> Path | None:
     from .context import context_dir
 
     path = context_dir(cfg.run_dir, label)
-    return None if len(os.fsencode(path / "control")) + 17 >= 108 else path
-
-
-def _kept_login_dir(cfg: Config, label: str) -> Path | None:
-    """kept_login, with the job contexts' directory made (at provision; the bind only reads)."""
-    from .context import ensure_jobs_dir
-
-    path = kept_login(cfg, label)
-    if path is not None:
-        ensure_jobs_dir(cfg.run_dir)
-    return path
+    too_long = len(os.fsencode(path / "control")) + SSH_SOCKET_SUFFIX >= UNIX_SOCKET_PATH_MAX
+    return None if too_long else path
 
 
 def spare_host_key(console: Path) -> str:
