@@ -409,6 +409,12 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
     assert seen["root_logins"] == spare["root_logins"] + 1  # + the one that counted
     assert not seen["kept"] and seen["masters"] == b""
     assert seen["weight"] == 1024  # bound: the weight of any job's VM again
+    # where the image's sshd reads atlas001's keys was asked once and kept (root's only); the
+    # binds of test_every_job_gets_a_freshly_booted_vm use it, and their jobs log in with it
+    kept_keys = cell.cfg.state_dir / "authorized-keys-files.json"
+    assert stat.S_IMODE(kept_keys.stat().st_mode) == 0o600
+    assert [users for users in json.loads(kept_keys.read_text()).values()] == [
+        {"atlas001": "/etc/ssh/authorized_keys/atlas001"}]
     written = Path("/home/atlas001/vmim-spare-from-job")
     assert written.read_text() == "written by the job\n"
     assert (written.stat().st_uid, written.stat().st_gid) == (5001, 5000)

@@ -32,6 +32,7 @@ from .states import LeaseState
 
 if TYPE_CHECKING:
     from .context import JobContext
+    from .images import Image
 
 log = logging.getLogger("vmimagemanager.spares")
 
@@ -39,6 +40,8 @@ SPARE_MOUNT_ROOT = "/run/vmim-spare"  # in the guest: where a spare mounts its e
 HOME_SLOT = "home"  # the subdirectory of an export the owner's home is bound onto
 SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
 WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
+IMAGE_KEY = "image_key"  # in a spare's lease metadata: keysfiles.image_key of what it booted
+KEYS_FILE_LINE = "vmim-keys-file"  # the bind script's report of where the job's key went
 WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
 
 
@@ -112,10 +115,11 @@ def attach_home(qemu_pid: int, home: GuestShare, export: str) -> None:
 
 
 def bind_script(user: str, home: str, public_key: str,
-                mounts: list[tuple[str, str, bool]]) -> str:
+                mounts: list[tuple[str, str, bool]], keys_file: str | None = None) -> str:
     """The root shell script that binds a spare to its job inside the guest.
 
-    The job's key goes where the image's sshd reads it (`sshd -T` names AuthorizedKeysFile) and
+    The job's key goes where the image's sshd reads it (`keys_file`, or else `sshd -T` names
+    AuthorizedKeysFile; the script prints `KEYS_FILE_LINE path` for keysfiles to keep) and
     never into the home (the user's real, shared home: the key would outlive the VM); each
     staged share is bind-mounted onto its home path and checked to be a file system of its own.
     """
@@ -125,17 +129,26 @@ def bind_script(user: str, home: str, public_key: str,
         f"user={q(user)}; home={q(home)}; key={q(public_key)}",
         'grep -q "^$user:" /etc/passwd || { echo "vmim-bind: no account $user in this image"'
         " >&2; exit 3; }",
-        "sshd=$(command -v sshd || echo /usr/sbin/sshd)",
-        'akf=$("$sshd" -T -C "user=$user,host=vmim,addr=127.0.0.1" 2>/dev/null |'
-        " awk 'tolower($1)==\"authorizedkeysfile\" {print $2; exit}')",
-        '[ -n "$akf" ] || { echo "vmim-bind: sshd -T names no AuthorizedKeysFile" >&2; exit 3; }',
-        'file=$(printf %s "$akf" | sed -e "s|%u|$user|g" -e "s|%h|$home|g" -e "s|%%|%|g")',
-        'case $file in /*) ;; *) file="$home/$file" ;; esac',
+    ]
+    if keys_file is not None:
+        lines.append(f"akf={q(keys_file)}; file=$akf")
+    else:
+        lines += [
+            "sshd=$(command -v sshd || echo /usr/sbin/sshd)",
+            'akf=$("$sshd" -T -C "user=$user,host=vmim,addr=127.0.0.1" 2>/dev/null |'
+            " awk 'tolower($1)==\"authorizedkeysfile\" {print $2; exit}')",
+            '[ -n "$akf" ] || { echo "vmim-bind: sshd -T names no AuthorizedKeysFile" >&2;'
+            " exit 3; }",
+            'file=$(printf %s "$akf" | sed -e "s|%u|$user|g" -e "s|%h|$home|g" -e "s|%%|%|g")',
+            'case $file in /*) ;; *) file="$home/$file" ;; esac',
+        ]
+    lines += [
         'case $file in "$home"/*) echo "vmim-bind: AuthorizedKeysFile $akf is in the home'
         ' directory; the image must use /etc/ssh/authorized_keys/%u" >&2; exit 3 ;; esac',
         'mkdir -p "${file%/*}"',
         "umask 022",
         'printf "%s\\n" "$key" > "$file.vmim"; chmod 644 "$file.vmim"; mv -f "$file.vmim" "$file"',
+        f'printf "{KEYS_FILE_LINE} %s\\n" "$file"',
         "rootdev=$(stat -c %d /)",
     ]
     for staging, target, readonly in mounts:
@@ -150,11 +163,17 @@ def bind_script(user: str, home: str, public_key: str,
     return "\n".join(lines) + "\n"
 
 
-def run_bind(session, script: str) -> None:
+def run_bind(session, script: str) -> str:
+    """Run the bind script; the file the job's key went to (its KEYS_FILE_LINE)."""
     try:
-        session.check_call("sh -s", stdin=script.encode())
+        out = session.check_call("sh -s", stdin=script.encode())
     except GuestError as exc:
         raise VmimError(f"binding the spare failed: {exc}") from None
+    for line in out.splitlines():
+        if line.startswith(KEYS_FILE_LINE + " "):
+            return line.removeprefix(KEYS_FILE_LINE + " ")
+    raise VmimError(f"binding the spare failed: its script did not say where the job's key "
+                    f"went (output: {out.strip()[-200:]!r})")
 
 
 # -- provision and bind ---------------------------------------------------------------------------
@@ -181,7 +200,7 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
             ensure_jobs_dir(cfg.run_dir)
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
                     None, after_start=lambda: _into_background(life, slot, lease.job_label,
-                                                               image_name),
+                                                               image),
                     keep_login=kept)
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
@@ -222,19 +241,24 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
     return life.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
 
 
-def _into_background(life: LifeCycle, slot: Slot, label: str, image: str) -> None:
-    """Right after the spare's domain started: note the weight a job's VM has on this node in
-    the lease metadata (bind gives it back), then lower the spare's to a fraction of it."""
+def _into_background(life: LifeCycle, slot: Slot, label: str, image: Image) -> None:
+    """Right after the spare's domain started: note in the lease metadata which image content
+    it boots (the bind's keysfiles key) and the weight a job's VM has on this node (bind gives
+    it back), then lower the spare's weight to a fraction of it."""
     from .domain_xml import lease_attributes, lease_element
+    from .keysfiles import image_key
 
     name = slot.domain_name
     weight = life.hv.cpu_weight(name)
+    noted = {IMAGE_KEY: image_key(image.sha256)}
+    if weight is not None:
+        noted[WEIGHT_KEY] = str(weight)
+    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
+        label, image.name, "", slot.name, **noted)))
     if weight is None:
         log.info("spare %s slot %s: libvirt has no CPU controller here; the spare boots at the "
                  "weight of a job's VM", label, slot.name)
         return
-    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
-        label, image, "", slot.name, **{WEIGHT_KEY: str(weight)})))
     life.hv.set_cpu_weight(name, max(2, weight // SPARE_WEIGHT_DIVISOR))
 
 
@@ -319,6 +343,7 @@ def spare_host_key(console: Path) -> str:
 
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
+    from . import keysfiles
     from .domain_xml import exported_tags, lease_attributes, lease_element, lease_metadata
     from .guest import Endpoint, connect, resume
     from .seed import generate_keypair
@@ -330,7 +355,8 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
     xml = life.hv.domain_xml(name)
     if xml is None:
         raise VmimError(f"the spare's domain {name} is not running")
-    _job_weight(life, name, lease_metadata(xml))
+    spare_meta = lease_metadata(xml)
+    _job_weight(life, name, spare_meta)
     # The domain says which job it serves now, and what it used while idle (not the job's).
     idle = life.hv.usage(name)
     if idle is None:
@@ -349,15 +375,24 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
     host, port = slot.ssh_address
     login = Endpoint(host, port, "root", admin_key(cfg)[0], host_key)
     kept = kept_login(cfg, spare.job_label)
+    content = spare_meta.get(IMAGE_KEY, "")  # none in a spare booted by an older version
+    keys_file = keysfiles.known(cfg, content, request.owner) if content else None
     session = (kept and resume(login, kept)) or connect(login, timeout=10)
     try:
-        run_bind(session, bind_script(request.owner, owner_home(request.owner),
-                                      job_key.public_line,
-                                      [(staging, share.path, share.readonly)
-                                       for _export, staging, share in binds]))
+        went_to = run_bind(session, bind_script(request.owner, owner_home(request.owner),
+                                                job_key.public_line,
+                                                [(staging, share.path, share.readonly)
+                                                 for _export, staging, share in binds],
+                                                keys_file))
     finally:
         session.close()
         if kept is not None:  # its master is gone by now; the directory goes also if unused
             shutil.rmtree(kept, ignore_errors=True)
+    if content and keys_file is None and keysfiles.usable(went_to):
+        try:
+            keysfiles.remember(cfg, content, request.owner, went_to)
+        except OSError as exc:  # the job is bound; the next bind asks sshd again
+            log.warning("cannot keep where image %s's sshd reads %s's keys (%s); the next bind "
+                        "asks it again", request.image, request.owner, exc)
     return life.write_job_context(slot, request, host_key, job_key.private_openssh, uid, gid,
                                   shares)
