@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 from hypothesis import given, settings
@@ -15,9 +18,11 @@ from hypothesis import strategies as st
 from vmimagemanager.guest import (
     DRAIN_SECONDS,
     KEX_ALGORITHMS,
+    NOT_READY,
     parse_console_host_keys,
     remote_command,
 )
+from vmimagemanager.runner import EMBED_MAX, GUEST_SCRIPT, embedded_write
 
 PRINT = "import json, os, sys; print(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}))"
 text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
@@ -137,3 +142,63 @@ def test_a_host_key_block_still_being_printed_gives_no_key():
         assert keys == ([] if cut < end + len("-----END SSH HOST KEY KEYS-----") else
                         ["ecdsa-sha2-nistp256 AAAAE2VjZHNh",
                          "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFull"]), cut
+
+
+def test_a_preparation_that_reports_nothing_runs_the_payload_with_the_images_umask(tmp_path):
+    files = tmp_path / "job"
+    scratch = tmp_path / "scratch"
+    prepare = f"umask 077; mkdir -p -- '{scratch}' || echo scratch"
+    previous = os.umask(0o022)
+    try:
+        r = subprocess.run(["/bin/sh", "-c", remote_command(
+            ["sh", "-c", "umask; pwd"], {}, str(scratch), str(files), str(scratch), prepare)],
+            capture_output=True)
+    finally:
+        os.umask(previous)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().split() == ["0022", str(scratch)]  # not the preparation's 077
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.rc"]  # .chk and scratch gone
+
+
+def test_a_preparation_that_reports_problems_runs_nothing_and_says_why_in_files_rc(tmp_path):
+    files = tmp_path / "job"
+    scratch = tmp_path / "scratch"
+    marker = tmp_path / "ran"
+    prepare = f"mkdir -p -- '{scratch}'; echo 'dir /home/x y'; echo file /etc/settings.sh"
+    r = subprocess.run(["/bin/sh", "-c", remote_command(
+        ["touch", str(marker)], {}, str(scratch), str(files), str(scratch), prepare)],
+        capture_output=True, input=b"")
+    assert r.returncode == 255 and r.stdout == b"" and r.stderr == b""
+    assert (tmp_path / "job.rc").read_text().splitlines() == [
+        NOT_READY, "dir /home/x y", "file /etc/settings.sh"]
+    assert not marker.exists() and not scratch.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.rc"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(body=st.binary(max_size=300))
+def test_an_embedded_script_arrives_byte_for_byte_or_is_not_embedded(body):
+    script = b"#!/bin/sh\n" + body
+    with tempfile.TemporaryDirectory() as tmp:
+        target = os.path.join(tmp, "a 'b' $c", GUEST_SCRIPT)
+        write = embedded_write(target, script)
+        if b"\0" in script or not script.endswith(b"\n"):
+            assert write is None
+            return
+        assert write is not None
+        prepare = f"mkdir -p -- {shlex.quote(os.path.dirname(target))}{write}"
+        r = subprocess.run(["/bin/sh", "-c", f"{{ {prepare}\n}}"], capture_output=True)
+        assert r.returncode == 0 and r.stdout == b"", r
+        with open(target, "rb") as fh:
+            assert fh.read() == script
+        assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+
+
+def test_scripts_a_here_document_cannot_carry_are_not_embedded():
+    assert embedded_write("/tmp/x", b"a" * EMBED_MAX + b"\n") is None
+    assert embedded_write("/tmp/x", b"a" * 99 + b"\n", room=100) is not None
+    assert embedded_write("/tmp/x", b"a" * 100 + b"\n", room=100) is None  # the environment's
+    assert embedded_write("/tmp/x", b"echo no final newline") is None
+    assert embedded_write("/tmp/x", b"echo a\0b\n") is None
+    tricky = b"cat <<'EOF'\n$HOME `id` \\\nEOF\nVMIM_SCRIPT_END\n\xff\xfe\r\n"
+    assert embedded_write("/tmp/x", tricky) is not None

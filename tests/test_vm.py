@@ -385,18 +385,23 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
                "LD_PRELOAD": "/evil.so", "PATH": "/tmp/9301.1.vmtest.q:/usr/bin:/bin"}
         job = Job("9301", "0", "atlas001", argv=[str(script)], is_script=True, shell="/bin/sh",
                   env=env, cwd=str(shared_dir))
-        out_r, out_w = os.pipe()
-        runner = JobRunner(job, ctx, cfg.run_dir)
-        saved = os.dup(1)
-        os.dup2(out_w, 1)
-        try:
-            rc = runner.run(stdin_fd=None)
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-            os.close(out_w)
-        out = os.read(out_r, 65536).decode()
-        os.close(out_r)
+
+        def run_job(job) -> tuple[int, str]:
+            """The runner's exit status and what the job wrote to stdout."""
+            out_r, out_w = os.pipe()
+            saved = os.dup(1)
+            os.dup2(out_w, 1)
+            try:
+                rc = JobRunner(job, ctx, cfg.run_dir).run(stdin_fd=None)
+            finally:
+                os.dup2(saved, 1)
+                os.close(saved)
+                os.close(out_w)
+            out = os.read(out_r, 65536).decode("utf-8", "replace")
+            os.close(out_r)
+            return rc, out
+
+        rc, out = run_job(job)
         assert rc == 0, out
         lines = out.splitlines()
         assert lines[0] == str(shared_dir)
@@ -420,6 +425,17 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
         with pytest.raises(GuestError) as info:
             JobRunner(needy, ctx, cfg.run_dir).run(stdin_fd=None)
         assert f"image atlas has no {settings}, which the job script sources" in str(info.value)
+        # Scripts the run's command line cannot carry (too large; no final newline) go in a
+        # round trip of their own, byte for byte all the same; a small one goes inside it.
+        for n, body in enumerate([b"#!/bin/sh\n" + b"# padding\n" * 8000 + b"echo big\n",
+                                  b"#!/bin/sh\necho \xff'$x' `echo odd`",
+                                  b"#!/bin/sh\ncat <<'EOF'\n$HOME \\\nEOF\n"]):
+            odd = tmp_path / f"odd{n}.sh"
+            odd.write_bytes(body)
+            rc, out = run_job(replace(job, job_id=f"931{n}", argv=[str(odd)], env={},
+                                      cwd=None))
+            assert rc == 0, out
+            assert out == ["big\n", "\ufffd$x odd\n", "$HOME \\\n"][n]
     finally:
         own.end_vm(lease.slot)
 

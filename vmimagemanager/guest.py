@@ -121,6 +121,17 @@ class HostKeyMismatch(GuestError):
     """The guest presented another host key than the one on its console: never retried."""
 
 
+NOT_READY = "not-ready"  # first line of FILES.rc when remote_command's `prepare` found problems
+
+
+class GuestNotReady(GuestError):
+    """The run's `prepare` step reported problems (`report`, its lines): nothing was run."""
+
+    def __init__(self, report: list[str]):
+        super().__init__(f"the VM is not ready for the job: {'; '.join(report)}")
+        self.report = report
+
+
 def _ssh_options(endpoint: Endpoint, private: str, log_level: str = "ERROR") -> list[str]:
     """What every ssh of ours passes: no configuration files, no agent, batch mode, and the
     pinned host key (in `private`/known_hosts, written by connect) as the only known one."""
@@ -251,7 +262,7 @@ def wait_for_ssh(endpoint: Endpoint, deadline: float, console_log: Path | None =
 
 
 def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
-                   files: str, remove: str | None = None) -> str:
+                   files: str, remove: str | None = None, prepare: str | None = None) -> str:
     """A POSIX sh command line that runs argv in its own session and reports its exit status.
 
     Every value is shlex-quoted, so quotes, `$`, backticks, newlines and unicode reach the payload
@@ -262,6 +273,9 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
     a background process it left holding them delays the end by DRAIN_SECONDS at most (sshd
     keeps a session open while anything holds its pipes). `remove` (the job's scratch dir) is
     removed once the payload has ended, with the wrapper's own files: no round trip of its own.
+    `prepare` (shell lines: the job's scratch dir, its script, the checks) runs first, in the
+    same round trip: if it prints anything, that is its report of what is wrong, the payload is
+    not run, and the exit status is 255 with NOT_READY and the report in `files`.rc.
     """
     if not argv:
         raise GuestError("nothing to run: empty command")
@@ -273,13 +287,18 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
         assigns.append(shlex.quote(f"{key}={value}"))
     q = shlex.quote
     f = q(files)
-    parts = []
+    removed = f" {q(remove)}" if remove else ""
+    parts = ["u=$(umask)"]  # the image's: the payload's again below
+    if prepare:
+        parts.append(f"{{ {prepare}\n}} >{f}.chk 2>/dev/null </dev/null")
+        parts.append(f"if [ -s {f}.chk ]; then {{ echo {NOT_READY}; cat {f}.chk; }} >{f}.rc; "
+                     f"rm -rf -- {f}.chk{removed}; exit 255; fi")
     if cwd:
         parts.append(f"cd -- {q(cwd)} || {{ echo {q('vmimagemanager: cannot enter ' + cwd)} >&2;"
                      " exit 1; }")
     # fd 3 keeps stdin for the payload; fd 4 keeps stderr for it while the wrapper's own stderr
     # goes to /dev/null (bash would otherwise print "Killed" into the job's error file).
-    parts.append(f"exec 3<&0 4>&2 2>/dev/null; u=$(umask); umask 077; rm -f {f}.o {f}.e")
+    parts.append(f"exec 3<&0 4>&2 2>/dev/null; umask 077; rm -f {f}.o {f}.e")
     parts.append(f"mkfifo {f}.o {f}.e || {{ echo 'vmimagemanager: mkfifo failed in the VM' >&4;"
                  " exit 1; }")
     parts.append(f"cat {f}.o & o=$!; cat {f}.e >&4 & e=$!; umask $u")  # the image's umask
@@ -289,8 +308,8 @@ def remote_command(argv: Sequence[str], env: Mapping[str, str], cwd: str | None,
     parts.append(f"wait $pid; rc=$?; echo $rc > {f}.rc")
     # the timer holds none of the session's descriptors (sshd would wait for it)
     parts.append(f"(sleep {DRAIN_SECONDS}; kill $o $e) </dev/null >/dev/null 2>&1 4>&- & t=$!")
-    removed = f" {q(remove)}" if remove else ""
-    parts.append(f"wait $o $e; kill $t; rm -rf -- {f}.o {f}.e {f}.pid{removed}; exit $rc")
+    chk = f" {f}.chk" if prepare else ""
+    parts.append(f"wait $o $e; kill $t; rm -rf -- {f}.o {f}.e {f}.pid{chk}{removed}; exit $rc")
     return "\n".join(parts)
 
 
@@ -364,17 +383,19 @@ class GuestSession:
 
     def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
             cwd: str | None = None, stdin_fd: int | None = 0, stdout_fd: int = 1,
-            stderr_fd: int = 2, remove: str | None = None) -> int:
+            stderr_fd: int = 2, remove: str | None = None, prepare: str | None = None) -> int:
         """Run argv in the guest with the given stdin/stdout/stderr; returns its exit status.
 
         0..255 as the payload exited; 128+N when a signal N killed it (as a shell reports it).
         ssh hands the descriptors to the connection's master, which relays them itself.
+        GuestNotReady if `prepare` (see remote_command) reported problems.
         """
         if (closed := self._closed()) is not None:
             raise closed
         self._files = f"/tmp/.vmim-{secrets.token_hex(8)}"
         # ssh's own messages would land in the job's stderr: QUIET (failures show as 255)
-        argv_ssh = self._argv(remote_command(argv, env or {}, cwd, self._files, remove), "QUIET")
+        argv_ssh = self._argv(remote_command(argv, env or {}, cwd, self._files, remove,
+                                             prepare), "QUIET")
         proc = subprocess.Popen(argv_ssh, stdin=subprocess.DEVNULL if stdin_fd is None
                                 else stdin_fd, stdout=stdout_fd, stderr=stderr_fd,
                                 process_group=0)  # the starter's signals are handled here
@@ -393,11 +414,18 @@ class GuestSession:
                 self.terminate("KILL")
                 stopping_since = float("inf")
         if status == 255 or status < 0:  # ssh's own failure (or killed), or the payload's 255?
+            lost = GuestError("the ssh connection to the VM ended without an exit status (the "
+                              "VM was stopped or the connection broke)")
             try:
-                return int(self.check_call(f"cat {shlex.quote(self._files + '.rc')}").strip())
-            except (GuestError, ValueError):
-                raise GuestError("the ssh connection to the VM ended without an exit status "
-                                 "(the VM was stopped or the connection broke)") from None
+                kept = self.check_call(f"cat {shlex.quote(self._files + '.rc')}").splitlines()
+            except GuestError:
+                raise lost from None
+            if kept[:1] == [NOT_READY]:
+                raise GuestNotReady(kept[1:])
+            try:
+                return int(kept[0])
+            except (IndexError, ValueError):
+                raise lost from None
         return status
 
 

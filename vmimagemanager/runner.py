@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shlex
 import signal
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from .batch.base import Job
 from .context import JobContext, key_path
 from .errors import GuestError
-from .guest import Endpoint, GuestSession, connect
+from .guest import Endpoint, GuestNotReady, GuestSession, connect
 from .shares import is_under, unmounted_report
 
 log = logging.getLogger("vmimagemanager.runner")
@@ -28,6 +30,24 @@ DROP_EXACT = {"PWD", "OLDPWD", "SHLVL", "_", "SSH_AUTH_SOCK", "SSH_CLIENT", "SSH
               "SSH_TTY", "VMIM_CONFIG", "BASH_ENV", "ENV"}
 DROP_PREFIX = ("LD_", "SSH_", "SGE_STARTER_", "BASH_FUNC_")
 GUEST_SCRIPT = "job-script"  # the job's script, in its scratch dir in the guest
+# A job script goes into the guest inside the run's own command line (one ssh round trip fewer
+# per job) while it and the job's environment together stay below this; the command is one
+# argument of the guest's `sh -c`, which Linux limits to 128 KiB.
+EMBED_MAX = 64 * 1024
+
+
+def embedded_write(target: str, script: bytes, room: int = EMBED_MAX) -> str | None:
+    """Shell lines writing `script` to `target` from a here-document (every byte as it is),
+    with `|| echo script` on failure; None where a here-document cannot carry it unchanged
+    (larger than `room`, a NUL byte, no final newline) or could end it early."""
+    if len(script) > room or b"\0" in script or not script.endswith(b"\n"):
+        return None
+    text = script.decode("utf-8", "surrogateescape")  # the command line gives back the bytes
+    end = f"VMIM_SCRIPT_END_{secrets.token_hex(8)}"
+    if end in text:
+        return None
+    q = shlex.quote(target)
+    return f"; cat > {q} <<'{end}' && chmod 700 -- {q} || echo script\n{text}{end}"
 
 
 def guest_environment(env: Mapping[str, str], host_tmpdir: str | None, guest_tmp: str) -> dict:
@@ -77,35 +97,34 @@ class JobRunner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _prepare_guest(self, scratch: str, script: bytes | None) -> None:
-        """One round trip: make the scratch dir, report unmounted shares and missing files, and
-        write the job script (if any) into the scratch dir, private from the start."""
-        assert self.session is not None
+    def _preparation(self, scratch: str, write: str) -> str:
+        """Shell lines that make the scratch dir (private from the start), then `write` the job
+        script into it, and print a line for each problem: `scratch`, `dir PATH` (a share not
+        mounted), `file PATH` (a file the script sources is missing), `script`."""
         q = shlex.quote
         files = " ".join(q(p) for p in self.job.guest_files)
-        write = ""
-        if script is not None:
-            target = q(f"{scratch}/{GUEST_SCRIPT}")
-            write = f"; cat > {target} && chmod 700 -- {target} || echo 'script unwritten'"
-        out = self.session.check_call(
-            f"umask 077; mkdir -p -- {q(scratch)} || exit 1; "
-            f"{unmounted_report(self.context.guest_checked_paths)}; "
-            f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done{write}",
-            stdin=script or b"")
-        missing = [line.split(" ", 1) for line in out.splitlines() if " " in line]
-        dirs_missing = [p for kind, p in missing if kind == "dir"]
-        files_missing = [p for kind, p in missing if kind == "file"]
-        if dirs_missing:
-            raise GuestError(f"the VM is not ready for the job: shared path(s) "
-                             f"{', '.join(dirs_missing)} not mounted in image {self.context.image}"
-                             "; check 'vmimagemanager images check' and shared_paths")
-        if files_missing:
-            raise GuestError(f"image {self.context.image} has no {', '.join(files_missing)}, "
-                             "which the job script sources (CE job managers do); share its "
-                             "directory read-only (shared_paths) or install it in the image")
-        if any(kind == "script" for kind, _ in missing):
+        return (f"umask 077; mkdir -p -- {q(scratch)} || echo scratch; "
+                f"{unmounted_report(self.context.guest_checked_paths)}; "
+                f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done{write}")
+
+    def _refuse(self, report: list[str], scratch: str) -> NoReturn:
+        """The one clear line for what the preparation reported."""
+        problems = [(line.split(" ", 1) + [""])[:2] for line in report if line.strip()]
+        kinds = {kind for kind, _ in problems}
+        dirs = [p for kind, p in problems if kind == "dir"]
+        files = [p for kind, p in problems if kind == "file"]
+        if dirs:
+            raise GuestError(f"the VM is not ready for the job: shared path(s) {', '.join(dirs)} "
+                             f"not mounted in image {self.context.image}; check 'vmimagemanager "
+                             "images check' and shared_paths")
+        if files:
+            raise GuestError(f"image {self.context.image} has no {', '.join(files)}, which the "
+                             "job script sources (CE job managers do); share its directory "
+                             "read-only (shared_paths) or install it in the image")
+        if "scratch" in kinds or "script" in kinds:
             raise GuestError(f"cannot write the job script into {scratch} in the VM (is its "
                              "file system full or read-only?)")
+        raise GuestError(f"the VM is not ready for the job: {'; '.join(report)}")
 
     def _run_in_guest(self, stdin_fd: int | None) -> int:
         assert self.session is not None
@@ -113,14 +132,23 @@ class JobRunner:
         scratch = f"{ctx.scratch_dir.rstrip('/')}/vmim-{job.label}"
         argv = list(job.argv)
         script = Path(argv[0]).read_bytes() if job.is_script else None
-        self._prepare_guest(scratch, script)
+        guest_script = f"{scratch}/{GUEST_SCRIPT}"
+        env = guest_environment(job.env, job.env.get("TMPDIR"), scratch)
+        room = EMBED_MAX - sum(len(k) + len(v) + 4 for k, v in env.items())
+        write = "" if script is None else embedded_write(guest_script, script, room)
+        if write is None:  # not in the command line: a round trip of its own, from stdin
+            target = shlex.quote(guest_script)
+            report = self.session.check_call(self._preparation(
+                scratch, f"; cat > {target} && chmod 700 -- {target} || echo script"),
+                stdin=script or b"")
+            if report.strip():
+                self._refuse(report.splitlines(), scratch)
+        prepare = None if write is None else self._preparation(scratch, write)
         if script is not None:
-            guest_script = f"{scratch}/{GUEST_SCRIPT}"
             if job.exec_script and script.startswith(b"#!"):
                 argv = [guest_script, *argv[1:]]
             else:
                 argv = [job.shell, guest_script, *argv[1:]]
-        env = guest_environment(job.env, job.env.get("TMPDIR"), scratch)
         proxy = env.get("X509_USER_PROXY")
         if proxy and os.path.isabs(proxy) and not is_under(proxy, ctx.shared_paths):
             try:
@@ -132,7 +160,10 @@ class JobRunner:
         log.info("job %s: running %s in slot %s (image %s) as %s in %s", job.label,
                  "script" if job.is_script else "binary", ctx.slot, ctx.image, ctx.user, cwd)
         try:  # the command removes the scratch dir once the payload has ended
-            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch)
+            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch,
+                                    prepare=prepare)
+        except GuestNotReady as exc:  # nothing ran, the scratch dir is gone
+            self._refuse(exc.report, scratch)
         except BaseException:
             try:
                 self.session.check_call(f"rm -rf -- {shlex.quote(scratch)}")
