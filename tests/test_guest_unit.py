@@ -147,16 +147,16 @@ def test_a_host_key_block_still_being_printed_gives_no_key():
 def test_a_preparation_that_reports_nothing_runs_the_payload_with_the_images_umask(tmp_path):
     files = tmp_path / "job"
     scratch = tmp_path / "scratch"
-    prepare = f"umask 077; mkdir -p -- '{scratch}' || echo scratch"
+    prepare = f"mkdir -p -m 700 -- '{scratch}' || echo scratch"
     previous = os.umask(0o022)
     try:
         r = subprocess.run(["/bin/sh", "-c", remote_command(
-            ["sh", "-c", "umask; pwd"], {}, str(scratch), str(files), str(scratch), prepare)],
-            capture_output=True)
+            ["sh", "-c", "umask; pwd; stat -c %a ."], {}, str(scratch), str(files), str(scratch),
+            prepare)], capture_output=True)
     finally:
         os.umask(previous)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().split() == ["0022", str(scratch)]  # not the preparation's 077
+    assert r.stdout.decode().split() == ["0022", str(scratch), "700"]  # private, umask kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.rc"]  # .chk and scratch gone
 
 

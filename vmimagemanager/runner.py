@@ -98,12 +98,14 @@ class JobRunner:
                 signal.signal(sig, handler)
 
     def _preparation(self, scratch: str, write: str) -> str:
-        """Shell lines that make the scratch dir (private from the start), then `write` the job
-        script into it, and print a line for each problem: `scratch`, `dir PATH` (a share not
-        mounted), `file PATH` (a file the script sources is missing), `script`."""
+        """Shell lines that make the scratch dir (private from the start: the script is written
+        into it, readable by nobody else before its chmod), then `write` the job script into it,
+        and print a line for each problem: `scratch`, `dir PATH` (a share not mounted),
+        `file PATH` (a file the script sources is missing), `script`. The umask stays the
+        image's (remote_command's `prepare`)."""
         q = shlex.quote
         files = " ".join(q(p) for p in self.job.guest_files)
-        return (f"umask 077; mkdir -p -- {q(scratch)} || echo scratch; "
+        return (f"mkdir -p -m 700 -- {q(scratch)} || echo scratch; "
                 f"{unmounted_report(self.context.guest_checked_paths)}; "
                 f"for p in {files}; do test -r \"$p\" || echo \"file $p\"; done{write}")
 

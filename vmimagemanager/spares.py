@@ -122,18 +122,18 @@ def bind_script(user: str, home: str, public_key: str,
     AuthorizedKeysFile; the script prints `KEYS_FILE_LINE path` for keysfiles to keep) and
     never into the home (the user's real, shared home: the key would outlive the VM); each
     staged share is bind-mounted onto its home path and checked to be a file system of its own.
+    With `keys_file` known (the first bind to this image content checked that the account
+    exists) and no share, the script runs no command but shell builtins: each is a fork and
+    exec under TCG, on the job's path.
     """
     q = shlex.quote
-    lines = [
-        "set -e",
-        f"user={q(user)}; home={q(home)}; key={q(public_key)}",
-        'grep -q "^$user:" /etc/passwd || { echo "vmim-bind: no account $user in this image"'
-        " >&2; exit 3; }",
-    ]
+    lines = ["set -e", f"user={q(user)}; home={q(home)}; key={q(public_key)}"]
     if keys_file is not None:
         lines.append(f"akf={q(keys_file)}; file=$akf")
     else:
         lines += [
+            'grep -q "^$user:" /etc/passwd || { echo "vmim-bind: no account $user in this '
+            'image" >&2; exit 3; }',
             "sshd=$(command -v sshd || echo /usr/sbin/sshd)",
             'akf=$("$sshd" -T -C "user=$user,host=vmim,addr=127.0.0.1" 2>/dev/null |'
             " awk 'tolower($1)==\"authorizedkeysfile\" {print $2; exit}')",
@@ -145,12 +145,14 @@ def bind_script(user: str, home: str, public_key: str,
     lines += [
         'case $file in "$home"/*) echo "vmim-bind: AuthorizedKeysFile $akf is in the home'
         ' directory; the image must use /etc/ssh/authorized_keys/%u" >&2; exit 3 ;; esac',
-        'mkdir -p "${file%/*}"',
-        "umask 022",
-        'printf "%s\\n" "$key" > "$file.vmim"; chmod 644 "$file.vmim"; mv -f "$file.vmim" "$file"',
+        '[ -d "${file%/*}" ] || mkdir -p "${file%/*}"',
+        "umask 022",  # sshd reads the file as the user: 0644, a new file (not the image's mode)
+        'if [ -e "$file" ] || [ -L "$file" ]; then rm -f "$file"; fi',
+        'printf "%s\\n" "$key" > "$file"',
         f'printf "{KEYS_FILE_LINE} %s\\n" "$file"',
-        "rootdev=$(stat -c %d /)",
     ]
+    if mounts:
+        lines.append("rootdev=$(stat -c %d /)")
     for staging, target, readonly in mounts:
         lines += [
             f"mkdir -p {q(target)}",
