@@ -216,6 +216,18 @@ def test_a_spares_kept_login_goes_with_its_lease_or_as_an_orphan(test_life):
     orphan.mkdir(mode=0o700)
     assert life.reconcile() == [f"remove orphan job context {orphan}"]
     assert not orphan.exists()
+    # A job claimed a spare: its lease has the job's label, and its bind still uses the login
+    # kept in the spare's directory, which the agent's reconcile leaves alone until it is done.
+    _spare(life.leases, "s2", "atlas")
+    (spare,) = [x for x in life.leases.all() if x.is_spare]
+    kept = context_dir(cfg.run_dir, spare.job_label)
+    kept.mkdir(mode=0o700)
+    _, bound = life.leases.claim_spare("atlas", "77", "0", "atlas001", "atlas")
+    assert str(bound.state) == "binding" and bound.job_label == "77.0"
+    assert life.reconcile() == [] and kept.is_dir()
+    life.leases.transition("s2", LeaseState.RUNNING, "77.0")
+    assert f"remove orphan job context {kept}" in life.reconcile()  # one the bind left
+    assert not kept.exists()
 
 
 def test_no_kept_login_where_its_socket_path_would_be_too_long(tmp_path):

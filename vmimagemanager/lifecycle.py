@@ -551,8 +551,13 @@ class LifeCycle:
                 if not dry_run:
                     path.unlink(missing_ok=True)
         labels = {lease.job_label for lease in leases.values()}
+        # A spare being bound has its job's label already, while the bind still uses the login
+        # the agent kept in the spare's own directory: those wait until no bind is under way.
+        binding = any(lease.state is LeaseState.BINDING for lease in live.values())
         for label in contexts:
-            if label not in labels and self._context_orphaned(label):
+            if label in labels or (binding and is_spare_label(label)):
+                continue
+            if self._context_orphaned(label):
                 more.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
                 if not dry_run:
                     remove_context(self.cfg.run_dir, label)
