@@ -171,9 +171,10 @@ def run_bind(session, script: str) -> str:
         out = session.check_call("sh -s", stdin=script.encode())
     except GuestError as exc:
         raise VmimError(f"binding the spare failed: {exc}") from None
+    prefix = f"{KEYS_FILE_LINE} "
     for line in out.splitlines():
-        if line.startswith(KEYS_FILE_LINE + " "):
-            return line.removeprefix(KEYS_FILE_LINE + " ")
+        if line.startswith(prefix):
+            return line.removeprefix(prefix)
     raise VmimError(f"binding the spare failed: its script did not say where the job's key "
                     f"went (output: {out.strip()[-200:]!r})")
 
