@@ -7,9 +7,12 @@ overlays made here are what a prolog makes before it boots (the lease database, 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -60,10 +63,29 @@ def make_disk(path: Path, content: bytes) -> Path:
 
 
 @pytest.fixture
-def site(tmp_path):
+def root_base():
+    """A directory whose every parent only root writes: a catalog below pytest's tmp_path is
+    refused (/tmp is writable by all), so these tests work in /srv/vmim-test-XXXX (0755)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: a node accepts only root's catalogs")
+    parent = next(d for d in ("/srv", "/var/lib", "/root")
+                  if os.path.isdir(d) and os.stat(d).st_uid == 0
+                  and not os.stat(d).st_mode & 0o022)
+    base = Path(tempfile.mkdtemp(prefix="vmim-test-", dir=parent))
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def site(root_base):
     """Node a (where the admin imports and publishes), nodes b and c, the catalog."""
+    tmp_path = root_base
     nodes = {name: Node(tmp_path, name) for name in "abc"}
     catalog = tmp_path / "cvmfs" / "images"
+    catalog.mkdir(mode=0o755, parents=True)
+    os.chmod(catalog.parent, 0o755)  # whatever the umask
+    os.chmod(catalog, 0o755)
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"a kernel")
     disk = make_disk(tmp_path / "atlas-v1.qcow2", b"version 1")
@@ -218,3 +240,70 @@ def test_a_catalog_others_may_write_or_that_is_not_there_is_refused(site):
         (catalog / CATALOG_FILE).write_text("images: [unclosed")
         os.chmod(catalog / CATALOG_FILE, 0o644)
         read_catalog(catalog)
+
+
+# -- who may change a catalog decides what every node boots, as root -------------------------
+def refused(node: Node, catalog: Path, message: str) -> None:
+    r = node.cli("images", "sync", str(catalog))
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "retry" in r.stderr, r.stderr
+    assert node.store.list() == [] and node.files() == []
+
+
+@pytest.mark.parametrize("which", ["catalog directory", CATALOG_FILE, "parent"])
+def test_a_catalog_not_owned_by_root_is_refused(site, which):
+    nodes, catalog, _ = site
+    target = {"catalog directory": catalog, CATALOG_FILE: catalog / CATALOG_FILE,
+              "parent": catalog.parent}[which]
+    os.chown(target, 65534, 65534)
+    refused(nodes["b"], catalog, f"{target} belongs to uid 65534, not root")
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o1777])
+@pytest.mark.parametrize("which", ["parent", "grandparent"])
+def test_a_catalog_below_a_directory_others_may_write_is_refused(site, which, mode):
+    """Any directory on the way, group- or other-writable, sticky (like /tmp) or not."""
+    nodes, catalog, base = site
+    target = catalog.parent if which == "parent" else base
+    os.chmod(target, mode)
+    refused(nodes["b"], catalog, f"{target} is writable by group or others (mode {mode:o})")
+
+
+def test_a_catalog_reached_through_another_users_link_is_refused(site):
+    nodes, catalog, base = site
+    link = base / "catalog-link"
+    link.symlink_to(catalog)
+    os.lchown(link, 65534, 65534)
+    refused(nodes["b"], link, f"{link} is a symbolic link of uid 65534")
+    os.lchown(link, 0, 0)  # root's own link is fine: nobody else can change it
+    r = nodes["b"].cli("images", "sync", str(link))
+    assert r.returncode == 0 and "imported atlas" in r.stdout, r.stderr
+    assert nodes["b"].store.get("atlas").catalog == str(catalog)
+
+
+@pytest.mark.parametrize("which", ["disk", "kernel", CATALOG_FILE])
+def test_a_symbolic_link_in_the_catalog_is_refused(site, which):
+    """Even one pointing at a file inside the catalog: publish never makes one, and root
+    opens what a catalog names without following links."""
+    nodes, catalog, _ = site
+    entry = read_catalog(catalog)["atlas"]
+    name = CATALOG_FILE if which == CATALOG_FILE else entry.files[which]
+    real = catalog / f"real-{name}"
+    os.rename(catalog / name, real)
+    (catalog / name).symlink_to(real.name)
+    refused(nodes["b"], catalog, "is a symbolic link")
+
+
+def test_a_catalog_image_naming_a_host_data_file_is_not_imported(site):
+    nodes, catalog, base = site
+    secret = base / "host-secret"
+    evil = catalog / "atlas-evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={secret},data_file_raw=on", str(evil), "1M"], check=True)
+    _catalog_with(catalog, disk=evil.name,
+                  sha256=hashlib.sha256(evil.read_bytes()).hexdigest())
+    r = nodes["b"].cli("images", "sync", str(catalog))
+    assert r.returncode == 1, r.stdout
+    problem = [line for line in r.stderr.splitlines() if ": image atlas:" in line]
+    assert len(problem) == 1 and "names an external data file" in problem[0], r.stderr
+    assert nodes["b"].store.list() == [] and nodes["b"].files() == []

@@ -22,10 +22,16 @@ Why it is safe to run everywhere at once: the catalog is only read (and `images.
 whole by publish, never rewritten in place); each node's store has its own lock; a changed image
 is written beside the old version's files, which running VMs keep using until they end (their
 overlays name them), and which a later sync deletes once no overlay names them.
+
+Who may change a catalog decides what every node boots, as root: a sync refuses a catalog unless
+its directory, every directory above it and images.yaml are root's and writable by no one else
+(trusted_directory), opens its files without following links, copies each once while hashing
+it, and checks the copy (its sum against the catalog's, then its format: images.inspect_disk).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -41,7 +47,14 @@ from typing import TYPE_CHECKING
 import yaml
 
 from .errors import ImageError
-from .images import Image, ImageStore, check_image_name, content_file_name, overlay_backing
+from .images import (
+    OPEN_UNTRUSTED,
+    Image,
+    ImageStore,
+    check_image_name,
+    content_file_name,
+    overlay_backing,
+)
 from .states import LeaseState
 
 if TYPE_CHECKING:
@@ -58,6 +71,7 @@ ROLES = ("disk", "kernel", "initrd")
 # teardown wait) before it creates its overlay.
 SUPERSEDED_GRACE = 600.0
 SHA256 = re.compile(r"[0-9a-f]{64}")
+TRUSTED_UID = 0  # who must own a catalog and every directory above it
 
 
 class CatalogError(ImageError):
@@ -90,9 +104,89 @@ def catalog_key(directory: Path) -> str:
     return str(directory.resolve())
 
 
+MOUNTED_HINT = ("is the catalog file system mounted? ('vmimagemanager images publish NAME DIR' "
+                "creates a catalog)")
+MAX_LINKS = 40  # as the kernel's path walk
+
+
+def _refuse_untrusted(path: Path, st: os.stat_result) -> None:
+    """CatalogError unless `path` (its lstat `st`) is root's and writable by no one else."""
+    if st.st_uid != TRUSTED_UID:
+        raise CatalogError(f"{path} belongs to uid {st.st_uid}, not root: whoever owns a catalog "
+                           "or a directory above it decides what every node boots; chown root "
+                           f"{path} (or move the catalog) and retry")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        fix = ("move the catalog below directories only root writes" if st.st_mode & stat.S_ISVTX
+               else f"chmod go-w {path} (or move the catalog)")
+        raise CatalogError(f"{path} is writable by group or others (mode "
+                           f"{stat.S_IMODE(st.st_mode):o}): whoever can write it decides what "
+                           f"every node boots; {fix} and retry")
+
+
+def trusted_directory(directory: Path) -> Path:
+    """The catalog directory's real path, refused (CatalogError) unless every directory from /
+    down to it, and every symbolic link followed on the way, is root's and writable by no one
+    else: whoever can write any of them can rename what lies below and put a catalog of their
+    own, images.yaml, sums and all, in its place. Once all are root's, what this process opens
+    below them stays what it checked.
+
+    A directory writable by all with the sticky bit (/tmp, /var/tmp) is refused too, although
+    its sticky bit keeps others from renaming entries root owns: the rule stays one an admin
+    can check with `namei -l` (nobody but root writes any directory on the way), it does not
+    rest on sticky semantics a network or FUSE file system may not enforce, nor on sysctls
+    (fs.protected_symlinks) a site may have turned off, and a catalog belongs on a shared
+    file system written by its admin, never in a scratch directory. Owner: root only (the
+    configuration has no notion of a catalog owner).
+    """
+    pending = list(reversed(Path(os.path.join(os.getcwd(), directory)).parts[1:]))
+    current = Path("/")
+    _refuse_untrusted(current, os.lstat(current))
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = current.parent
+            continue
+        candidate = current / part
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            raise CatalogError(f"{directory}: no such directory ({candidate} is missing); "
+                               f"{MOUNTED_HINT}") from None
+        except OSError as exc:
+            raise CatalogError(f"{candidate}: {exc.strerror}; give the catalog's directory "
+                               "and retry") from None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if st.st_uid != TRUSTED_UID:
+                raise CatalogError(f"{candidate} is a symbolic link of uid {st.st_uid}: a "
+                                   "catalog's path may follow only root's links; give the "
+                                   "catalog's real path and retry")
+            if links > MAX_LINKS:
+                raise CatalogError(f"{directory}: more than {MAX_LINKS} symbolic links on the "
+                                   "way; give the catalog's real path and retry")
+            target = Path(os.readlink(candidate))
+            if target.is_absolute():
+                current = Path("/")
+                pending.extend(reversed(target.parts[1:]))
+            else:
+                pending.extend(reversed(target.parts))
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise CatalogError(f"{candidate} is not a directory: give the catalog's directory "
+                               "and retry")
+        _refuse_untrusted(candidate, st)
+        current = candidate
+    return current
+
+
 def _catalog_file(directory: Path, relative: object, where: str) -> Path:
     """A catalog file's path, refused unless it lies inside the catalog directory (a root
-    sync copies what it names into a store QEMU reads: never /etc/shadow as a 'raw image')."""
+    sync copies what it names into a store QEMU reads: never /etc/shadow as a 'raw image'),
+    is no symbolic link, and every directory between it and the catalog's is root's and
+    writable by no one else (as trusted_directory checks those above)."""
     if not isinstance(relative, str) or not relative or relative.startswith("/") \
             or ".." in Path(relative).parts:
         raise CatalogError(f"{where}: file {relative!r} must be a path inside the catalog "
@@ -100,28 +194,59 @@ def _catalog_file(directory: Path, relative: object, where: str) -> Path:
     path = directory / relative
     if not path.resolve().is_relative_to(directory.resolve()):
         raise CatalogError(f"{where}: {relative} leads out of the catalog directory "
-                           "(a symbolic link?); put the file itself into the catalog")
+                           "(a symbolic link?); put the file itself into the catalog and retry")
+    inner = directory
+    for part in Path(relative).parts[:-1]:
+        inner = inner / part
+        try:
+            st = os.lstat(inner)
+        except FileNotFoundError:
+            return path  # the import says the file is missing
+        if not stat.S_ISDIR(st.st_mode):
+            raise CatalogError(f"{where}: {inner} is a symbolic link or not a directory; put "
+                               "the files themselves into the catalog and retry")
+        _refuse_untrusted(inner, st)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if stat.S_ISLNK(st.st_mode):
+        raise CatalogError(f"{where}: {relative} is a symbolic link; put the file itself into "
+                           "the catalog and retry")
     return path
 
 
-def _check_not_writable_by_others(path: Path) -> None:
-    mode = path.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise CatalogError(f"{path} is writable by group or others (mode "
-                           f"{stat.S_IMODE(mode):o}): whoever can write it decides what every "
-                           f"node boots; chmod go-w {path}")
+def _read_catalog_file(path: Path) -> bytes:
+    """images.yaml's bytes, read through the descriptor its checks were made on: not through
+    a link, a regular file, root's, writable by no one else."""
+    try:
+        fd = os.open(path, OPEN_UNTRUSTED)
+    except FileNotFoundError:
+        raise CatalogError(f"{path}: no such file; {MOUNTED_HINT}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CatalogError(f"{path} is a symbolic link: put the file itself into the "
+                               "catalog and retry") from None
+        raise CatalogError(f"{path}: cannot open it ({exc.strerror}); fix it and "
+                           "retry") from None
+    with os.fdopen(fd, "rb") as handle:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CatalogError(f"{path} is not a regular file: publish the catalog again and "
+                               "retry")
+        _refuse_untrusted(path, st)
+        return handle.read()
 
 
 def read_catalog(directory: Path) -> dict[str, CatalogEntry]:
-    """The catalog's images, validated; CatalogError (one line) for anything wrong in it."""
+    """The catalog's images, validated; CatalogError (one line) for anything wrong in it,
+    including who may change it (trusted_directory, images.yaml root's and not writable by
+    group or others)."""
+    real = trusted_directory(directory)
     path = directory / CATALOG_FILE
-    if not path.is_file():
-        raise CatalogError(f"{path}: no such file; is the catalog file system mounted? "
-                           "('vmimagemanager images publish NAME DIR' creates a catalog)")
-    for checked in (directory, path):
-        _check_not_writable_by_others(checked)
+    text = _read_catalog_file(real / CATALOG_FILE)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
@@ -151,8 +276,7 @@ def read_catalog(directory: Path) -> dict[str, CatalogEntry]:
                 continue
             if not SHA256.fullmatch(str(spec.get(sum_key, ""))):
                 raise CatalogError(f"{where}: {sum_key} must be 64 lower-case hex digits")
-            files[role] = str(_catalog_file(directory, spec.get(role), where)
-                              .relative_to(directory))
+            files[role] = str(_catalog_file(real, spec.get(role), where).relative_to(real))
             sums[role] = spec[sum_key]
         cmdline = spec.get("cmdline")
         if cmdline is not None and not isinstance(cmdline, str):
@@ -199,6 +323,7 @@ def publish(store: ImageStore, name: str, directory: Path) -> str:
     if problems:
         raise CatalogError(f"not published: {problems[0]}")
     directory.mkdir(parents=True, exist_ok=True)
+    trusted_directory(directory)  # nodes would refuse it: say so before anything is copied
     with _catalog_lock(directory):
         entries = read_catalog(directory) if (directory / CATALOG_FILE).exists() else {}
         files, sums = {}, {}
@@ -265,6 +390,7 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
     """Make this node's store match the catalog (the caller holds the store's lock)."""
     entries = read_catalog(directory)
     key = catalog_key(directory)
+    base = Path(key)  # its real path, every directory down to it checked by read_catalog
     store = life.images
     local = {image.name: image for image in store.list()}
     report = SyncReport()
@@ -285,9 +411,9 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
             continue
         try:
             image = store.import_image(
-                name, directory / entry.files["disk"],
-                kernel=directory / entry.files["kernel"] if "kernel" in entry.files else None,
-                initrd=directory / entry.files["initrd"] if "initrd" in entry.files else None,
+                name, base / entry.files["disk"],
+                kernel=base / entry.files["kernel"] if "kernel" in entry.files else None,
+                initrd=base / entry.files["initrd"] if "initrd" in entry.files else None,
                 cmdline=entry.cmdline, expected=entry.sha256, catalog=key,
                 update=have is not None)
         except ImageError as exc:
