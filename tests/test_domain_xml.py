@@ -92,7 +92,8 @@ def test_libvirt_test_driver_accepts_the_xml_and_keeps_metadata():
         assert dom.name() == "vmim-s1"
         assert dom.isActive()
         assert lease_metadata(dom.XMLDesc(0)) == {"job": "1.0", "image": "atlas",
-                                                  "owner": "atlas001", "slot": "s1"}
+                                                  "owner": "atlas001", "slot": "s1",
+                                                  "ssh_port": "2222"}
         dom.destroy()
         assert "vmim-s1" not in [d.name() for d in conn.listAllDomains()]
     finally:

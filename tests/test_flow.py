@@ -21,6 +21,7 @@ from vmimagemanager.errors import (
     LeaseDbBroken,
     LeaseDbBusy,
     LeaseError,
+    NoFreePort,
     NoFreeSlot,
     NoSpace,
 )
@@ -87,6 +88,9 @@ TABLE = [  # error, outcome, words of the reason, the audit trail's (and metrics
      "hypervisor_unavailable"),
     (LeaseDbBusy("stayed locked"), Outcome.RETRY, "locked", "lease_db_busy"),
     (NoSpace("no space left in /o"), Outcome.RETRY, "no space left", "no_space"),
+    # another account squatted the ports of the VM's ssh forward (ports.py): never a hold
+    (NoFreePort("no free port for a VM's ssh forward"), Outcome.RETRY, "no free port",
+     "no_free_port"),
     (KeyboardInterrupt("signal 15"), Outcome.RETRY, "interrupted (signal 15)", "interrupted"),
     (ImageError("image 'img' changed after import"), Outcome.HOLD, "changed after import",
      "image_error"),

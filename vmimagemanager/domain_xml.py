@@ -6,6 +6,7 @@ lxml, so a strange file name can never inject XML.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 VMIM_NS = "https://vmimagemanager.example.org/xmlns/lease/1.0"
+# In a user-network domain's lease metadata: the host port its ssh forward got at boot
+# (ports.py). It stays for the domain's life: a rewrite of the lease element carries it over.
+SSH_PORT_KEY = "ssh_port"
+HOSTFWD_RE = re.compile(r"hostfwd=tcp:[0-9.]*:(\d+)-")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,17 @@ class DomainSpec:
     image: str
     owner: str
     shares: tuple[GuestShare, ...] = ()  # this job's shares (resolve_shares)
+    ssh_port: int | None = None  # user network: the forward's port chosen at boot (ports.py)
+
+    @property
+    def forward_port(self) -> int | None:
+        """The host port of a user-network slot's ssh forward; None for a bridged slot."""
+        if not isinstance(self.slot.network, UserNetwork):
+            return None
+        port = self.ssh_port or self.slot.network.ssh_port
+        if not port:
+            raise ValueError(f"slot {self.slot.name}: no port chosen for its ssh forward")
+        return port
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
@@ -62,7 +78,7 @@ def _disk(devices: etree._Element, path: Path, fmt: str, target: str, readonly: 
         _sub(disk, "readonly")
 
 
-def _user_network(root: etree._Element, net: UserNetwork) -> None:
+def _user_network(root: etree._Element, net: UserNetwork, port: int) -> None:
     """QEMU user networking passed on the command line (libvirt 9.0 has no passt backend).
 
     restrict=on keeps the guest from reaching anything but the forwarded ssh port; the device sits
@@ -72,7 +88,7 @@ def _user_network(root: etree._Element, net: UserNetwork) -> None:
 
     cmdline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
     netdev = (f"user,id=vmimnet0,restrict=on,"
-              f"hostfwd=tcp:{net.listen}:{net.ssh_port}-:22")
+              f"hostfwd=tcp:{net.listen}:{port}-:22")
     for value in ("-netdev", netdev, "-device",
                   "virtio-net-pci,netdev=vmimnet0,bus=pci.0,addr=0x10"):
         etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
@@ -89,6 +105,27 @@ def lease_attributes(job_label: str, image: str, owner: str, slot: str,
                      **extra: str) -> dict[str, str]:
     """What a domain's metadata says about its lease: the one place these names are made."""
     return {"job": job_label, "image": image, "owner": owner, "slot": slot, **extra}
+
+
+def kept_attributes(meta: dict[str, str]) -> dict[str, str]:
+    """What a rewrite of a domain's lease element (a spare's, at boot and at bind) must keep:
+    facts fixed for the domain's life, such as its forward's port."""
+    return {k: meta[k] for k in (SSH_PORT_KEY,) if k in meta}
+
+
+def forwarded_port(domain_xml: str) -> int | None:
+    """The host port of a running user-network domain's ssh forward, as libvirt reports it: its
+    lease metadata, else (a domain started before the port was noted there) the hostfwd rule
+    QEMU was started with. None if neither names one."""
+    port = lease_metadata(domain_xml).get(SSH_PORT_KEY, "")
+    if port.isdigit():
+        return int(port)
+    root = ElementTree.fromstring(domain_xml)
+    for arg in root.iter(f"{{{QEMU_NS}}}arg"):
+        found = HOSTFWD_RE.search(arg.get("value", ""))
+        if found:
+            return int(found.group(1))
+    return None
 
 
 def lease_element(attributes: dict[str, str]) -> str:
@@ -112,8 +149,11 @@ def build_domain_xml(spec: DomainSpec) -> str:
     root = etree.Element("domain", {"type": spec.domain_type}, nsmap={"qemu": QEMU_NS})
     _sub(root, "name", spec.slot.domain_name)
     metadata = _sub(root, "metadata")
+    port = spec.forward_port
+    noted = {SSH_PORT_KEY: str(port)} if port is not None else {}
     etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", lease_attributes(
-        spec.job_label, spec.image, spec.owner, spec.slot.name), nsmap={"vmim": VMIM_NS})
+        spec.job_label, spec.image, spec.owner, spec.slot.name, **noted),
+        nsmap={"vmim": VMIM_NS})
     _sub(root, "memory", str(spec.slot.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.slot.vcpus))
 
@@ -158,8 +198,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", "/dev/urandom", model="random")
     _sub(devices, "memballoon", model="none")
-    if isinstance(spec.slot.network, UserNetwork):
-        _user_network(root, spec.slot.network)
+    if port is not None:
+        _user_network(root, spec.slot.network, port)
     return etree.tostring(root, pretty_print=True, encoding="unicode")
 
 

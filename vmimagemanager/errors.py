@@ -37,6 +37,11 @@ class NoSpace(RetryLater):
     """A directory we write per-job files to is full."""
 
 
+class NoFreePort(RetryLater):
+    """No loopback port could be had for a user-network VM's ssh forward (ports.py): other
+    processes hold them, or won every race for one."""
+
+
 class LeaseDbBroken(VmimError):
     """The leases database cannot be read (corrupt, wrong file, unreadable)."""
 
