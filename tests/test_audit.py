@@ -16,28 +16,30 @@ def make_cert(path, subject: str) -> None:
     path.write_text(path.read_text() + key.read_text())  # a proxy file holds its key too
 
 
-def test_the_identity_is_the_proxys_subject_without_the_proxy_parts(tmp_path):
+def test_an_unverified_claim_is_the_proxys_subject_without_the_proxy_parts(tmp_path):
+    # self-signed: only claims (verified ones: tests/test_proxy_identity.py)
     proxy = tmp_path / "x509up_u5001"
     make_cert(proxy, "/O=Grid/OU=GlobusTest/CN=Alice Example/CN=1031991551")
-    assert proxy_identity(str(proxy), os.getuid()) == "/O=Grid/OU=GlobusTest/CN=Alice Example"
+    claim = proxy_identity(str(proxy), os.getuid())
+    assert (claim.subject, claim.verified) == ("/O=Grid/OU=GlobusTest/CN=Alice Example", False)
     legacy = tmp_path / "legacy"
     make_cert(legacy, "/O=Grid/CN=Bob/CN=proxy/CN=limited proxy")
-    assert proxy_identity(str(legacy), os.getuid()) == "/O=Grid/CN=Bob"
+    assert proxy_identity(str(legacy), os.getuid()).subject == "/O=Grid/CN=Bob"
 
 
 def test_root_reads_no_proxy_the_job_does_not_own_nor_follows_a_link(tmp_path):
     proxy = tmp_path / "x509up"
     make_cert(proxy, "/O=Grid/CN=Alice/CN=1")
-    assert proxy_identity(str(proxy), os.getuid() + 1) == ""  # somebody else's file
+    assert proxy_identity(str(proxy), os.getuid() + 1).subject == ""  # somebody else's file
     link = tmp_path / "link"
     link.symlink_to(proxy)
-    assert proxy_identity(str(link), os.getuid()) == ""
-    assert proxy_identity("/etc/shadow", os.getuid() + 1) == ""
-    assert proxy_identity(str(tmp_path), os.getuid()) == ""  # a directory
+    assert proxy_identity(str(link), os.getuid()).subject == ""
+    assert proxy_identity("/etc/shadow", os.getuid() + 1).subject == ""
+    assert proxy_identity(str(tmp_path), os.getuid()).subject == ""  # a directory
     text = tmp_path / "notes"
     text.write_text("no certificate here")
-    assert proxy_identity(str(text), os.getuid()) == ""
-    assert proxy_identity(None, os.getuid()) == "" and proxy_identity("", 0) == ""
+    assert proxy_identity(str(text), os.getuid()).subject == ""
+    assert not proxy_identity(None, os.getuid()).subject and not proxy_identity("", 0).subject
 
 
 def test_the_proxy_a_gram_script_sets_is_found_in_the_script_never_run(tmp_path):

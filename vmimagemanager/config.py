@@ -138,6 +138,9 @@ class Config:
     shared_paths: tuple[SharedPath, ...] = ()
     site_root_key: Path | None = None
     scratch_dir: str = "/tmp"
+    # The Grid CA directory (hashed names, as the IGTF bundle installs it) a job's proxy must
+    # verify against for its identity to be recorded as verified (audit.proxy_identity).
+    grid_ca_dir: Path = Path("/etc/grid-security/certificates")
     # A job whose VM failed to start max_boot_attempts times: "hold" (waits for an admin) or
     # "fail" (ends with exit 1 and the reason in its error file: what a Grid user behind a CE
     # sees and can act on; a held job looks pending to them for ever).
@@ -159,6 +162,7 @@ class Config:
 
 TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
+    "grid_ca_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
     "on_boot_failure", "metrics_dir",
@@ -437,6 +441,8 @@ def parse_config(data: Any, path: str) -> Config:
         site_root_key=root_key,
         scratch_dir=c.typed(data.get("scratch_dir", "/tmp"), "scratch_dir", str,
                             "an absolute path in the guest", os.path.isabs),
+        grid_ca_dir=c.directory(data.get("grid_ca_dir", "/etc/grid-security/certificates"),
+                                "grid_ca_dir"),
         spares=_parse_spares(c, data.get("spares"), vos, len(slots)),
         metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
                      if data.get("metrics_dir") is not None else None),

@@ -111,11 +111,12 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
     from .lifecycle import owner_ids
 
     try:
-        identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), owner_ids(job.owner)[0])
+        identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), owner_ids(job.owner)[0],
+                                        cfg.grid_ca_dir)
     except VmimError:  # an unknown owner: the decision says so
-        identity = ""
+        identity = audit.ProxyIdentity()
     audit.record(cfg, "start", job.label, owner=job.owner, queue=job.queue,
-                 identity=identity, outcome=decision.outcome.value, reason=decision.reason,
+                 **identity.audit_fields(), outcome=decision.outcome.value, reason=decision.reason,
                  prolog_seconds=round(hook_seconds(), 3), **decision.facts)
 
 
