@@ -48,15 +48,45 @@ def test_the_proxy_a_gram_script_sets_is_found_in_the_script_never_run(tmp_path)
     from vmimagemanager.batch.sge import script_proxy_path
 
     proxy = '/home/atlas001/.globus/job/ce/1.2 "x"/$x509_`up`'
-    script = tmp_path / "scheduler_sge_job_script"
+    spool_dir = tmp_path / "execd" / "active_jobs" / "7.1"
+    spool_dir.mkdir(parents=True)
+    (tmp_path / "execd" / "job_scripts").mkdir()
+    script = tmp_path / "execd" / "job_scripts" / "7"
+    spool = {"script_file": str(script), "handle_as_binary": "0"}
     script.write_text(gram_sge_script(
         queue="vm.q", directory="/home/atlas001", executable="/bin/true", arguments=[],
         stdin="/dev/null", stdout="/dev/null", stderr="/dev/null",
         environment={"HOME": "/home/atlas001", "X509_USER_PROXY": proxy},
         sge_root="/var/lib/gridengine", sge_cell="default", wall_minutes=1, cpu_minutes=1,
         memory_mb=100))
-    assert script_proxy_path(str(script)) == proxy
+    assert script_proxy_path(str(spool_dir), spool, "7") == proxy
+    # only execd's spooled copy of a script job: never a binary job's PATH, never elsewhere
+    assert script_proxy_path(str(spool_dir), {**spool, "handle_as_binary": "1"}, "7") == ""
+    other = tmp_path / "scheduler_sge_job_script"
+    other.write_text(script.read_text())
+    assert script_proxy_path(str(spool_dir), {**spool, "script_file": str(other)}, "7") == ""
+    assert script_proxy_path(str(spool_dir), spool, "8") == ""
+    assert script_proxy_path(None, spool, "7") == ""
     script.write_text("#!/bin/sh\nexport X509_USER_PROXY=$(cat /etc/shadow)\n")
-    assert script_proxy_path(str(script)) == ""  # only GRAM's literal form is read
-    assert script_proxy_path(None) == "" and script_proxy_path("relative") == ""
-    assert script_proxy_path(str(tmp_path / "missing")) == ""
+    assert script_proxy_path(str(spool_dir), spool, "7") == ""  # only GRAM's literal form
+    script.unlink()
+    assert script_proxy_path(str(spool_dir), spool, "7") == ""
+
+
+def test_the_sge_prolog_never_opens_a_binary_jobs_path_a_fifo_or_a_device(tmp_path):
+    """`qsub -b y PATH`: SGE's spool names the user's PATH as script_file. A FIFO there would
+    hang the root prolog; a device would be opened as root."""
+    from vmimagemanager.batch.sge import script_proxy_path
+
+    spool_dir = tmp_path / "execd" / "active_jobs" / "7.1"
+    spool_dir.mkdir(parents=True)
+    (tmp_path / "execd" / "job_scripts").mkdir()
+    fifo = tmp_path / "execd" / "job_scripts" / "7"
+    os.mkfifo(fifo)
+    for spool in ({"script_file": str(fifo), "handle_as_binary": "0"},
+                  {"script_file": str(fifo), "handle_as_binary": "1"},
+                  {"script_file": "/dev/zero", "handle_as_binary": "1"}):
+        assert script_proxy_path(str(spool_dir), spool, "7") == ""  # returns: no hang
+    fifo.unlink()
+    fifo.symlink_to("/dev/zero")  # the spooled name itself a link: not followed
+    assert script_proxy_path(str(spool_dir), {"script_file": str(fifo)}, "7") == ""

@@ -100,9 +100,7 @@ def test_root_hooks_trust_only_execds_spool_directory_of_the_job(tmp_path, monke
     other = next(p.pw_name for p in pwd.getpwall() if p.pw_uid != os.getuid())
     spool = tmp_path / "active_jobs" / "42.1"
     spool.mkdir(parents=True)
-    monkeypatch.setenv("SGE_JOB_SPOOL_DIR", str(spool))
-    assert trusted_spool_dir("42", other) == str(spool)
-    assert trusted_spool_dir("43", other) is None  # another job's
-    assert trusted_spool_dir("42", me) is None  # owned by the job's owner: the user made it
-    monkeypatch.setenv("SGE_JOB_SPOOL_DIR", str(tmp_path))
-    assert trusted_spool_dir("42", other) is None  # not below active_jobs
+    assert trusted_spool_dir(str(spool), "42", other) == str(spool)
+    assert trusted_spool_dir(str(spool), "43", other) is None  # another job's
+    assert trusted_spool_dir(str(spool), "42", me) is None  # the job owner's: the user made it
+    assert trusted_spool_dir(str(tmp_path), "42", other) is None  # not below active_jobs

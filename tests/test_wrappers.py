@@ -117,3 +117,48 @@ def test_the_shipped_sge_files_are_the_generated_wrappers(hook):
                            "/etc/vmimagemanager/vmimagemanager.yaml",
                            "/opt/vmimagemanager/bin/python")
     assert (REPO / "sge" / hook).read_text() == expected
+
+
+HOSTILE_ENV = {"OPENSSL_CONF": "/home/u/o.cnf", "OPENSSL_MODULES": "/home/u", "GCONV_PATH": "/x",
+               "LOCPATH": "/x", "TMP": "/tmp/1.1.q", "TMPDIR": "/tmp/1.1.q", "HOME": "/home/u",
+               "SSH_AUTH_SOCK": "/tmp/agent", "LD_AUDIT": "/x.so", "VMIM_CONFIG": "/x.yaml",
+               "MALLOC_CHECK_": "3", "SGE_TASK_ID": "undefined", "X509_USER_PROXY": "/p q",
+               "SGE_JOB_SPOOL_DIR": "/var/spool/x"}
+
+
+@pytest.mark.parametrize("hook", ["prolog", "epilog"])
+def test_the_hook_gets_the_allow_list_and_the_variables_it_reads_only(tmp_path, hook):
+    """SGE hands root's hooks the job's environment: OPENSSL_CONF, GCONV_PATH, TMP and the
+    like must never reach the hook (nor what it starts); SGE's own variables it reads do,
+    unchanged (a space in a value included)."""
+    seen = tmp_path / "env"
+    r = run(wrapper(tmp_path, hook, f"import json; open({str(seen)!r}, 'w').write("
+                                    "json.dumps(dict(os.environ)))\n"), "7", "0", "atlas001",
+            env={"PATH": "/usr/bin:/bin", **HOSTILE_ENV})
+    assert r.returncode == 0, r.stderr
+    import json
+
+    env = json.loads(seen.read_text())
+    env.pop("LC_CTYPE", None)  # the interpreter's own (PEP 538 locale coercion)
+    assert env == {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                   "LANG": "C.UTF-8", "SGE_TASK_ID": "undefined", "X509_USER_PROXY": "/p q",
+                   "SGE_JOB_SPOOL_DIR": "/var/spool/x"}
+
+
+def test_root_hook_setup_leaves_the_allow_list_and_returns_what_the_hook_reads(monkeypatch):
+    from vmimagemanager.batch.base import root_hook_setup
+    from vmimagemanager.rootenv import BASE_ENVIRONMENT
+
+    for key, value in HOSTILE_ENV.items():
+        monkeypatch.setenv(key, value)
+    before = dict(os.environ)
+    try:
+        taken = root_hook_setup("vmim-test", ("X509_USER_PROXY", "SGE_TASK_ID", "UNSET_ONE"))
+        assert taken == {"X509_USER_PROXY": "/p q", "SGE_TASK_ID": "undefined"}
+        assert dict(os.environ) == dict(BASE_ENVIRONMENT)
+        child = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+        assert not {line.partition("=")[0] for line in child.splitlines()} & set(HOSTILE_ENV)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+        os.umask(0o022)

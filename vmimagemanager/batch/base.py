@@ -18,21 +18,23 @@ from dataclasses import dataclass, field
 
 from ..errors import VmimError
 from ..logsetup import setup_logging
+from ..rootenv import become_clean, take
 
 JOB_ID_RE = re.compile(r"^[0-9]{1,20}$")
 TASK_ID_RE = re.compile(r"^[0-9]{1,10}$")
-SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def root_hook_setup(program: str) -> None:
+def root_hook_setup(program: str, keep: Sequence[str]) -> dict[str, str]:
     """What every root hook does first: the batch system may hand it the job's environment
-    (SGE does, `qsub -v` included), so its own PATH, no VMIM_CONFIG or loader variables, a
-    private umask, and logging that leaves stderr to the hook's own one line."""
-    os.environ["PATH"] = SAFE_PATH
-    for key in ("VMIM_CONFIG", "PYTHONPATH", "PYTHONHOME", "LD_PRELOAD", "LD_LIBRARY_PATH"):
-        os.environ.pop(key, None)
+    (SGE does, `qsub -v` included), so the variables named in `keep` are read into Python
+    (returned, for the hook to validate) and the whole environment is replaced by the
+    allow-list (rootenv); then a private umask, and logging that leaves stderr to the hook's
+    own one line."""
+    taken = take(keep)
+    become_clean()
     os.umask(0o077)
     setup_logging(program, stderr_level=logging.CRITICAL)
+    return taken
 
 
 def normalise_task_id(task: str | None) -> str:

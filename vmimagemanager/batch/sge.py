@@ -8,8 +8,9 @@ Exit codes, as checked on a real cell (see README, troubleshooting):
 - epilog: always 0. 99 would run the finished job again and 100 would hold it; leftovers after a
   failed epilog are logged and removed by `vmimagemanager reconcile`.
 
-The root hooks run with the job's environment, which the user controls (`qsub -v`): they set
-their own PATH, never honour VMIM_CONFIG, and take the configuration path only from argv.
+The root hooks run with the job's environment, which the user controls (`qsub -v`): they read
+only HOOK_ENV from it (each value checked before use), run with the allow-list environment of
+rootenv, and take the configuration path only from argv.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
+from ..files import read_untrusted
 from ..logsetup import setup_logging
+from ..rootenv import use_private_tmp
 from .base import Job, check_job_id, normalise_task_id, root_hook_setup, starter_arguments
 from .wrappers import start_in_context
 
@@ -33,9 +36,14 @@ log = logging.getLogger("vmimagemanager.sge")
 EXIT_OK = 0
 EXIT_RESCHEDULE = 99
 EXIT_HOLD = 100
+# What the root hooks read of the environment SGE gives them (the job's): SGE_TASK_ID when the
+# queue passes no $ja_task_id, the job's spool directory (checked: execd's own), the proxy's
+# path (read as the owner's file, never followed through a link).
+HOOK_ENV = ("SGE_TASK_ID", "SGE_JOB_SPOOL_DIR", "X509_USER_PROXY")
 
 
-def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
+def _hook_args(program: str, argv: Sequence[str] | None,
+               env: Mapping[str, str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=program, description="SGE hook of vmimagemanager; configured in the queue as "
         f"'root@{program} --config FILE $job_id $ja_task_id $job_owner $queue $host'")
@@ -47,7 +55,7 @@ def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
         ns.job_id, task, ns.owner, ns.queue, ns.host = ns.args
     elif len(ns.args) == 4:
         ns.job_id, ns.owner, ns.queue, ns.host = ns.args
-        task = os.environ.get("SGE_TASK_ID")
+        task = env.get("SGE_TASK_ID")
     else:
         parser.error("expected JOB_ID [TASK_ID] JOB_OWNER QUEUE HOST")
     ns.job_id = check_job_id(ns.job_id)
@@ -56,13 +64,15 @@ def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _load(explicit: str | None) -> Config:
-    return load_config(config_path(explicit, trust_environment=False))
+    cfg = load_config(config_path(explicit, trust_environment=False))
+    use_private_tmp(cfg.run_dir)
+    return cfg
 
 
 def prolog_main(argv: Sequence[str] | None = None) -> int:
-    root_hook_setup("vmim-sge-prolog")
+    env = root_hook_setup("vmim-sge-prolog", HOOK_ENV)
     try:
-        args = _hook_args("vmim-sge-prolog", argv)
+        args = _hook_args("vmim-sge-prolog", argv, env)
         cfg = _load(args.config)
     except (VmimError, SystemExit) as exc:
         print(f"vmimagemanager prolog: {exc}; the job is held (Eqw) until an admin fixes "
@@ -76,8 +86,9 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
     from ..flow import Outcome, start_job
 
     # the proxy a CE delegated, for the audit trail's Grid identity (read as the owner's file)
-    spool = read_spool_file(trusted_spool_dir(args.job_id, args.owner))
-    proxy = os.environ.get("X509_USER_PROXY") or script_proxy_path(spool.get("script_file"))
+    spool_dir = trusted_spool_dir(env.get("SGE_JOB_SPOOL_DIR"), args.job_id, args.owner)
+    spool = read_spool_file(spool_dir)
+    proxy = env.get("X509_USER_PROXY") or script_proxy_path(spool_dir, spool, args.job_id)
     job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue,
               env={"X509_USER_PROXY": proxy})
     decision = start_job(cfg, job, interactive=is_interactive(spool))
@@ -94,12 +105,11 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
     return EXIT_OK
 
 
-def trusted_spool_dir(job_id: str, owner: str) -> str | None:
-    """$SGE_JOB_SPOOL_DIR for a root hook, only if it is execd's directory of this job: the
-    root hooks' environment carries the user's `qsub -v` variables."""
+def trusted_spool_dir(path: str | None, job_id: str, owner: str) -> str | None:
+    """$SGE_JOB_SPOOL_DIR (`path`) for a root hook, only if it is execd's directory of this
+    job: the root hooks' environment carries the user's `qsub -v` variables."""
     from ..lifecycle import owner_ids
 
-    path = os.environ.get("SGE_JOB_SPOOL_DIR")
     if not path:
         return None
     real = os.path.realpath(path)
@@ -121,19 +131,34 @@ def trusted_spool_dir(job_id: str, owner: str) -> str | None:
 GRAM_PROXY_LINE = re.compile(r'^X509_USER_PROXY="((?:[^"\\]|\\.)*)"; export X509_USER_PROXY$',
                              re.M)
 SCRIPT_HEAD_BYTES = 1 << 20
+SCRIPT_MAX_BYTES = 64 << 20
+SPOOL_FILE_MAX_BYTES = 1 << 20  # a spooled script larger than this is not searched at all
 
 
-def script_proxy_path(script_file: str | None) -> str:
+def spooled_script(spool_dir: str | None, spool: Mapping[str, str], job_id: str) -> str:
+    """The job script as execd spooled it (`<execd spool>/job_scripts/<job id>`), or '' when
+    the job's script_file is anything else: for `qsub -b y PATH` it names the user's PATH,
+    which root must not open (a FIFO would hang the prolog, a device would be opened)."""
+    script_file = spool.get("script_file", "")
+    if not spool_dir or spool.get("handle_as_binary", "0") != "0" or not script_file:
+        return ""
+    expected = os.path.join(os.path.dirname(os.path.dirname(spool_dir)), "job_scripts", job_id)
+    # spool_dir is a real path (trusted_spool_dir), so `expected` has no link to follow
+    return expected if os.path.realpath(script_file) == expected else ""
+
+
+def script_proxy_path(spool_dir: str | None, spool: Mapping[str, str], job_id: str) -> str:
     """The proxy a CE-written job script sets (GRAM puts it in the script, not in the job's
-    environment), for the audit trail; '' if the script sets none. Only read, never run."""
-    if not script_file or not script_file.startswith("/"):
+    environment), for the audit trail; '' if the script sets none. Only read, never run: the
+    spooled copy only, not following links, at most its first SCRIPT_HEAD_BYTES."""
+    script = spooled_script(spool_dir, spool, job_id)
+    if not script:
         return ""
     try:
-        with open(script_file, "rb") as handle:
-            head = handle.read(SCRIPT_HEAD_BYTES).decode("utf-8", errors="replace")
+        head = read_untrusted(script, None, SCRIPT_MAX_BYTES)[:SCRIPT_HEAD_BYTES]
     except OSError:
         return ""
-    match = GRAM_PROXY_LINE.search(head)
+    match = GRAM_PROXY_LINE.search(head.decode("utf-8", errors="replace"))
     return re.sub(r"\\(.)", r"\1", match.group(1)) if match else ""
 
 
@@ -144,9 +169,9 @@ def is_interactive(spool: Mapping[str, str]) -> bool:
 
 
 def epilog_main(argv: Sequence[str] | None = None) -> int:
-    root_hook_setup("vmim-sge-epilog")
+    env = root_hook_setup("vmim-sge-epilog", HOOK_ENV)
     try:
-        args = _hook_args("vmim-sge-epilog", argv)
+        args = _hook_args("vmim-sge-epilog", argv, env)
         cfg = _load(args.config)
         from ..flow import audit_end, end_job
         from ..hypervisor import LibvirtHypervisor
@@ -156,7 +181,7 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         if end_job(life, args.job_id, args.task_id):
             log.info("job %s.%s: VM usage recorded, its teardown under way", args.job_id,
                      args.task_id)
-            spool_dir = trusted_spool_dir(args.job_id, args.owner)
+            spool_dir = trusted_spool_dir(env.get("SGE_JOB_SPOOL_DIR"), args.job_id, args.owner)
             usage = read_spool_file(spool_dir, "usage")
             vm = life.usage.get(f"{args.job_id}.{args.task_id}")
             if vm is not None:
@@ -185,13 +210,13 @@ def read_spool_file(spool_dir: str | None, name: str = "config") -> dict[str, st
     if not spool_dir:
         return values
     try:
-        with open(os.path.join(spool_dir, name), encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, sep, value = line.rstrip("\n").partition("=")
-                if sep:
-                    values[key] = value
+        text = read_untrusted(os.path.join(spool_dir, name), None, SPOOL_FILE_MAX_BYTES)
     except OSError:
-        pass
+        return values
+    for line in text.decode("utf-8", errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key] = value
     return values
 
 

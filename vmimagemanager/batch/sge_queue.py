@@ -17,7 +17,9 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import VmimError
+from ..lifecycle import ensure_admin_key
 from . import wrappers
+from .sge import HOOK_ENV
 from .wrappers import HookSystem
 
 HOOK_ARGS = "$job_id $ja_task_id $job_owner $queue $host"
@@ -43,13 +45,11 @@ _ABNORMAL = {
 }
 
 SGE = HookSystem(
-    name="SGE", tag="sge", installer="sge install-queue", abnormal=_ABNORMAL,
+    name="SGE", tag="sge", installer="sge install-queue", abnormal=_ABNORMAL, keep=HOOK_ENV,
     purpose=(
         "# Runs the Python hook as a child and maps however it ends (a crash, the OOM killer's "
         "SIGKILL, a\n# missing installation) to an exit code SGE handles per job, never to one "
-        "that puts the queue\n# instance into E (any other code, or a signal, would). The hook "
-        "runs as root with the job's\n# environment: `python -I` ignores PYTHONPATH and every "
-        "other PYTHON* variable a job may set."))
+        "that puts the queue\n# instance into E (any other code, or a signal, would)."))
 
 
 def wrapper_script(hook: str, target: str, config: str, python: str) -> str:
@@ -103,6 +103,7 @@ def install_queue(config_path: str, args) -> int:
         raise VmimError(f"configuration path {config!r} contains characters a queue "
                         "configuration cannot carry; move the file")
     wrappers = write_wrappers(Path(args.wrapper_dir), config, Path(sys.executable).parent)
+    ensure_admin_key(cfg)  # the prolog never makes it (a job's owner could race for it)
     hosts = args.hosts or [socket.gethostname()]
     exists = _qconf("-sq", args.queue, check=False).returncode == 0
     template = _qconf("-sq", args.queue).stdout if exists else _qconf("-sq").stdout

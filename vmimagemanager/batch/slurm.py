@@ -31,11 +31,12 @@ import pwd
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
 from ..logsetup import setup_logging
+from ..rootenv import use_private_tmp
 from .base import Job, check_job_id, exec_native, root_hook_setup, starter_arguments
 from .wrappers import start_in_context
 
@@ -43,6 +44,10 @@ log = logging.getLogger("vmimagemanager.slurm")
 
 TASK_ID = "0"  # every Slurm job, array tasks included, has a job id of its own
 SCONTROL_TIMEOUT = 30
+# What the root hooks read of slurmd's environment (the rest is replaced by rootenv's
+# allow-list; SLURM_CONF so that scontrol finds a site's non-default slurm.conf).
+HOOK_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_PARTITION", "SLURM_JOB_EXIT_CODE2",
+            "SLURM_CONF")
 
 
 def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,13 +59,19 @@ def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _job_from_hook_env() -> Job:
-    env = os.environ
+def _job_from_hook_env(env: Mapping[str, str]) -> Job:
     owner = env.get("SLURM_JOB_USER", "")
     if not owner:
         raise VmimError("SLURM_JOB_USER is not set: not run by slurmd as Prolog/Epilog")
     return Job(job_id=check_job_id(env.get("SLURM_JOB_ID", "")), task_id=TASK_ID, owner=owner,
                queue=env.get("SLURM_JOB_PARTITION", ""))
+
+
+def keep_slurm_conf(env: Mapping[str, str]) -> None:
+    """slurmd's SLURM_CONF (an absolute path) stays for scontrol; slurmd sets it, not the job."""
+    conf = env.get("SLURM_CONF", "")
+    if conf.startswith("/") and "\n" not in conf:
+        os.environ["SLURM_CONF"] = conf
 
 
 def scontrol(*args: str) -> str:
@@ -107,15 +118,17 @@ def _tell_slurmctld(cfg: Config | None, job: Job, hold: bool, reason: str) -> No
 
 def prolog_main(argv: Sequence[str] | None = None) -> int:
     """Always 0 (see the module docstring); the outcome goes to slurmctld."""
-    root_hook_setup("vmim-slurm-prolog")
+    env = root_hook_setup("vmim-slurm-prolog", HOOK_ENV)
+    keep_slurm_conf(env)
     try:
         args = _hook_args("vmim-slurm-prolog", argv)
-        job = _job_from_hook_env()
+        job = _job_from_hook_env(env)
     except (VmimError, SystemExit) as exc:  # not run by slurmd as configured: nothing to do
         log.error("prolog: %s", exc)
         return 0
     try:
         cfg = load_config(config_path(args.config, trust_environment=False))
+        use_private_tmp(cfg.run_dir)
     except VmimError as exc:
         _tell_slurmctld(None, job, True, str(exc))
         return 0
@@ -135,18 +148,20 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 def epilog_main(argv: Sequence[str] | None = None) -> int:
     """Always 0: the VM goes, the job's end is recorded; leftovers of a failure are logged and
     removed by `vmimagemanager reconcile`."""
-    root_hook_setup("vmim-slurm-epilog")
+    env = root_hook_setup("vmim-slurm-epilog", HOOK_ENV)
+    keep_slurm_conf(env)
     try:
         args = _hook_args("vmim-slurm-epilog", argv)
-        job = _job_from_hook_env()
+        job = _job_from_hook_env(env)
         cfg = load_config(config_path(args.config, trust_environment=False))
+        use_private_tmp(cfg.run_dir)
         from ..flow import audit_end, end_job
         from ..hypervisor import LibvirtHypervisor
         from ..lifecycle import LifeCycle
 
         life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
         if end_job(life, job.job_id, job.task_id):
-            status, _, sig = os.environ.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
+            status, _, sig = env.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
             audit_end(life, job.label, job.owner, status, sig)
     except (Exception, SystemExit) as exc:  # never non-zero: it would drain the node
         log.error("epilog: %s", exc)

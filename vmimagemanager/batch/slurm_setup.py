@@ -16,7 +16,9 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import VmimError
+from ..lifecycle import ensure_admin_key
 from . import wrappers
+from .slurm import HOOK_ENV
 from .wrappers import HookSystem
 
 SPANK_SOURCE = Path(__file__).with_name("slurm_spank.c")
@@ -27,7 +29,7 @@ PLUGIN = "vmim_spank.so"
 # hook did; a prolog that failed asks slurmctld to requeue the job (batch/slurm.py).
 _ABNORMAL = {
     "prolog": ("0", 'say "the prolog hook failed ($why); the job is requeued"\n'
-                    'scontrol requeue "$SLURM_JOB_ID" 2>/dev/null || say "scontrol requeue '
+                    'clean scontrol requeue "$SLURM_JOB_ID" 2>/dev/null || say "scontrol requeue '
                     '$SLURM_JOB_ID failed: the job ends without its VM"\n'
                     "exit 0"),
     "epilog": wrappers.EPILOG_AGAIN,
@@ -35,6 +37,7 @@ _ABNORMAL = {
 
 SLURM = HookSystem(
     name="Slurm", tag="slurm", installer="slurm install-hooks", abnormal=_ABNORMAL,
+    keep=HOOK_ENV,
     purpose=(
         "# Runs the Python hook as a child and exits 0 however it ends (a crash, the OOM "
         "killer's\n# SIGKILL, a missing installation): any other exit drains the node. The "
@@ -82,7 +85,8 @@ def slurmd_settings() -> dict[str, str]:
 
 def install_hooks(config_path: str, args) -> int:
     config = os.path.abspath(config_path)
-    load_config(config)  # a configuration that does not load never reaches slurmd
+    # a configuration that does not load never reaches slurmd; the Prolog never makes the key
+    ensure_admin_key(load_config(config))
     directory = Path(args.dir)
     bindir = Path(sys.executable).parent
     bodies = {}

@@ -5,6 +5,10 @@ whole node (SGE: the queue instance goes to E; Slurm: the node drains). The wrap
 Python hook as a child and maps however it ends to what that batch system handles per job
 (`HookSystem.abnormal`). It is written root-owned with the configuration path baked in: the
 root hooks never read it from the job's environment.
+
+Root runs the wrapper with whatever environment the batch system gives (SGE: the job's, `qsub
+-v` included), so every command it starts runs under `env -i` with the allow-list of
+rootenv.BASE_ENVIRONMENT, and the hook gets only the variables it reads (`HookSystem.keep`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import VmimError
+from ..rootenv import BASE_ENVIRONMENT, SAFE_PATH
 
 
 @dataclass(frozen=True)
@@ -26,26 +31,34 @@ class HookSystem:
     purpose: str  # the wrapper's comment: what "abnormal" means for this batch system
     # hook -> (exit codes passed through as they are, shell lines run for any other end)
     abnormal: Mapping[str, tuple[str, str]]
+    # the variables the Python hooks read from the batch system; nothing else reaches them
+    keep: tuple[str, ...] = ()
 
 
 # An epilog hook that did not end normally runs once more (hooks are idempotent) to finish an
 # interrupted teardown; an epilog exits 0 in every batch system (anything else re-runs the job,
 # holds it or takes the node out of service).
 EPILOG_AGAIN = ("0", 'say "the epilog hook failed ($why); running it once more to finish the '
-                     'teardown"\n[ -x "$hook" ] && "$python" -I "$hook" --config "$config" "$@" '
-                     '</dev/null\n'
+                     'teardown"\n[ -x "$hook" ] && (run_hook "$@")\n'
                      "exit 0")
 
 WRAPPER = """#!/bin/sh
 # vmimagemanager {system} {hook}. Written by 'vmimagemanager {installer}'; do not edit.
 {purpose}
-PATH=/usr/sbin:/usr/bin:/sbin:/bin; export PATH
+# Root runs this with the batch system's environment, which may be the job's: every command
+# below starts from an allow-list environment, and the hook gets only {keep_names}.
+PATH={path}; export PATH
 python={python}
 hook={target}
 config={config}
-say() {{ echo "vmimagemanager {hook}: $*" >&2; logger -t vmim-{tag}-{hook} -- "$*" 2>/dev/null; }}
+clean() {{ /usr/bin/env -i {base} "$@"; }}
+# exec: started with &, $! is the hook's own pid (the TERM trap below signals the hook itself)
+run_hook() {{ exec /usr/bin/env -i {base} {keep} "$python" -I "$hook" --config "$config" "$@" \\
+  </dev/null; }}
+say() {{ echo "vmimagemanager {hook}: $*" >&2
+  clean logger -t vmim-{tag}-{hook} -- "$*" 2>/dev/null; }}
 if [ -x "$hook" ]; then
-  "$python" -I "$hook" --config "$config" "$@" </dev/null &
+  run_hook "$@" &
   child=$!
   trap 'kill -TERM $child 2>/dev/null' TERM INT HUP
   while :; do
@@ -55,7 +68,7 @@ if [ -x "$hook" ]; then
   case $rc in {allowed}) exit $rc ;; esac
   if [ $rc -gt 128 ]; then why="killed by signal $((rc - 128))"; else why="exit status $rc"; fi
 else
-  why="$hook is not installed on $(hostname)"
+  why="$hook is not installed on $(clean hostname)"
 fi
 {abnormal}
 """
@@ -64,10 +77,16 @@ fi
 def wrapper_script(system: HookSystem, hook: str, target: str, config: str,
                    python: str) -> str:
     allowed, abnormal = system.abnormal[hook]
+    # ${NAME+"NAME=$NAME"}: the assignment if the batch system set NAME, nothing otherwise
+    keep = " ".join(f'${{{name}+"{name}=${name}"}}' for name in system.keep)
     return WRAPPER.format(system=system.name, installer=system.installer,
                           purpose=system.purpose, tag=system.tag, hook=hook,
                           target=shlex.quote(target), config=shlex.quote(config),
-                          python=shlex.quote(python), allowed=allowed, abnormal=abnormal)
+                          python=shlex.quote(python), allowed=allowed, abnormal=abnormal,
+                          path=SAFE_PATH, keep_names=", ".join(system.keep) or "nothing",
+                          base=" ".join(shlex.quote(f"{k}={v}")
+                                        for k, v in BASE_ENVIRONMENT.items()),
+                          keep=keep)
 
 
 def start_in_context(job, context, run_dir: Path) -> int:
