@@ -43,6 +43,15 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", *args], capture_output=True, text=True)
 
 
+@pytest.fixture(autouse=True)
+def _tempdir_of_the_test_process():
+    """A root entry point makes its run_dir/tmp Python's temporary directory for the rest of
+    its process (rootenv.use_private_tmp); tests share one process, so each starts afresh."""
+    before = tempfile.tempdir
+    yield
+    tempfile.tempdir = before
+
+
 @pytest.fixture(scope="session")
 def as_root() -> None:
     require(os.geteuid() == 0, "needs root (libvirt qemu:///system, pool accounts)")
@@ -102,7 +111,12 @@ def write_config(base: Path, slots: int, extra: dict | None = None, prefix: str 
 
 
 def import_test_images(cfg, manifest: dict, names=("atlas", "cms", "atlas-nossh")) -> None:
+    """The test node's admin set-up: its images, and its admin key (made at install time,
+    never by a job's hook)."""
     from vmimagemanager.images import ImageStore
+    from vmimagemanager.lifecycle import ensure_admin_key
+
+    ensure_admin_key(cfg)
 
     store = ImageStore(cfg.image_dir)
     d = manifest["dir"]

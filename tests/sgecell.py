@@ -187,8 +187,9 @@ class VmCell(Cell):
                  for lease in LeaseStore(self.cfg.leases_db).all()]
         found += [f"domain {d}" for d in self.domains()]
         found += [f"file {p.name}" for p in self.cfg.overlay_dir.iterdir() if p.name not in keep]
-        jobs = self.cfg.run_dir / "jobs"
-        found += [f"context {p.name}" for p in jobs.iterdir()] if jobs.is_dir() else []
+        for kind in ("jobs", "contexts"):  # the starter's copy and root's
+            where = self.cfg.run_dir / kind
+            found += [f"context {p.name}" for p in where.iterdir()] if where.is_dir() else []
         return found
 
     def assert_clean(self, within: float = 60, keep: tuple[str, ...] = ()) -> None:

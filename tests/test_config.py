@@ -56,6 +56,10 @@ BAD = [
      "shared_paths[0].readonly: expected true or false"),
     (cfg(site_root_key="/nonexistent/key"), "site_root_key: expected an existing private key"),
     (cfg(boot_timeout=-1), "boot_timeout: expected seconds > 0"),
+    (cfg(ssh_ports="30000"), "ssh_ports: expected a port range LOW-HIGH"),
+    (cfg(ssh_ports="29999-20000"), "ssh_ports: expected a port range LOW-HIGH"),
+    (cfg(ssh_ports="80-90"), "ssh_ports: expected a port range LOW-HIGH within 1024-65535"),
+    (cfg(ssh_ports=20000), "ssh_ports: expected a port range LOW-HIGH"),
 ]
 
 
@@ -74,10 +78,21 @@ def test_good_config_has_defaults():
     assert c.libvirt_uri == "qemu:///system"
     assert c.domain_type == "auto"
     assert c.slot("s1").domain_name == "vmim-s1"
-    assert c.slot("s1").ssh_address == ("127.0.0.1", 2201)
+    assert c.slot("s1").network.ssh_port == 2201  # the first port tried at boot (ports.py)
+    assert c.ssh_ports == (20000, 29999)
     assert c.unmatched == "reject"
     with pytest.raises(ConfigError, match="no slot named 'nope'"):
         c.slot("nope")
+
+
+def test_a_user_slot_needs_no_fixed_port_and_the_node_range_is_configurable():
+    """The port of a user-network VM's forward is chosen at boot (ports.py): a configured
+    ssh_port is only the first tried, and may be left out; old configurations load as before."""
+    c = parse_config(cfg(slots=[{"name": "s1", "network": {"type": "user"}},
+                                {"name": "s2", "network": {"type": "user"}}],
+                         ssh_ports="21000-21099"), "/etc/x.yaml")
+    assert [s.network.ssh_port for s in c.slots] == [None, None]
+    assert c.ssh_ports == (21000, 21099)
 
 
 def test_load_reports_yaml_syntax_and_missing_file(tmp_path):

@@ -202,3 +202,36 @@ def test_scripts_a_here_document_cannot_carry_are_not_embedded():
     assert embedded_write("/tmp/x", b"echo a\0b\n") is None
     tricky = b"cat <<'EOF'\n$HOME `id` \\\nEOF\nVMIM_SCRIPT_END\n\xff\xfe\r\n"
     assert embedded_write("/tmp/x", tricky) is not None
+
+
+def test_root_reads_a_bounded_part_of_a_console_the_guest_fills(tmp_path):
+    """The guest writes its console log: root reads the boot's first CONSOLE_READ_BYTES (where
+    the host key is) and an error's last 8 KiB, never the whole file; a link or a FIFO in its
+    place gives an error at once, not a hang."""
+    from vmimagemanager.guest import (
+        CONSOLE_READ_BYTES,
+        CONSOLE_TAIL_BYTES,
+        console_tail,
+        read_console,
+    )
+
+    log = tmp_path / "console.log"
+    block = ("-----BEGIN SSH HOST KEY KEYS-----\nssh-ed25519 AAAAC3Nza\n"
+             "-----END SSH HOST KEY KEYS-----\n")
+    with open(log, "w") as fh:
+        fh.write("boot\n" + block)
+        fh.write("x" * (3 * CONSOLE_READ_BYTES) + "\nlast line\n")
+    assert len(read_console(log)) == CONSOLE_READ_BYTES
+    assert parse_console_host_keys(read_console(log)) == ["ssh-ed25519 AAAAC3Nza"]
+    assert len(read_console(log, tail=True)) == CONSOLE_TAIL_BYTES
+    assert console_tail(log).endswith("last line")
+    link = tmp_path / "link.log"
+    link.symlink_to(log)
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    try:
+        read_console(link)
+        raise AssertionError("a link was followed")
+    except OSError:
+        pass
+    assert read_console(fifo) == ""  # O_NONBLOCK: an empty read, no hang

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmimagemanager.errors import LeaseError, NoFreeSlot
+from vmimagemanager.errors import LeaseError, NoFreeSlot, VmimError
 from vmimagemanager.leases import LeaseStore
 from vmimagemanager.states import LeaseState
 
@@ -119,7 +119,7 @@ def test_process_killed_mid_start_is_cleaned_by_reconcile(tmp_path, test_life):
 def test_reconcile_keeps_a_fresh_native_or_reject_context_and_removes_old_ones(test_life):
     """Such a job has no lease: its context is the prolog's word to the starter. A periodic
     reconcile must not take it away in between; one whose epilog never ran goes after a while."""
-    from vmimagemanager.context import JobContext, context_dir, write_context
+    from vmimagemanager.context import JobContext, context_dir, root_context_path, write_context
     from vmimagemanager.lifecycle import CONTEXT_GRACE
 
     life, cfg = test_life
@@ -129,7 +129,7 @@ def test_reconcile_keeps_a_fresh_native_or_reject_context_and_removes_old_ones(t
                   os.getgid())
     assert life.reconcile() == [f"remove orphan job context {context_dir(cfg.run_dir, '71.0')}"]
     old = time.time() - CONTEXT_GRACE - 10
-    os.utime(context_dir(cfg.run_dir, "70.0"), (old, old))
+    os.utime(root_context_path(cfg.run_dir, "70.0"), (old, old))
     assert life.reconcile() == [f"remove orphan job context {context_dir(cfg.run_dir, '70.0')}"]
     assert life.reconcile() == []
 
@@ -182,14 +182,28 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
 
 def _admin_public(state_dir: str, out) -> None:
     from vmimagemanager.config import parse_config
-    from vmimagemanager.lifecycle import admin_key
+    from vmimagemanager.lifecycle import admin_key, ensure_admin_key
 
-    cfg = parse_config({"state_dir": state_dir, "slots": [
+    cfg = parse_config({"state_dir": state_dir, "run_dir": f"{state_dir}/run", "slots": [
         {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")
+    ensure_admin_key(cfg)
     out.put(admin_key(cfg)[1])
 
 
-def test_the_first_jobs_of_a_fresh_node_race_for_the_admin_key_and_all_get_the_same(tmp_path):
+def test_a_hook_never_makes_the_admin_key_it_says_how_to(tmp_path):
+    """The admin key logs in as root to every later guest: made by an installer or an admin,
+    never by a job's prolog (whose owner could race for it)."""
+    from vmimagemanager.config import parse_config
+    from vmimagemanager.lifecycle import admin_key
+
+    cfg = parse_config({"state_dir": str(tmp_path), "run_dir": str(tmp_path / "run"), "slots": [
+        {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")
+    with pytest.raises(VmimError, match="run 'vmimagemanager admin-key' once on this node"):
+        admin_key(cfg)
+    assert not (tmp_path / "keys" / "admin_ed25519").exists()
+
+
+def test_two_installers_race_for_the_admin_key_and_all_get_the_same(tmp_path):
     import multiprocessing
 
     (tmp_path / "keys").mkdir()

@@ -107,7 +107,9 @@ def cmd_spares(cfg: Config, args) -> int:
 
 def cmd_agent(cfg: Config, args) -> int:
     from .agent import run
+    from .lifecycle import ensure_admin_key
 
+    ensure_admin_key(cfg)  # spares log in as root: the key is made here, never by a hook
     setup_logging("vmimagemanager-agent", verbose=args.verbose, stderr_level=logging.INFO)
     return run(_life(cfg), lambda: _life(cfg), once=args.once, interval=args.interval)
 
@@ -204,9 +206,10 @@ def cmd_history(cfg: Config, args) -> int:
 
 
 def cmd_up(cfg: Config, args) -> int:
-    from .lifecycle import JobRequest
+    from .lifecycle import JobRequest, ensure_admin_key
 
     cfg.slot(args.slot)
+    ensure_admin_key(cfg)
     life = _life(cfg)
     label_job = "admin-" + args.slot.replace(".", "-")
     lease, ctx = life.start_vm(JobRequest(job_id=label_job, task_id="0", owner="root",
@@ -295,7 +298,7 @@ def cmd_exec(cfg: Config, args) -> int:
     if lease is None or not life.hv.is_running(slot.domain_name):
         raise VmimError(f"slot {slot.name} has no running VM; start one with "
                         f"'vmimagemanager up {slot.name} --image NAME'")
-    from .context import read_context
+    from .context import read_root_context
 
     if lease.is_spare:  # an idle spare has no job context: its key is on its console
         from .lifecycle import lease_files
@@ -303,9 +306,9 @@ def cmd_exec(cfg: Config, args) -> int:
 
         host_key = spare_host_key(lease_files(cfg, slot.name, lease.job_label).console)
     else:
-        host_key = read_context(cfg.run_dir, lease.job_label).host_key
+        host_key = read_root_context(cfg.run_dir, lease.job_label).host_key
     key_file, _ = admin_key(cfg)
-    host, port = slot.ssh_address
+    host, port = life.ssh_address(slot)  # the VM's port, from libvirt (not the configured one)
     session = connect(Endpoint(host, port, "root", key_file, host_key))
     command = list(args.cmd)
     if not command:
@@ -316,6 +319,14 @@ def cmd_exec(cfg: Config, args) -> int:
         return session.run(command, {}, None, stdin_fd=0 if not sys.stdin.isatty() else None)
     finally:
         session.close()
+
+
+def cmd_admin_key(cfg: Config, args) -> int:
+    from .lifecycle import admin_key, ensure_admin_key
+
+    path = ensure_admin_key(cfg)
+    print(f"{path}: {admin_key(cfg)[1]}")
+    return 0
 
 
 def cmd_sge(cfg_path: str, args) -> int:
@@ -408,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("reconcile", help="compare leases, domains and files; remove orphans")
     s.add_argument("--dry-run", action="store_true", help="only say what would be done")
     sub.add_parser("print-config", help="print the validated configuration")
+    sub.add_parser("admin-key", help="make this node's admin key (root's login to its guests) "
+                   "if there is none, and print it")
     s = sub.add_parser("config", help="configuration tools (needs no configuration file)")
     csub = s.add_subparsers(dest="config_command", required=True)
     s = csub.add_parser("import-legacy", help="print the original vmimagemanager's INI "
@@ -441,6 +454,7 @@ COMMANDS = {
     "restore": cmd_up, "down": cmd_down, "kill": cmd_down, "store": cmd_store,
     "reconcile": cmd_reconcile, "print-config": cmd_print_config, "exec": cmd_exec,
     "spares": cmd_spares, "agent": cmd_agent, "history": cmd_history, "metrics": cmd_metrics,
+    "admin-key": cmd_admin_key,
 }
 
 

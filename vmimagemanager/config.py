@@ -30,6 +30,7 @@ UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
 
 
 DOMAIN_PREFIX = "vmim-"
+DEFAULT_SSH_PORTS = (20000, 29999)
 
 
 def domain_name(slot_name: str) -> str:
@@ -44,9 +45,14 @@ def valid_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class UserNetwork:
-    """QEMU user-mode networking with one ssh port forwarded on a loopback address (tests, demo)."""
+    """QEMU user-mode networking with one ssh port forwarded on a loopback address (tests, demo).
 
-    ssh_port: int
+    The forward's port is chosen at each boot among those free then (ports.py: any local
+    account can bind a loopback port, so a fixed one could be squatted and the slot held
+    hostage); `ssh_port`, if configured, is only the first port tried.
+    """
+
+    ssh_port: int | None = None
     listen: str = "127.0.0.1"
     kind: str = "user"
 
@@ -72,12 +78,6 @@ class Slot:
     @property
     def domain_name(self) -> str:
         return domain_name(self.name)
-
-    @property
-    def ssh_address(self) -> tuple[str, int]:
-        if isinstance(self.network, UserNetwork):
-            return self.network.listen, self.network.ssh_port
-        return self.network.hostname, self.network.ssh_port
 
     @property
     def guest_hostname(self) -> str:
@@ -147,6 +147,9 @@ class Config:
     on_boot_failure: str = "hold"
     spares: SparePolicy = SparePolicy()
     metrics_dir: Path | None = None  # node_exporter's textfile directory (metrics.py)
+    # Loopback ports a user-network VM's ssh forward may get at boot (ports.py); below Linux's
+    # ephemeral range (32768-60999), so outgoing connections do not take them.
+    ssh_ports: tuple[int, int] = DEFAULT_SSH_PORTS
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:
@@ -165,7 +168,7 @@ TOP_KEYS = {
     "grid_ca_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
-    "on_boot_failure", "metrics_dir",
+    "on_boot_failure", "metrics_dir", "ssh_ports",
 }
 
 
@@ -218,7 +221,9 @@ def _parse_network(c: _Checker, raw: Any, key: str) -> UserNetwork | BridgeNetwo
     port_ok = lambda p: 1 <= p <= 65535  # noqa: E731
     if kind == "user":
         c.mapping(raw, key, {"type", "ssh_port", "listen"})
-        port = c.typed(raw.get("ssh_port"), f"{key}.ssh_port", int, "a TCP port 1-65535", port_ok)
+        port = raw.get("ssh_port")  # optional: only the first port tried (ports.py)
+        if port is not None:
+            port = c.typed(port, f"{key}.ssh_port", int, "a TCP port 1-65535", port_ok)
         listen = c.typed(raw.get("listen", "127.0.0.1"), f"{key}.listen", str,
                          "a loopback IPv4 address (127.0.0.0/8)", _is_loopback)
         return UserNetwork(ssh_port=port, listen=listen)
@@ -271,9 +276,24 @@ def _parse_slots(c: _Checker, raw: Any, defaults: dict[str, Any]) -> tuple[Slot,
 
 
 def _port_key(network: UserNetwork | BridgeNetwork) -> str | None:
-    if isinstance(network, UserNetwork):
+    if isinstance(network, UserNetwork) and network.ssh_port is not None:
         return f"{network.listen}:{network.ssh_port}"
     return None
+
+
+def _parse_port_range(c: _Checker, raw: Any) -> tuple[int, int]:
+    """`ssh_ports: LOW-HIGH`: unprivileged ports (QEMU may run as an unprivileged user)."""
+    if raw is None:
+        return DEFAULT_SSH_PORTS
+    what = "a port range LOW-HIGH within 1024-65535, such as 20000-29999"
+    text = c.typed(raw, "ssh_ports", str, what)
+    match = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", text)
+    if match is None:
+        raise c.fail("ssh_ports", what, raw)
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low <= high <= 65535:
+        raise c.fail("ssh_ports", what, raw)
+    return low, high
 
 
 def read_yaim_groups_conf(path: str) -> dict[str, list[str]]:
@@ -446,6 +466,7 @@ def parse_config(data: Any, path: str) -> Config:
         spares=_parse_spares(c, data.get("spares"), vos, len(slots)),
         metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
                      if data.get("metrics_dir") is not None else None),
+        ssh_ports=_parse_port_range(c, data.get("ssh_ports")),
     )
 
 

@@ -34,6 +34,10 @@ log = logging.getLogger("vmimagemanager.guest")
 
 HOST_KEY_BEGIN = "-----BEGIN SSH HOST KEY KEYS-----"
 HOST_KEY_END = "-----END SSH HOST KEY KEYS-----"
+# What root reads of a console log the guest writes: the boot's first 4 MiB (where the host key
+# is; virtlogd caps the file itself, see docs/security.md), or the last 8 KiB for an error.
+CONSOLE_READ_BYTES = 4 << 20
+CONSOLE_TAIL_BYTES = 8 << 10
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 HOST_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+) [A-Za-z0-9+/]+={0,2}$")
 # After the payload has exited, output still in flight is relayed for up to DRAIN_SECONDS; a
@@ -73,10 +77,24 @@ def parse_console_host_keys(text: str) -> list[str]:
     return keys
 
 
+def read_console(path: Path, tail: bool = False) -> str:
+    """At most CONSOLE_READ_BYTES of a console log (the guest writes it: it may be huge), from
+    its start (the host key is printed during the boot) or, with `tail`, its last 8 KiB."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if tail:
+            size = os.fstat(fd).st_size
+            os.lseek(fd, max(0, size - CONSOLE_TAIL_BYTES), os.SEEK_SET)
+        data = os.read(fd, CONSOLE_TAIL_BYTES if tail else CONSOLE_READ_BYTES)
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", "replace")
+
+
 def console_tail(path: Path, lines: int = 8) -> str:
     """Last lines of a console log joined into one line for an error message."""
     try:
-        data = path.read_bytes()[-8192:].decode("utf-8", "replace")
+        data = read_console(path, tail=True)
     except OSError:
         return "(no console log)"
     tail = [ln.strip() for ln in data.replace("\r", "").splitlines() if ln.strip()][-lines:]
@@ -91,7 +109,7 @@ def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
     started = time.monotonic()
     while True:
         try:
-            keys = parse_console_host_keys(console_log.read_text("utf-8", "replace"))
+            keys = parse_console_host_keys(read_console(console_log))
         except OSError:
             keys = []
         if keys:

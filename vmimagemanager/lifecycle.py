@@ -27,8 +27,9 @@ from .context import (
     check_label,
     context_dir,
     list_contexts,
-    read_context,
+    read_root_context,
     remove_context,
+    root_context_path,
     write_context,
 )
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
@@ -37,6 +38,7 @@ from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, resolve_domain_type
 from .images import Image, ImageStore, prepare_overlay
 from .leases import SPARE_JOB_ID, Lease, LeaseStore, is_spare_label
+from .rootenv import use_private_tmp
 from .seed import SeedData, build_seed, generate_keypair, public_key_line
 from .shares import GuestShare, resolve_shares, seed_mounts
 from .states import LeaseState
@@ -87,20 +89,32 @@ def lease_files(cfg: Config, slot: str, label: str) -> LeaseFiles:
 
 
 def ensure_state_dirs(cfg: Config) -> None:
-    """Root-only directories (0700/0711); created on first use with the right modes."""
+    """Root-only directories (0700/0711); created on first use with the right modes. Root's
+    temporary files go to run_dir/tmp from here on (rootenv.use_private_tmp)."""
     for path, mode in ((cfg.state_dir, 0o700), (cfg.state_dir / "keys", 0o700),
                        (cfg.state_dir / "console", 0o700), (cfg.overlay_dir, 0o711)):
         path.mkdir(parents=True, exist_ok=True)
         os.chmod(path, mode)
+    use_private_tmp(cfg.run_dir)
 
 
 def admin_key(cfg: Config) -> tuple[Path, str]:
-    """The key root uses to log in to every guest: the site's, or one made once on this node."""
+    """The key root uses to log in to every guest: the site's, or the node's own, made at
+    install time (`ensure_admin_key`), never by a job's hook."""
     path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
     if not path.exists():
-        # The first jobs of a fresh node start at once: the key is written whole under a name
-        # of its own and linked into place, so the one that loses the race uses the winner's
-        # key, never half of one (and never fails on the other's file).
+        raise VmimError(f"no admin key {path}: run 'vmimagemanager admin-key' once on this node "
+                        "(install-queue and install-hooks do it)")
+    return path, f"{public_key_line(path)} vmimagemanager-admin"
+
+
+def ensure_admin_key(cfg: Config) -> Path:
+    """Make the node's admin key if there is none (installers, the agent, admin commands)."""
+    ensure_state_dirs(cfg)
+    path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
+    if not path.exists():
+        # Two installers at once: the key is written whole under a name of its own and linked
+        # into place, so the one that loses the race uses the winner's key, never half of one.
         pair = generate_keypair(f"vmimagemanager-admin@{os.uname().nodename}")
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.unlink(missing_ok=True)
@@ -111,7 +125,7 @@ def admin_key(cfg: Config) -> tuple[Path, str]:
             pass
         finally:
             tmp.unlink()
-    return path, f"{public_key_line(path)} vmimagemanager-admin"
+    return path
 
 
 def owner_ids(owner: str) -> tuple[int, int]:
@@ -270,8 +284,8 @@ class LifeCycle:
             keys[request.owner] = [job_key.public_line]
         else:
             keys["root"].append(job_key.public_line)
-        host, port = slot.ssh_address
-        login = Endpoint(host=host, port=port, user=request.owner, key=job_key.private_openssh,
+        # host and port are the VM's, set by launch: its forward gets its port at boot (ports.py)
+        login = Endpoint(host="", port=0, user=request.owner, key=job_key.private_openssh,
                          host_key="")
         host_key = self.launch(slot, request.label, image, request.owner, keys, shares, login,
                                boot_timeout)
@@ -282,8 +296,9 @@ class LifeCycle:
                shares: tuple[GuestShare, ...], login, boot_timeout: float | None,
                after_start: Callable[[], None] | None = None,
                keep_login: Path | None = None) -> str:
-        """Overlay, seed, domain; returns the host key once `login` (an Endpoint without its
-        host key) gets in. The lease is `preparing`; it is `booting` when this returns.
+        """Overlay, seed, domain; returns the host key once `login` (an Endpoint whose host,
+        port and host key are the VM's, set here) gets in. The lease is `preparing`; it is
+        `booting` when this returns.
         `after_start` runs once the domain exists, before the guest is waited for. With
         `keep_login` that login is kept there (guest.connect) for a later process."""
         from dataclasses import replace
@@ -307,7 +322,7 @@ class LifeCycle:
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
-            self.hv.start(build_domain_xml(spec))
+            host, port = self._start_domain(spec)
             if after_start is not None:
                 after_start()
         deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
@@ -315,17 +330,66 @@ class LifeCycle:
         with self.phase("guest boot (to host key on console)"):
             host_key = wait_for_host_key(files.console, deadline, running)
         with self.phase("wait for ssh"):
-            session = wait_for_ssh(replace(login, host_key=host_key), deadline, files.console,
-                                   running, keep_in=keep_login)
+            session = wait_for_ssh(replace(login, host=host, port=port, host_key=host_key),
+                                   deadline, files.console, running, keep_in=keep_login)
             if keep_login is None:
                 session.close()
         return host_key
 
+    def _start_domain(self, spec: DomainSpec) -> tuple[str, int]:
+        """Start the domain; returns the address its ssh answers on. A user-network VM's forward
+        gets a port free at this moment (ports.py: a fixed one could be squatted by any local
+        account); a start that fails because another process bound that port in between is
+        retried on another port, never reported as a failed boot (NoFreePort, a RetryLater,
+        once START_ATTEMPTS were lost). A bridged VM keeps its host name and port."""
+        from dataclasses import replace
+
+        from . import ports
+        from .errors import BootError, NoFreePort
+
+        net = spec.slot.network
+        if not isinstance(net, UserNetwork):
+            self.hv.start(build_domain_xml(spec))
+            return net.hostname, net.ssh_port
+        lost: set[int] = set()
+        for _attempt in range(ports.START_ATTEMPTS):
+            port = ports.choose(net.listen, net.ssh_port, self.cfg.ssh_ports, frozenset(lost))
+            try:
+                self.hv.start(build_domain_xml(replace(spec, ssh_port=port)))
+            except BootError as exc:
+                if not ports.lost_race(str(exc), net.listen, port):
+                    raise
+                log.warning("slot %s: another process bound %s:%d before the VM's ssh forward "
+                            "could; starting it on another port", spec.slot.name, net.listen,
+                            port)
+                lost.add(port)
+                continue
+            return net.listen, port
+        raise NoFreePort(f"slot {spec.slot.name}: the VM's ssh forward lost the race for "
+                         f"{len(lost)} ports on {net.listen} (another process bound each one "
+                         "first); the job is retried later")
+
+    def ssh_address(self, slot: Slot, xml: str | None = None) -> tuple[str, int]:
+        """Where the slot's VM answers ssh: a bridged slot's host name and port, or the loopback
+        port a user-network VM's forward got at boot, read from libvirt (`xml`: the running
+        domain's XML if just read). Never the configured port: that is only the first tried."""
+        from .domain_xml import forwarded_port
+
+        net = slot.network
+        if not isinstance(net, UserNetwork):
+            return net.hostname, net.ssh_port
+        xml = self.hv.domain_xml(slot.domain_name) if xml is None else xml
+        port = forwarded_port(xml) if xml is not None else None
+        if port is None:
+            raise VmimError(f"slot {slot.name}: no VM with an ssh forward runs there")
+        return net.listen, port
+
     def write_job_context(self, slot: Slot, request: JobRequest, host_key: str, private: bytes,
-                          uid: int, gid: int, shares: tuple[GuestShare, ...]) -> JobContext:
-        """Written once the VM answers: the starter reads the pinned host key and the job's
-        key from it."""
-        host, port = slot.ssh_address
+                          uid: int, gid: int, shares: tuple[GuestShare, ...],
+                          address: tuple[str, int] | None = None) -> JobContext:
+        """Written once the VM answers: the starter reads the pinned host key, the VM's address
+        (`address`, else read from libvirt) and the job's key from it."""
+        host, port = address or self.ssh_address(slot)
         context = JobContext(
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image, host_key=host_key,
@@ -335,7 +399,7 @@ class LifeCycle:
         return context
 
     def _existing_context(self, lease: Lease) -> JobContext:
-        return read_context(self.cfg.run_dir, lease.job_label)
+        return read_root_context(self.cfg.run_dir, lease.job_label)
 
     # -- end ------------------------------------------------------------------------------------
     def end_vm(self, slot_name: str, graceful: bool = False, job_label: str | None = None,
@@ -474,8 +538,8 @@ class LifeCycle:
         from .guest import Endpoint, connect
 
         try:
-            host_key = read_context(self.cfg.run_dir, label).host_key
-            host, port = slot.ssh_address
+            host_key = read_root_context(self.cfg.run_dir, label).host_key
+            host, port = self.ssh_address(slot)
             session = connect(Endpoint(host, port, "root", admin_key(self.cfg)[0], host_key),
                               timeout=5)
         except Exception as exc:  # noqa: BLE001 - fall back to ACPI shutdown, then destroy
@@ -574,9 +638,9 @@ class LifeCycle:
         """A VM job's context without a lease is an orphan. A native or reject job has no
         lease: its context is the prolog's word to the starter, removed by the epilog; only
         one older than CONTEXT_GRACE (its epilog never ran) is an orphan."""
-        path = context_dir(self.cfg.run_dir, label)
+        path = root_context_path(self.cfg.run_dir, label)
         try:
-            if read_context(self.cfg.run_dir, label).mode == "vm":
+            if read_root_context(self.cfg.run_dir, label).mode == "vm":
                 return True
             return time.time() - path.stat().st_mtime > CONTEXT_GRACE
         except (VmimError, OSError, TypeError):  # unreadable or half-written: not ours to keep
@@ -623,13 +687,18 @@ class LifeCycle:
         rows = []
         for slot in self.cfg.slots:
             lease = leases.get(slot.name)
-            host, port = slot.ssh_address
+            ssh = ""  # a user-network slot has a port only while its VM runs
+            if slot.domain_name in running or not isinstance(slot.network, UserNetwork):
+                try:
+                    ssh = "{}:{}".format(*self.ssh_address(slot))
+                except VmimError:  # the VM went away since the listing
+                    ssh = ""
             rows.append({
                 "slot": slot.name, "state": str(lease.state) if lease else "free",
                 "job": lease.job_label if lease else "", "owner": lease.owner if lease else "",
                 "image": lease.image if lease else "", "vo": lease.vo if lease else "",
                 "domain": slot.domain_name if slot.domain_name in running else "",
-                "ssh": f"{host}:{port}",
+                "ssh": ssh,
                 "network": "user" if isinstance(slot.network, UserNetwork) else "bridge",
                 "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.updated))
                 if lease else "",

@@ -196,8 +196,8 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
     try:
         shares = provision_shares(cfg, slot.name)
         admin_path, admin_public = admin_key(cfg)
-        host, port = slot.ssh_address
-        login = Endpoint(host=host, port=port, user="root", key=admin_path, host_key="")
+        # host and port are the VM's, set by launch: its forward gets its port at boot
+        login = Endpoint(host="", port=0, user="root", key=admin_path, host_key="")
         kept = kept_login(cfg, lease.job_label)
         if kept is not None:  # made here, at provision; the bind only reads the path
             ensure_jobs_dir(cfg.run_dir)
@@ -247,13 +247,15 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
 def _into_background(life: LifeCycle, slot: Slot, label: str, image: Image) -> None:
     """Right after the spare's domain started: note in the lease metadata which image content
     it boots (the bind's keysfiles key) and the weight a job's VM has on this node (bind gives
-    it back), then lower the spare's weight to a fraction of it."""
-    from .domain_xml import lease_attributes, lease_element
+    it back), then lower the spare's weight to a fraction of it. What the domain's metadata
+    says for its whole life (its forward's port) is kept."""
+    from .domain_xml import kept_attributes, lease_attributes, lease_element, lease_metadata
     from .keysfiles import image_key
 
     name = slot.domain_name
     weight = life.hv.cpu_weight(name)
-    noted = {IMAGE_KEY: image_key(image.sha256)}
+    noted = {**kept_attributes(lease_metadata(life.hv.domain_xml(name) or "<domain/>")),
+             IMAGE_KEY: image_key(image.sha256)}
     if weight is not None:
         noted[WEIGHT_KEY] = str(weight)
     life.hv.set_lease_metadata(name, lease_element(lease_attributes(
@@ -332,10 +334,10 @@ def kept_login(cfg: Config, label: str) -> Path | None:
 
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
-    from .guest import parse_console_host_keys
+    from .guest import parse_console_host_keys, read_console
 
     try:
-        keys = parse_console_host_keys(console.read_text("utf-8", "replace"))
+        keys = parse_console_host_keys(read_console(console))
     except OSError:
         keys = []
     ed25519 = [k for k in keys if k.startswith("ssh-ed25519 ")]
@@ -347,7 +349,13 @@ def spare_host_key(console: Path) -> str:
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
     from . import keysfiles
-    from .domain_xml import exported_tags, lease_attributes, lease_element, lease_metadata
+    from .domain_xml import (
+        exported_tags,
+        kept_attributes,
+        lease_attributes,
+        lease_element,
+        lease_metadata,
+    )
     from .guest import Endpoint, connect, resume
     from .seed import generate_keypair
 
@@ -359,13 +367,14 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
     if xml is None:
         raise VmimError(f"the spare's domain {name} is not running")
     spare_meta = lease_metadata(xml)
+    address = life.ssh_address(slot, xml)  # the port its forward got when the spare booted
     _job_weight(life, name, spare_meta)
     # The domain says which job it serves now, and what it used while idle (not the job's).
     idle = life.hv.usage(name)
     if idle is None:
         raise VmimError(f"the spare's domain {name} is not running")
     life.hv.set_lease_metadata(name, lease_element(lease_attributes(
-        request.label, request.image, request.owner, slot.name,
+        request.label, request.image, request.owner, slot.name, **kept_attributes(spare_meta),
         spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
     os.replace(old.seed, new.seed)
@@ -375,8 +384,7 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
         for export, _staging, share in binds:
             attach_home(pid, share, export)
     job_key = generate_keypair(f"vmim-job-{request.label}")
-    host, port = slot.ssh_address
-    login = Endpoint(host, port, "root", admin_key(cfg)[0], host_key)
+    login = Endpoint(*address, "root", admin_key(cfg)[0], host_key)
     kept = kept_login(cfg, spare.job_label)
     content = spare_meta.get(IMAGE_KEY, "")  # none in a spare booted by an older version
     keys_file = keysfiles.known(cfg, content, request.owner) if content else None
@@ -398,4 +406,4 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
             log.warning("cannot keep where image %s's sshd reads %s's keys (%s); the next bind "
                         "asks it again", request.image, request.owner, exc)
     return life.write_job_context(slot, request, host_key, job_key.private_openssh, uid, gid,
-                                  shares)
+                                  shares, address)
