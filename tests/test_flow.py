@@ -11,7 +11,6 @@ import pwd
 
 import pytest
 
-from vmimagemanager.batch.base import Job
 from vmimagemanager.config import parse_config
 from vmimagemanager.context import read_context
 from vmimagemanager.errors import (
@@ -27,6 +26,7 @@ from vmimagemanager.errors import (
 )
 from vmimagemanager.flow import Outcome, start_job
 from vmimagemanager.images import Image
+from vmimagemanager.jobs import Job
 from vmimagemanager.shares import ShareError
 
 ME = pwd.getpwuid(os.getuid()).pw_name

@@ -218,3 +218,28 @@ def test_two_installers_race_for_the_admin_key_and_all_get_the_same(tmp_path):
     keys = {out.get(timeout=5) for _ in procs}
     assert len(keys) == 1 and next(iter(keys)).startswith("ssh-ed25519 ")
     assert [p.name for p in (tmp_path / "keys").iterdir()] == ["admin_ed25519"]  # no temp left
+
+
+def test_every_write_of_a_lease_state_goes_through_the_transition_table():
+    """The state table drives the store: a method that writes a state (INSERT, SET state=)
+    checks the transition first (allocate and retire_spare once skipped it)."""
+    import ast
+
+    import vmimagemanager.leases as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    writers, unchecked = [], []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        sql = " ".join(n.value for n in ast.walk(fn)
+                       if isinstance(n, ast.Constant) and isinstance(n.value, str))
+        if "INSERT INTO leases" in sql or "SET state=" in sql or "state=?" in sql.split(
+                "WHERE")[0]:
+            writers.append(fn.name)
+            calls = {n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Name)}
+            if "check_transition" not in calls:
+                unchecked.append(fn.name)
+    assert {"allocate", "transition", "retire_spare"} <= set(writers), writers
+    assert not unchecked, unchecked

@@ -296,6 +296,8 @@ def delta(before, after, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+@pytest.mark.integration
+@pytest.mark.sge
 def test_real_jobs_move_the_scraped_counters_by_exactly_themselves(scraped):
     cell, scrape = scraped
     before = scrape()

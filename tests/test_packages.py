@@ -96,6 +96,8 @@ def deb(tmp_path_factory) -> Path:
     return package
 
 
+@pytest.mark.integration
+@pytest.mark.sge
 def test_the_deb_installs_runs_a_job_through_the_cell_and_leaves_the_site_when_removed(
         deb, libvirt_system, guest_images):
     site_config = Path(DEFAULT_CONFIG_PATH)

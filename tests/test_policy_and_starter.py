@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vmimagemanager.batch.base import normalise_task_id
 from vmimagemanager.batch.sge import job_from_starter, read_spool_file
 from vmimagemanager.config import parse_config
 from vmimagemanager.errors import VmimError
+from vmimagemanager.jobs import normalise_task_id
 from vmimagemanager.policy import match_vo
 from vmimagemanager.runner import guest_environment
 from vmimagemanager.shares import is_under

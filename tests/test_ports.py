@@ -153,7 +153,7 @@ def node(tmp_path, monkeypatch):
 
 
 def _job(job_id: str):
-    from vmimagemanager.batch.base import Job
+    from vmimagemanager.jobs import Job
 
     return Job(job_id=job_id, task_id="0", owner=ME, queue="vm.q")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import pwd
 
@@ -10,9 +9,10 @@ from pytest import approx
 
 from vmimagemanager.batch.sge_accounting import FIELDS, record_line
 from vmimagemanager.files import append_line
+from vmimagemanager.jobs import Job
 
 ME = pwd.getpwuid(os.getuid()).pw_name
-ARGS = argparse.Namespace(job_id="42", task_id="3", owner=ME, queue="vm.q", host="wn1")
+JOB = Job(job_id="42", task_id="3", owner=ME, queue="vm.q")
 CONFIG = {"queue": "vm.q", "host": "wn1", "job_name": "a:b\nc", "account": "sge",
           "priority": "0", "submission_time": "1795690000"}
 USAGE = {"start_time": "1795690010", "end_time": "1795690030", "exit_status": "3",
@@ -22,7 +22,7 @@ VM = {"cpu_seconds": 12.5, "user_seconds": 11.0, "system_seconds": 1.2, "rss_kib
 
 
 def test_one_line_of_45_fields_with_the_vm_in_cpu_and_memory():
-    line = record_line(ARGS, CONFIG, USAGE, VM)
+    line = record_line(JOB, "wn1", CONFIG, USAGE, VM)
     values = line.split(":")
     assert "\n" not in line and len(values) == len(FIELDS) == 45
     assert values[4] == "a_b c"  # the user's job name can neither add a field nor a line
@@ -39,7 +39,7 @@ def test_one_line_of_45_fields_with_the_vm_in_cpu_and_memory():
 def test_records_are_appended_whole(tmp_path):
     path = tmp_path / "accounting"
     for _ in range(3):
-        append_line(path, record_line(ARGS, CONFIG, USAGE, VM), 0o640)
+        append_line(path, record_line(JOB, "wn1", CONFIG, USAGE, VM), 0o640)
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and all(len(line.split(":")) == 45 for line in lines)
     assert path.stat().st_mode & 0o777 == 0o640

@@ -362,10 +362,10 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
     """The starter's work, outside SGE: a 9p-shared directory is the job's cwd in the guest."""
     from dataclasses import replace
 
-    from vmimagemanager.batch.base import Job
     from vmimagemanager.config import SharedPath
     from vmimagemanager.context import key_path
     from vmimagemanager.guest import Endpoint, connect
+    from vmimagemanager.jobs import Job
     from vmimagemanager.lifecycle import LifeCycle
     from vmimagemanager.runner import JobRunner
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +24,7 @@ from .errors import NoFreeSlot, RetryLater, VmimError
 from .leases import Lease
 from .lifecycle import LifeCycle
 from .metrics import cause_of
+from .rootenv import interrupt_on_sigterm
 from .states import LeaseState
 
 log = logging.getLogger("vmimagemanager.agent")
@@ -150,10 +150,6 @@ class Agent:
         return actions
 
 
-def _interrupt(signum, _frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
         interval: float | None = None) -> int:
     """The agent's main loop; one instance per node (a lock in the state directory)."""
@@ -164,7 +160,7 @@ def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
     except BlockingIOError:
         raise VmimError(f"another vmimagemanager agent runs on this node ({lock_path} is "
                         "locked); stop it first") from None
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupt_on_sigterm()
     agent = Agent(life, make_life)
     pause = interval or life.cfg.spares.interval
     wake = None if once else agentwake.listen(life.cfg)

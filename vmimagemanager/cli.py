@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -19,10 +20,9 @@ log = logging.getLogger("vmimagemanager.cli")
 
 
 def _life(cfg: Config):
-    from .hypervisor import LibvirtHypervisor
-    from .lifecycle import LifeCycle
+    from .lifecycle import open_node
 
-    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+    return open_node(cfg)
 
 
 def _table(rows: list[dict[str, object]], columns: list[str]) -> str:
@@ -160,9 +160,12 @@ def cmd_images(cfg: Config, args) -> int:
     if args.images_command in ("sync", "publish", "unpublish"):
         return _catalog_command(cfg, store, args)
     if args.images_command == "check":
+        from .batch.sge import sge_settings_path
         from .imagecheck import check_image
 
-        return check_image(cfg, args.name, args.user, json_output=args.json)
+        settings = sge_settings_path(os.environ)  # the admin's SGE_ROOT/SGE_CELL, if any
+        return check_image(cfg, args.name, args.user, json_output=args.json,
+                           batch_files=(settings,) if settings else ())
     raise AssertionError(args.images_command)
 
 
@@ -289,8 +292,7 @@ def cmd_import_legacy(file: str) -> int:
 
 
 def cmd_exec(cfg: Config, args) -> int:
-    from .guest import Endpoint, connect
-    from .lifecycle import admin_key
+    from .guest import connect
 
     slot = cfg.slot(args.slot)
     life = _life(cfg)
@@ -307,9 +309,7 @@ def cmd_exec(cfg: Config, args) -> int:
         host_key = spare_host_key(lease_files(cfg, slot.name, lease.job_label).console)
     else:
         host_key = read_root_context(cfg.run_dir, lease.job_label).host_key
-    key_file, _ = admin_key(cfg)
-    host, port = life.ssh_address(slot)  # the VM's port, from libvirt (not the configured one)
-    session = connect(Endpoint(host, port, "root", key_file, host_key))
+    session = connect(life.admin_login(slot, host_key))
     command = list(args.cmd)
     if not command:
         raise VmimError("nothing to run: give a command after '--'")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass
@@ -23,17 +22,10 @@ from pathlib import Path
 
 from .errors import VmimError
 from .files import read_untrusted, write_private_file
+from .jobs import LABEL_RE, check_label
 
-LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,32}$")
 KEY_NAME = "id_ed25519"
 CONTEXT_MAX_BYTES = 1 << 20
-
-
-def check_label(label: str) -> str:
-    """A job label (`<job_id>.<task_id>`) is used in paths: allow nothing that could escape."""
-    if not LABEL_RE.match(label):
-        raise VmimError(f"invalid job id/task id {label!r}: expected <digits or name>.<task>")
-    return label
 
 
 @dataclass(frozen=True)

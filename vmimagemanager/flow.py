@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimError
 
 if TYPE_CHECKING:
-    from .batch.base import Job
     from .config import Config
+    from .jobs import Job
     from .lifecycle import LifeCycle
 
 log = logging.getLogger("vmimagemanager.flow")
@@ -70,12 +70,9 @@ class Decision:
 
 
 def default_life(cfg: Config) -> LifeCycle:
-    from .hypervisor import LibvirtHypervisor
-    from .leases import LeaseStore
-    from .lifecycle import LifeCycle
+    from .lifecycle import open_node
 
-    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri),
-                     LeaseStore(cfg.leases_db, wait=START_DB_WAIT))
+    return open_node(cfg, db_wait=START_DB_WAIT)
 
 
 def start_job(cfg: Config, job: Job, interactive: bool = False,
@@ -108,10 +105,10 @@ def start_job(cfg: Config, job: Job, interactive: bool = False,
 
 def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
     from . import audit
-    from .lifecycle import owner_ids
+    from .accounts import account
 
     try:
-        identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), owner_ids(job.owner)[0],
+        identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), account(job.owner).uid,
                                         cfg.grid_ca_dir)
     except VmimError:  # an unknown owner: the decision says so
         identity = audit.ProxyIdentity()
@@ -122,15 +119,17 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
 
 def _start(cfg: Config, job: Job, interactive: bool,
            make_life: Callable[[Config], LifeCycle], known: dict) -> Decision:
+    from .accounts import account
     from .context import JobContext, write_context
-    from .lifecycle import JobRequest, owner_ids
+    from .lifecycle import JobRequest
     from .policy import match_vo, unmatched_message
 
     if interactive:
         known["cause"] = "interactive"
         return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
                              "queue; submit a batch job, or use a queue without VMs")
-    uid, gid = owner_ids(job.owner)
+    owner = account(job.owner)
+    uid, gid = owner.uid, owner.gid
     rule = match_vo(cfg, job.owner, job.queue)
     if rule is None:
         message = unmatched_message(cfg, job.owner, job.queue)

@@ -101,6 +101,16 @@ def console_tail(path: Path, lines: int = 8) -> str:
     return " | ".join(tail) if tail else "(console log is empty)"
 
 
+def console_host_key(console_log: Path) -> str:
+    """The host key the guest printed on its console, ed25519 preferred; '' if none yet."""
+    try:
+        keys = parse_console_host_keys(read_console(console_log))
+    except OSError:
+        return ""
+    ed25519 = [k for k in keys if k.startswith("ssh-ed25519 ")]
+    return (ed25519 or keys or [""])[0]
+
+
 def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
     """Wait until the guest has printed its ssh host key on the console; return it.
 
@@ -108,13 +118,8 @@ def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
     a long sleep here is start latency of every job), then every 0.5 s (slow images)."""
     started = time.monotonic()
     while True:
-        try:
-            keys = parse_console_host_keys(read_console(console_log))
-        except OSError:
-            keys = []
-        if keys:
-            ed25519 = [k for k in keys if k.startswith("ssh-ed25519 ")]
-            return (ed25519 or keys)[0]
+        if key := console_host_key(console_log):
+            return key
         if not still_running():
             raise BootError(f"the VM stopped before printing its ssh host key; console: "
                             f"{console_tail(console_log)}")

@@ -3,14 +3,11 @@ meets (the list in README, "Guest image requirements")."""
 
 from __future__ import annotations
 
-import grp
 import json
-import os
-import pwd
 import shlex
 from dataclasses import dataclass
 
-from .batch.sge import sge_settings_path
+from .accounts import account, group_members
 from .config import Config
 from .errors import VmimError
 from .shares import unmounted_report
@@ -37,26 +34,23 @@ def _vo_account(cfg: Config, image: str) -> str | None:
         if rule.image != image:
             continue
         for group in rule.groups:
-            try:
-                gid = grp.getgrnam(group).gr_gid
-            except KeyError:
-                continue
-            members = sorted(p.pw_name for p in pwd.getpwall() if p.pw_gid == gid)
-            if members:
+            if members := group_members(group):
                 return members[0]
     return None
 
 
-def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
+def run_checks(cfg: Config, image: str, user: str | None,
+               batch_files: tuple[str, ...] = ()) -> list[Check]:
+    """`batch_files`: what the batch system's CE job scripts read in the guest (SGE's
+    settings.sh), named by the front end: the core knows no batch system."""
     from .context import key_path
     from .guest import Endpoint, connect
-    from .hypervisor import LibvirtHypervisor
-    from .lifecycle import JobRequest, LifeCycle
+    from .lifecycle import JobRequest, open_node
 
-    life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
-    account = user or _vo_account(cfg, image) or "root"
+    life = open_node(cfg)
+    login = user or _vo_account(cfg, image) or "root"
     request = JobRequest(job_id="check-" + image.replace(".", "-")[:50], task_id="0",
-                         owner=account, image=image, vo="check")
+                         owner=login, image=image, vo="check")
     checks: list[Check] = []
     try:
         lease, ctx = life.start_vm(request)
@@ -65,12 +59,13 @@ def run_checks(cfg: Config, image: str, user: str | None) -> list[Check]:
                       False, str(exc))]
     try:
         checks.append(Check("boots, prints its ssh host key on the console, sshd accepts the "
-                            f"job key for {account}", True, f"slot {lease.slot}"))
-        session = connect(Endpoint(ctx.host, ctx.port, account,
+                            f"job key for {login}", True, f"slot {lease.slot}"))
+        session = connect(Endpoint(ctx.host, ctx.port, login,
                                    key_path(cfg.run_dir, ctx.label), ctx.host_key))
         try:
-            checks += _guest_checks(cfg, session, account, lease.slot)
-            checks += _storage_checks(session, ctx.guest_checked_paths, ctx.label)
+            checks += _guest_checks(cfg, session, login, lease.slot)
+            checks += _storage_checks(session, ctx.guest_checked_paths, ctx.label,
+                                      batch_files)
         finally:
             session.close()
     finally:
@@ -85,13 +80,13 @@ def _probe(session, command: str) -> tuple[bool, str]:
         return False, str(exc)
 
 
-def _guest_checks(cfg: Config, session, account: str, slot: str) -> list[Check]:
+def _guest_checks(cfg: Config, session, user: str, slot: str) -> list[Check]:
     checks = []
     ok, out = _probe(session, "id -u; id -g")
-    if account != "root":
-        host = pwd.getpwnam(account)
-        want = f"{host.pw_uid}\n{host.pw_gid}"
-        checks.append(Check(f"pool account {account} has the host's uid/gid", ok and out == want,
+    if user != "root":
+        host = account(user)
+        want = f"{host.uid}\n{host.gid}"
+        checks.append(Check(f"pool account {user} has the host's uid/gid", ok and out == want,
                             f"guest {out.split()} host {want.split()}" if ok else out))
     missing = []
     for tool in TOOLS:
@@ -113,8 +108,10 @@ def _guest_checks(cfg: Config, session, account: str, slot: str) -> list[Check]:
     return checks
 
 
-def _storage_checks(session, shared: tuple[str, ...], label: str) -> list[Check]:
-    """Shares mounted; login keys kept out of the (shared) home; the SGE settings CE jobs source."""
+def _storage_checks(session, shared: tuple[str, ...], label: str,
+                    batch_files: tuple[str, ...]) -> list[Check]:
+    """Shares mounted; login keys kept out of the (shared) home; the batch system's files CE
+    jobs source."""
     checks = []
     found, out = _probe(session, unmounted_report(shared))
     for path in shared:
@@ -128,8 +125,7 @@ def _storage_checks(session, shared: tuple[str, ...], label: str) -> list[Check]
                         "e.g. /etc/ssh/authorized_keys/%u)", found and not leaked,
                         "the job key was written to ~/.ssh/authorized_keys: with a shared home "
                         "that is the user's real home" if leaked else "not in ~/.ssh"))
-    settings = sge_settings_path(os.environ)
-    if settings is not None:
+    for settings in batch_files:
         found, _ = _probe(session, f"test -r {shlex.quote(settings)}")
         checks.append(Check(f"{settings} readable (CE job scripts source it)", found,
                             "present" if found else "missing: share $SGE_ROOT/$SGE_CELL/common "
@@ -137,11 +133,12 @@ def _storage_checks(session, shared: tuple[str, ...], label: str) -> list[Check]
     return checks
 
 
-def check_image(cfg: Config, image: str, user: str | None, json_output: bool = False) -> int:
+def check_image(cfg: Config, image: str, user: str | None, json_output: bool = False,
+                batch_files: tuple[str, ...] = ()) -> int:
     from .images import ImageStore
 
     ImageStore(cfg.image_dir).get(image)
-    checks = run_checks(cfg, image, user)
+    checks = run_checks(cfg, image, user, batch_files)
     if json_output:
         print(json.dumps([c.__dict__ for c in checks], indent=2))
     else:

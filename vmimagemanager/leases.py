@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LeaseDbBroken, LeaseDbBusy, LeaseError, NoFreeSlot, NoSpace, VmimError
+from .jobs import job_label
 from .states import LeaseState, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
@@ -73,7 +74,7 @@ class Lease:
 
     @property
     def job_label(self) -> str:
-        return f"{self.job_id}.{self.task_id}"
+        return job_label(self.job_id, self.task_id)
 
     @property
     def is_spare(self) -> bool:
@@ -184,6 +185,8 @@ class LeaseStore:
             free = [s for s in slots if s not in taken]
             if not free:
                 raise NoFreeSlot(f"all {len(slots)} VM slots on this node are in use")
+            check_transition(LeaseState.FREE, LeaseState.PREPARING,
+                             f"job {job_label(job_id, task_id)} slot {free[0]}")
             db.execute(
                 "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
                 "pid_start, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -266,6 +269,7 @@ class LeaseStore:
             if row is None:
                 return None
             spare = self._lease(row)
+            check_transition(spare.state, LeaseState.TEARING_DOWN, f"spare {spare.job_label}")
             pid = os.getpid()
             db.execute("UPDATE leases SET state=?, pid=?, pid_start=?, updated=? WHERE slot=?",
                        (LeaseState.TEARING_DOWN.value, pid, process_start(pid) or 0,

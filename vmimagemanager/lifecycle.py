@@ -12,7 +12,6 @@ import errno
 import json
 import logging
 import os
-import pwd
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,11 +19,11 @@ from dataclasses import dataclass
 from glob import escape as glob_escape
 from pathlib import Path
 
+from .accounts import account
 from .agentwake import poke
 from .config import DOMAIN_PREFIX, Config, Slot, UserNetwork, domain_name
 from .context import (
     JobContext,
-    check_label,
     context_dir,
     list_contexts,
     read_root_context,
@@ -35,8 +34,9 @@ from .context import (
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
 from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimError
 from .files import append_line, write_private_file
-from .hypervisor import Hypervisor, resolve_domain_type
+from .hypervisor import Hypervisor, LibvirtHypervisor, resolve_domain_type
 from .images import Image, ImageStore, prepare_overlay
+from .jobs import check_label, job_label
 from .leases import SPARE_JOB_ID, Lease, LeaseStore, is_spare_label
 from .rootenv import use_private_tmp
 from .seed import SeedData, build_seed, generate_keypair, public_key_line
@@ -66,7 +66,7 @@ class JobRequest:
 
     @property
     def label(self) -> str:
-        return f"{self.job_id}.{self.task_id}"
+        return job_label(self.job_id, self.task_id)
 
 
 # (life cycle, request, uid, gid, shares) -> the bound lease and context, or None
@@ -128,12 +128,13 @@ def ensure_admin_key(cfg: Config) -> Path:
     return path
 
 
-def owner_ids(owner: str) -> tuple[int, int]:
-    try:
-        entry = pwd.getpwnam(owner)
-    except KeyError:
-        raise VmimError(f"job owner {owner!r} is not a user on this host") from None
-    return entry.pw_uid, entry.pw_gid
+def open_node(cfg: Config, db_wait: float | None = None) -> LifeCycle:
+    """The node as every front end and hook opens it: libvirt at cfg.libvirt_uri and the
+    leases database (`db_wait`: how long to wait for another process's lock, if not the
+    default)."""
+    leases = LeaseStore(cfg.leases_db) if db_wait is None else LeaseStore(cfg.leases_db,
+                                                                          wait=db_wait)
+    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri), leases)
 
 
 class PhaseTimer:
@@ -178,7 +179,8 @@ class LifeCycle:
         image = self.images.get(request.image)  # ImageError before any slot is taken
         self.images.check_unchanged(image)
         self.started_image = image
-        uid, gid = owner_ids(request.owner)
+        owner = account(request.owner)
+        uid, gid = owner.uid, owner.gid
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
         names = slots or [s.name for s in self.cfg.slots]
@@ -384,6 +386,14 @@ class LifeCycle:
             raise VmimError(f"slot {slot.name}: no VM with an ssh forward runs there")
         return net.listen, port
 
+    def admin_login(self, slot: Slot, host_key: str, address: tuple[str, int] | None = None):
+        """root's login to the slot's VM with the node's admin key, pinned to `host_key`
+        (`address`: the VM's, if just read from libvirt)."""
+        from .guest import Endpoint
+
+        host, port = address or self.ssh_address(slot)
+        return Endpoint(host, port, "root", admin_key(self.cfg)[0], host_key)
+
     def write_job_context(self, slot: Slot, request: JobRequest, host_key: str, private: bytes,
                           uid: int, gid: int, shares: tuple[GuestShare, ...],
                           address: tuple[str, int] | None = None) -> JobContext:
@@ -461,7 +471,7 @@ class LifeCycle:
         process of their own and returns its pid (the lease names it from then on), or 0 and
         they are done here.
         """
-        label = check_label(f"{job_id}.{task_id}")
+        label = check_label(job_label(job_id, task_id))
         lease = self.ended_lease = self.leases.find_job(job_id, task_id)
         removed = remove_context(self.cfg.run_dir, label)
         if lease is None:
@@ -535,13 +545,11 @@ class LifeCycle:
         Images without an ACPI daemon ignore libvirt's shutdown request; an ssh poweroff works
         on any image we can log in to, and `sync` first keeps what an admin wrote (`store`).
         """
-        from .guest import Endpoint, connect
+        from .guest import connect
 
         try:
             host_key = read_root_context(self.cfg.run_dir, label).host_key
-            host, port = self.ssh_address(slot)
-            session = connect(Endpoint(host, port, "root", admin_key(self.cfg)[0], host_key),
-                              timeout=5)
+            session = connect(self.admin_login(slot, host_key), timeout=5)
         except Exception as exc:  # noqa: BLE001 - fall back to ACPI shutdown, then destroy
             log.info("slot %s: no ssh poweroff (%s); using ACPI shutdown", slot.name, exc)
             return

@@ -7,27 +7,15 @@ VO rule that matches wins, in the order of the configuration file.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import grp
-import os
-import pwd
 
+from .accounts import account
 from .config import Config, VoRule
-from .errors import VmimError
 
 
-def user_groups(owner: str) -> set[str]:
+def user_groups(owner: str) -> frozenset[str]:
     """Names of the owner's primary and supplementary groups on this host."""
-    try:
-        entry = pwd.getpwnam(owner)
-    except KeyError:
-        raise VmimError(f"job owner {owner!r} is not a user on this host") from None
-    names = set()
-    for gid in os.getgrouplist(owner, entry.pw_gid):  # NSS does the work (LDAP sites too)
-        with contextlib.suppress(KeyError):  # a gid without a group entry
-            names.add(grp.getgrgid(gid).gr_name)
-    return names
+    return account(owner).group_names
 
 
 def match_vo(cfg: Config, owner: str, queue: str = "") -> VoRule | None:

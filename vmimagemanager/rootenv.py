@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -58,3 +59,14 @@ def use_private_tmp(run_dir: Path) -> Path:
                             "else can write (not a link); fix it or remove it and retry")
     tempfile.tempdir = str(path)
     return path
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (the batch system ending a hook, systemd stopping the agent) raises
+    KeyboardInterrupt, so the code under way cleans up on its way out (a lease, a half-booted
+    VM) instead of dying where it stands."""
+    signal.signal(signal.SIGTERM, _interrupted)

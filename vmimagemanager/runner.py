@@ -12,14 +12,15 @@ import os
 import secrets
 import shlex
 import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
-from .batch.base import Job
 from .context import JobContext, key_path
-from .errors import GuestError
+from .errors import GuestError, VmimError
 from .guest import Endpoint, GuestNotReady, GuestSession, connect
+from .jobs import Job
 from .shares import is_under, unmounted_report
 
 log = logging.getLogger("vmimagemanager.runner")
@@ -172,3 +173,40 @@ class JobRunner:
             except Exception as exc:  # noqa: BLE001 - the VM is destroyed by the epilog anyway
                 log.info("job %s: scratch cleanup skipped: %s", job.label, exc)
             raise
+
+
+def start_in_context(job: Job, context: JobContext, run_dir: Path) -> int:
+    """The starter's last step in every batch system: end a rejected job with its reason, run a
+    native one as the batch system would, or run the job in its VM."""
+    if context.mode == "reject":
+        print(context.message, file=sys.stderr)
+        return 1
+    if context.mode == "native":
+        return exec_native(job)
+    try:
+        return JobRunner(job, context, run_dir).run()
+    except VmimError as exc:
+        print(f"vmimagemanager: job {job.label}: {exc}", file=sys.stderr)
+        return 1
+
+
+def exec_native(job: Job) -> int:
+    """No VO matched and the site runs such jobs on the host: do what the batch system itself
+    would (a script without #! goes to the job's shell)."""
+    argv = list(job.argv)
+    if job.is_script and not (job.exec_script and has_shebang(argv[0])):
+        argv = [job.shell, *argv]
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        print(f"vmimagemanager: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 127  # not reached
+
+
+def has_shebang(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(2) == b"#!"
+    except OSError:
+        return False

@@ -10,13 +10,13 @@ trust boundary of each mode.
 from __future__ import annotations
 
 import os
-import pwd
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .accounts import account
 from .config import SharedPath
-from .errors import ConfigError
+from .errors import ConfigError, VmimError
 
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,access=user,msize=262144"
 
@@ -51,9 +51,9 @@ def is_under(path: str, roots: Iterable[str]) -> bool:
 
 def owner_home(owner: str) -> str:
     try:
-        return pwd.getpwnam(owner).pw_dir
-    except KeyError:
-        raise ShareError(f"job owner {owner!r} is not a user on this host") from None
+        return account(owner).home
+    except VmimError as exc:
+        raise ShareError(str(exc)) from None
 
 
 def resolve_shares(shared: Iterable[SharedPath], owner: str) -> tuple[GuestShare, ...]:

@@ -334,16 +334,11 @@ def kept_login(cfg: Config, label: str) -> Path | None:
 
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
-    from .guest import parse_console_host_keys, read_console
+    from .guest import console_host_key
 
-    try:
-        keys = parse_console_host_keys(read_console(console))
-    except OSError:
-        keys = []
-    ed25519 = [k for k in keys if k.startswith("ssh-ed25519 ")]
-    if not keys:
+    if not (key := console_host_key(console)):
         raise VmimError(f"no host key on the spare's console {console}")
-    return (ed25519 or keys)[0]
+    return key
 
 
 def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
@@ -356,7 +351,7 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
         lease_element,
         lease_metadata,
     )
-    from .guest import Endpoint, connect, resume
+    from .guest import connect, resume
     from .seed import generate_keypair
 
     cfg, name = life.cfg, slot.domain_name
@@ -384,7 +379,7 @@ def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: i
         for export, _staging, share in binds:
             attach_home(pid, share, export)
     job_key = generate_keypair(f"vmim-job-{request.label}")
-    login = Endpoint(*address, "root", admin_key(cfg)[0], host_key)
+    login = life.admin_login(slot, host_key, address)
     kept = kept_login(cfg, spare.job_label)
     content = spare_meta.get(IMAGE_KEY, "")  # none in a spare booted by an older version
     keys_file = keysfiles.known(cfg, content, request.owner) if content else None

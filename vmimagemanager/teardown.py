@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .context import check_label
+    from .jobs import check_label
     from .logsetup import setup_logging
 
     setup_logging("vmimagemanager-teardown")
@@ -27,12 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import load_config
     from .errors import VmimError
-    from .hypervisor import LibvirtHypervisor
-    from .lifecycle import LifeCycle
+    from .lifecycle import open_node
 
     try:
         cfg = load_config(config)
-        LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri)).end_vm(
+        open_node(cfg).end_vm(
             cfg.slot(slot).name, job_label=check_label(label), account=False)
     except VmimError as exc:
         logging.getLogger("vmimagemanager.teardown").error(

@@ -1,9 +1,9 @@
-"""What every batch-system adapter produces: a Job, and what every adapter shares.
+"""What every batch-system adapter shares: the root hooks' start, the starter's command line.
 
-An adapter (sge.py, slurm.py) fills a Job from its system's arguments and environment, calls
-vmimagemanager.flow.start_job, and maps the Decision's outcome to its own conventions; its
-starter runs the job with runner.JobRunner. The guide, with designs for HTCondor and Torque:
-docs/batch-systems.md.
+An adapter (sge.py, slurm.py) fills a vmimagemanager.jobs.Job from its system's arguments and
+environment, calls vmimagemanager.flow.start_job, and maps the Decision's outcome to its own
+conventions; its starter hands the job to runner.start_in_context. The guide, with designs
+for HTCondor and Torque: docs/batch-systems.md.
 """
 
 from __future__ import annotations
@@ -11,17 +11,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
-import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
-from ..errors import VmimError
 from ..logsetup import setup_logging
 from ..rootenv import become_clean, take
-
-JOB_ID_RE = re.compile(r"^[0-9]{1,20}$")
-TASK_ID_RE = re.compile(r"^[0-9]{1,10}$")
 
 
 def root_hook_setup(program: str, keep: Sequence[str]) -> dict[str, str]:
@@ -35,66 +28,6 @@ def root_hook_setup(program: str, keep: Sequence[str]) -> dict[str, str]:
     os.umask(0o077)
     setup_logging(program, stderr_level=logging.CRITICAL)
     return taken
-
-
-def normalise_task_id(task: str | None) -> str:
-    """SGE says 'undefined' (env) or '0' (argv) outside array jobs; both become '0'."""
-    if task in (None, "", "undefined"):
-        return "0"
-    if not TASK_ID_RE.match(task):
-        raise VmimError(f"invalid task id {task!r}")
-    return task
-
-
-def check_job_id(job_id: str) -> str:
-    if not JOB_ID_RE.match(job_id):
-        raise VmimError(f"invalid job id {job_id!r}: expected digits")
-    return job_id
-
-
-@dataclass(frozen=True)
-class Job:
-    job_id: str
-    task_id: str
-    owner: str
-    queue: str = ""
-    argv: Sequence[str] = ()  # what the batch system asked to run
-    is_script: bool = True
-    shell: str = "/bin/sh"
-    # A script that starts with #! is run as it is (SGE's unix_behavior, Slurm always); else
-    # it is handed to `shell`.
-    exec_script: bool = False
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str = ""
-    # Files the job reads from the guest's own disk (e.g. the SGE settings a CE script sources):
-    # checked before the payload starts, so a job fails with a clear line, not half-way through.
-    guest_files: tuple[str, ...] = ()
-
-    @property
-    def label(self) -> str:
-        return f"{self.job_id}.{self.task_id}"
-
-
-def exec_native(job: Job) -> int:
-    """No VO matched and the site runs such jobs on the host: do what the batch system itself
-    would (a script without #! goes to the job's shell)."""
-    argv = list(job.argv)
-    if job.is_script and not (job.exec_script and has_shebang(argv[0])):
-        argv = [job.shell, *argv]
-    try:
-        os.execvp(argv[0], argv)
-    except OSError as exc:
-        print(f"vmimagemanager: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
-        return 127
-    return 127  # not reached
-
-
-def has_shebang(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(2) == b"#!"
-    except OSError:
-        return False
 
 
 def starter_arguments(prog: str, description: str, argv: Sequence[str] | None,

@@ -19,17 +19,16 @@ import argparse
 import logging
 import os
 import re
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
 from ..files import read_untrusted
+from ..jobs import Job, check_job_id, job_label, normalise_task_id
 from ..logsetup import setup_logging
-from ..rootenv import use_private_tmp
-from .base import Job, check_job_id, normalise_task_id, root_hook_setup, starter_arguments
-from .wrappers import start_in_context
+from ..rootenv import interrupt_on_sigterm, use_private_tmp
+from .base import root_hook_setup, starter_arguments
 
 log = logging.getLogger("vmimagemanager.sge")
 
@@ -79,10 +78,7 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
               "this and runs 'qmod -cj'", file=sys.stderr)
         return EXIT_HOLD
 
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
+    interrupt_on_sigterm()
     from ..flow import Outcome, start_job
 
     # the proxy a CE delegated, for the audit trail's Grid identity (read as the owner's file)
@@ -108,14 +104,14 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 def trusted_spool_dir(path: str | None, job_id: str, owner: str) -> str | None:
     """$SGE_JOB_SPOOL_DIR (`path`) for a root hook, only if it is execd's directory of this
     job: the root hooks' environment carries the user's `qsub -v` variables."""
-    from ..lifecycle import owner_ids
+    from ..accounts import account
 
     if not path:
         return None
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
-        owner_uid = owner_ids(owner)[0]
+        owner_uid = account(owner).uid
     except (OSError, VmimError):
         return None
     if (os.path.basename(os.path.dirname(real)) != "active_jobs"
@@ -174,23 +170,25 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         args = _hook_args("vmim-sge-epilog", argv, env)
         cfg = _load(args.config)
         from ..flow import audit_end, end_job
-        from ..hypervisor import LibvirtHypervisor
-        from ..lifecycle import LifeCycle
+        from ..lifecycle import open_node
 
-        life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+        life = open_node(cfg)
         if end_job(life, args.job_id, args.task_id):
             log.info("job %s.%s: VM usage recorded, its teardown under way", args.job_id,
                      args.task_id)
             spool_dir = trusted_spool_dir(env.get("SGE_JOB_SPOOL_DIR"), args.job_id, args.owner)
             usage = read_spool_file(spool_dir, "usage")
-            vm = life.usage.get(f"{args.job_id}.{args.task_id}")
+            label = job_label(args.job_id, args.task_id)
+            vm = life.usage.get(label)
             if vm is not None:
                 from ..files import append_line
                 from .sge_accounting import record_line
 
+                job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner,
+                          queue=args.queue)
                 append_line(cfg.state_dir / "accounting", record_line(
-                    args, read_spool_file(spool_dir), usage, vm), 0o640)
-            audit_end(life, f"{args.job_id}.{args.task_id}", args.owner,
+                    job, args.host, read_spool_file(spool_dir), usage, vm), 0o640)
+            audit_end(life, label, args.owner,
                       usage.get("exit_status"), usage.get("signal"))
             if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
                 print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
@@ -253,6 +251,7 @@ def job_from_starter(argv: Sequence[str], env: dict[str, str]) -> Job:
 
 def starter_main(argv: Sequence[str] | None = None) -> int:
     from ..context import read_context
+    from ..runner import start_in_context
 
     setup_logging("vmim-sge-starter", stderr_level=logging.ERROR)
     args, command = starter_arguments("vmim-sge-starter", "SGE starter_method of "

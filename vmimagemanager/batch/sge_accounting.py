@@ -12,11 +12,11 @@ APEL's SGE parser reads (point its accounting file at it, or at both files).
 
 from __future__ import annotations
 
-import argparse
-import grp
 from collections.abc import Mapping
 
+from ..accounts import account
 from ..errors import VmimError
+from ..jobs import Job
 
 # sge_accounting(5), gridengine 8.1.9: 45 colon-separated fields.
 FIELDS = (
@@ -42,15 +42,13 @@ def _number(values: Mapping[str, str], key: str) -> float:
         return 0.0
 
 
-def record_fields(args: argparse.Namespace, config: Mapping[str, str], usage: Mapping[str, str],
+def record_fields(job: Job, host: str, config: Mapping[str, str], usage: Mapping[str, str],
                   vm: Mapping[str, float]) -> dict[str, object]:
     """`config` and `usage` are the job's spool files (execd's, not the user's); `vm` is what
     libvirt said the domain used. Host-side usage (the starter relaying over ssh) is added."""
-    from ..lifecycle import owner_ids
-
     try:
-        group = grp.getgrgid(owner_ids(args.owner)[1]).gr_name
-    except (KeyError, VmimError):
+        group = account(job.owner).primary_group
+    except VmimError:
         group = "NONE"
     utime = _number(usage, "ru_utime") + vm.get("user_seconds", 0.0)
     stime = _number(usage, "ru_stime") + vm.get("system_seconds", 0.0)
@@ -61,16 +59,16 @@ def record_fields(args: argparse.Namespace, config: Mapping[str, str], usage: Ma
     wall = _number(usage, "ru_wallclock")
     fields: dict[str, object] = dict.fromkeys(FIELDS, 0)
     fields.update({
-        "qname": config.get("queue", args.queue), "hostname": config.get("host", args.host),
-        "group": group, "owner": args.owner, "job_name": config.get("job_name", "NONE"),
-        "job_number": args.job_id, "account": config.get("account", "sge"),
+        "qname": config.get("queue", job.queue), "hostname": config.get("host", host),
+        "group": group, "owner": job.owner, "job_name": config.get("job_name", "NONE"),
+        "job_number": job.job_id, "account": config.get("account", "sge"),
         "priority": config.get("priority", "0"),
         "submission_time": config.get("submission_time", "0"),
         "start_time": usage.get("start_time", "0"), "end_time": usage.get("end_time", "0"),
         "exit_status": usage.get("exit_status", "0"), "ru_wallclock": f"{wall:.0f}",
         "ru_utime": f"{utime:.6f}", "ru_stime": f"{stime:.6f}", "ru_maxrss": f"{peak_kib:.0f}",
         "project": "NONE", "department": "defaultdepartment", "granted_pe": "NONE",
-        "slots": 1, "task_number": args.task_id, "cpu": f"{cpu:.6f}",
+        "slots": 1, "task_number": job.task_id, "cpu": f"{cpu:.6f}",
         # GB*s: the peak resident memory over the wall time, an upper bound of the integral
         "mem": f"{peak_kib / (1 << 20) * wall:.6f}", "io": "0.000000", "category": "NONE",
         "iow": "0.000000", "pe_taskid": "NONE", "maxvmem": f"{peak_kib * 1024:.6f}",
@@ -82,9 +80,9 @@ def record_fields(args: argparse.Namespace, config: Mapping[str, str], usage: Ma
     return fields
 
 
-def record_line(args: argparse.Namespace, config: Mapping[str, str], usage: Mapping[str, str],
+def record_line(job: Job, host: str, config: Mapping[str, str], usage: Mapping[str, str],
                 vm: Mapping[str, float]) -> str:
-    fields = record_fields(args, config, usage, vm)
+    fields = record_fields(job, host, config, usage, vm)
     return ":".join(_clean(fields[name]) for name in FIELDS)
 
 

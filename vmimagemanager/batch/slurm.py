@@ -27,18 +27,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pwd
-import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
+from ..jobs import Job, check_job_id
 from ..logsetup import setup_logging
-from ..rootenv import use_private_tmp
-from .base import Job, check_job_id, exec_native, root_hook_setup, starter_arguments
-from .wrappers import start_in_context
+from ..rootenv import interrupt_on_sigterm, use_private_tmp
+from .base import root_hook_setup, starter_arguments
 
 log = logging.getLogger("vmimagemanager.slurm")
 
@@ -89,8 +87,8 @@ def scontrol(*args: str) -> str:
 def _tell_slurmctld(cfg: Config | None, job: Job, hold: bool, reason: str) -> None:
     """Requeue (retry) or requeue held with the reason (hold); if slurmctld cannot be told, end
     the job with the reason instead of letting it start without its VM."""
+    from ..accounts import account
     from ..context import JobContext, write_context
-    from ..lifecycle import owner_ids
 
     action = "requeuehold" if hold else "requeue"
     error = scontrol(action, job.job_id)
@@ -107,7 +105,8 @@ def _tell_slurmctld(cfg: Config | None, job: Job, hold: bool, reason: str) -> No
     if cfg is None:
         return  # no configuration, no run_dir: the starter finds no context and says so
     try:
-        uid, gid = owner_ids(job.owner)
+        owner = account(job.owner)
+        uid, gid = owner.uid, owner.gid
         write_context(cfg.run_dir, JobContext(
             mode="reject", label=job.label,
             message=f"vmimagemanager: {reason}; the job did not run (it could not be "
@@ -133,10 +132,7 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
         _tell_slurmctld(None, job, True, str(exc))
         return 0
 
-    def interrupted(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
+    interrupt_on_sigterm()
     from ..flow import Outcome, start_job
 
     decision = start_job(cfg, job)
@@ -156,10 +152,9 @@ def epilog_main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(config_path(args.config, trust_environment=False))
         use_private_tmp(cfg.run_dir)
         from ..flow import audit_end, end_job
-        from ..hypervisor import LibvirtHypervisor
-        from ..lifecycle import LifeCycle
+        from ..lifecycle import open_node
 
-        life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+        life = open_node(cfg)
         if end_job(life, job.job_id, job.task_id):
             status, _, sig = env.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
             audit_end(life, job.label, job.owner, status, sig)
@@ -191,7 +186,9 @@ def _no_context(job: Job, exc: VmimError) -> int:
     return 1
 
 def starter_main(argv: Sequence[str] | None = None) -> int:
+    from ..accounts import current_account_name
     from ..context import read_context
+    from ..runner import exec_native, start_in_context
 
     setup_logging("vmim-slurm-starter", stderr_level=logging.ERROR)
     args, command = starter_arguments(
@@ -205,10 +202,10 @@ def starter_main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(config_path(args.config))
         job = Job(job_id=check_job_id(args.job), task_id=TASK_ID,
-                  owner=pwd.getpwuid(os.getuid()).pw_name,
+                  owner=current_account_name(),
                   queue=os.environ.get("SLURM_JOB_PARTITION", ""), argv=list(command),
                   is_script=batch, exec_script=True, env=dict(os.environ), cwd=os.getcwd())
-    except (VmimError, KeyError) as exc:
+    except VmimError as exc:
         print(f"vmimagemanager: {exc}", file=sys.stderr)
         return 1
     try:

@@ -89,26 +89,6 @@ def wrapper_script(system: HookSystem, hook: str, target: str, config: str,
                           keep=keep)
 
 
-def start_in_context(job, context, run_dir: Path) -> int:
-    """The starter's last step in every batch system: end a rejected job with its reason, run a
-    native one as the batch system would, or run the job in its VM."""
-    import sys
-
-    from ..runner import JobRunner
-    from .base import exec_native
-
-    if context.mode == "reject":
-        print(context.message, file=sys.stderr)
-        return 1
-    if context.mode == "native":
-        return exec_native(job)
-    try:
-        return JobRunner(job, context, run_dir).run()
-    except VmimError as exc:
-        print(f"vmimagemanager: job {job.label}: {exc}", file=sys.stderr)
-        return 1
-
-
 def hook_interpreter(target: Path) -> str:
     """The Python a console script runs with (its #! line): the wrappers call it with -I."""
     if not target.exists():
