@@ -43,13 +43,20 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", *args], capture_output=True, text=True)
 
 
+# Python's temporary directory as the test session started (pytest's own tmp_path lives there).
+SESSION_TEMPDIR = tempfile.tempdir
+
+
 @pytest.fixture(autouse=True)
 def _tempdir_of_the_test_process():
     """A root entry point makes its run_dir/tmp Python's temporary directory for the rest of
-    its process (rootenv.use_private_tmp); tests share one process, so each starts afresh."""
-    before = tempfile.tempdir
+    its process (rootenv.use_private_tmp); tests share one process, and a module's fixture may
+    have set it (before this fixture runs, or in its teardown) and removed the directory since:
+    each test starts with the session's own if that one is gone, and ends with it."""
+    if tempfile.tempdir is not None and not os.path.isdir(tempfile.tempdir):
+        tempfile.tempdir = SESSION_TEMPDIR
     yield
-    tempfile.tempdir = before
+    tempfile.tempdir = SESSION_TEMPDIR
 
 
 @pytest.fixture(scope="session")
