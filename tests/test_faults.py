@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -38,6 +39,8 @@ from sgecell import (
     wait_done,
     wait_for,
 )
+
+from vmimagemanager.batch.sge_queue import DEFAULT_EXECD_SPOOL
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge]
 
@@ -327,15 +330,20 @@ def test_interactive_jobs_are_refused_and_the_queue_stays_usable(faults, client)
     faults.assert_queue_usable()
 
 
-def test_the_prolog_itself_refuses_an_interactive_job_without_disabling_the_queue(faults, tmp_path):
+def test_the_prolog_itself_refuses_an_interactive_job_without_disabling_the_queue(faults):
     """A queue an admin made interactive anyway: the hook holds such a job (exit 100)."""
-    spool = tmp_path / "active_jobs" / "777.1"  # as execd lays it out (root-owned)
+    host = f"vmimtest{os.getpid()}"  # a host of execd's spool no execd uses
+    execd = Path(DEFAULT_EXECD_SPOOL)  # this cell's execd_spool_dir (install-queue wrote it)
+    spool = execd / host / "active_jobs" / "777.1"  # as execd lays it out (root-owned)
     spool.mkdir(parents=True)
-    (spool / "config").write_text("script_file=QRSH\nqrsh_control_port=host:1234\n")
-    prolog = faults.base / "libexec" / "prolog"
-    r = subprocess.run([str(prolog), "777", "0", "atlas001", QUEUE, "host"],
-                       capture_output=True, text=True, timeout=60,
-                       env={"PATH": "/usr/bin:/bin", "SGE_JOB_SPOOL_DIR": str(spool)})
+    try:
+        (spool / "config").write_text("script_file=QRSH\nqrsh_control_port=host:1234\n")
+        prolog = faults.base / "libexec" / "prolog"
+        r = subprocess.run([str(prolog), "777", "0", "atlas001", QUEUE, host],
+                           capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin", "SGE_JOB_SPOOL_DIR": str(spool)})
+    finally:
+        shutil.rmtree(execd / host)
     assert r.returncode == 100, r.stderr
     assert r.stderr.startswith("vmimagemanager prolog: job 777.0: interactive jobs (qrsh, "
                                "qlogin, srun --pty) cannot run in a VM queue"), r.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vmimagemanager.batch.sge import job_from_starter, read_spool_file
@@ -88,19 +90,63 @@ def test_a_script_that_sources_the_cell_settings_needs_them_in_the_guest(tmp_pat
     assert job_from_starter([str(gram)], {**env, "SGE_ROOT": ""}).guest_files == ()
 
 
-def test_root_hooks_trust_only_execds_spool_directory_of_the_job(tmp_path, monkeypatch):
-    """`qsub -v SGE_JOB_SPOOL_DIR=...` reaches the root hooks: a directory of the job's owner,
-    or of another job, is not read."""
-    import os
+def test_root_hooks_trust_only_execds_spool_directory_of_the_job(tmp_path):
+    """`qsub -v SGE_JOB_SPOOL_DIR=...` reaches the root hooks: only execd's own directory of
+    this job, `<execd_spool_dir>/<host>/active_jobs/<job>.<task>`, is trusted. A directory of
+    that name another account made (a second pool account of the same person) passed the old
+    check, and its `usage` and `config` forged the job's accounting record."""
     import pwd
 
     from vmimagemanager.batch.sge import trusted_spool_dir
+    from vmimagemanager.jobs import Job
 
     me = pwd.getpwuid(os.getuid()).pw_name
     other = next(p.pw_name for p in pwd.getpwall() if p.pw_uid != os.getuid())
-    spool = tmp_path / "active_jobs" / "42.1"
+    execd = tmp_path / "execd"
+    spool = execd / "node1" / "active_jobs" / "42.1"
     spool.mkdir(parents=True)
-    assert trusted_spool_dir(str(spool), "42", other) == str(spool)
-    assert trusted_spool_dir(str(spool), "43", other) is None  # another job's
-    assert trusted_spool_dir(str(spool), "42", me) is None  # the job owner's: the user made it
-    assert trusted_spool_dir(str(tmp_path), "42", other) is None  # not below active_jobs
+    (execd / "node1" / "active_jobs" / "42.3").mkdir()
+    job = Job(job_id="42", task_id="0", owner=other)
+    assert trusted_spool_dir(str(spool), job, "node1", [str(execd)]) == str(spool)
+    assert trusted_spool_dir(str(spool), job, "node1.example.org", [str(execd)]) == str(spool)
+    array_task = Job(job_id="42", task_id="3", owner=other)
+    assert trusted_spool_dir(str(execd / "node1/active_jobs/42.3"), array_task, "node1",
+                             [str(execd)]) == str(execd / "node1/active_jobs/42.3")
+    refused = [
+        (str(spool), Job(job_id="43", task_id="0", owner=other), "node1", [str(execd)]),
+        (str(execd / "node1/active_jobs/42.3"), job, "node1", [str(execd)]),  # another task
+        (str(spool), job, "node2", [str(execd)]),  # another host's
+        (str(spool), job, "node1", []),  # a wrapper from before install-queue passed the dir
+        (str(spool), job, "../execd/node1", [str(execd)]),
+        (str(spool), Job(job_id="42", task_id="0", owner=me), "node1", [str(execd)]),  # owner's
+    ]
+    for args in refused:
+        assert trusted_spool_dir(*args) is None, args
+    # the same name below a directory that is not execd's: another account's forgery
+    forged = tmp_path / "elsewhere" / "node1" / "active_jobs" / "42.1"
+    forged.mkdir(parents=True)
+    assert trusted_spool_dir(str(forged), job, "node1", [str(execd)]) is None
+    link = tmp_path / "link"
+    link.symlink_to(forged)
+    assert trusted_spool_dir(str(link), job, "node1", [str(execd)]) is None
+
+
+@pytest.mark.parametrize("bad", ["42\n", "4 2", "-1", "", "4" * 21])
+def test_a_job_or_task_id_that_is_not_all_digits_is_refused(bad):
+    """`$` matches before a final newline: ids and labels name files, so the whole string must
+    match (re.fullmatch)."""
+    from vmimagemanager.jobs import check_job_id
+
+    with pytest.raises(VmimError):
+        check_job_id(bad)
+    if bad:
+        with pytest.raises(VmimError):
+            normalise_task_id(bad)
+
+
+@pytest.mark.parametrize("bad", ["42.0\n", "42\n.0", "../x.0", "42", "a/b.0"])
+def test_a_label_that_could_leave_its_directory_or_end_a_line_is_refused(bad):
+    from vmimagemanager.jobs import check_label
+
+    with pytest.raises(VmimError):
+        check_label(bad)

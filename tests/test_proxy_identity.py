@@ -415,3 +415,14 @@ def test_the_start_event_records_only_a_verified_identity(pki, ca_dir, tmp_path)
     assert "identity" not in claim and claim["identity_unverified"] == "/DC=org/CN=Somebody Else"
     assert "self-signed" in claim["identity_problem"]
     assert not {"identity", "identity_unverified", "identity_problem"} & set(none)
+
+
+def test_a_proxy_reached_through_a_linked_directory_is_not_read(pki, ca_dir, tmp_path):
+    """No link at any level of the path, not only its last part (files.read_untrusted)."""
+    real = tmp_path / "real"
+    real.mkdir()
+    pki.proxy_file(real / "x509up", "proxy", "alice")
+    (tmp_path / "via").symlink_to(real)
+    assert identity(real / "x509up", ca_dir).verified
+    result = identity(tmp_path / "via" / "x509up", ca_dir)
+    assert not result.verified and result.reason.startswith("proxy not read"), result

@@ -63,7 +63,8 @@ def test_the_hook_gets_the_config_and_arguments_unchanged(tmp_path):
     r = run(wrapper(tmp_path, "prolog", f"open({str(out)!r}, 'w').write(''.join("
                                         "f'<{a}>' for a in sys.argv[1:]))\n"), "7", "it's a b")
     assert r.returncode == 0
-    assert out.read_text() == f"<--config><{tmp_path}/my config.yaml><7><it's a b>"
+    assert out.read_text() == (f"<--config><{tmp_path}/my config.yaml>"
+                               "<--execd-spool></var/spool/gridengine/execd><7><it's a b>")
 
 
 def test_sigterm_to_the_wrapper_reaches_the_hook_and_maps_its_status(tmp_path):
@@ -162,3 +163,26 @@ def test_root_hook_setup_leaves_the_allow_list_and_returns_what_the_hook_reads(m
         os.environ.clear()
         os.environ.update(before)
         os.umask(0o022)
+
+
+def test_a_function_the_job_exports_replaces_no_command_of_the_wrapper(tmp_path):
+    """Where /bin/sh is bash (EL nodes), bash imports `BASH_FUNC_name%%` variables as functions
+    even as sh, and SGE passes them from `qsub -v` to root's wrapper: a `wait` of the job's
+    ran as root there. The wrapper runs `sh -p`, which imports none."""
+    import shutil
+
+    sh = tmp_path / "sh"
+    sh.symlink_to(shutil.which("bash"))
+    path = wrapper(tmp_path, "prolog", "sys.exit(0)\n")
+    first, rest = path.read_text().split("\n", 1)
+    assert first == "#!/bin/sh -p"
+    marker = tmp_path / "ran-as-root"
+    env = {"PATH": "/usr/bin:/bin",
+           "BASH_FUNC_wait%%": f'() {{ id -u > {marker}; builtin wait "$@"; }}'}
+    path.write_text(f"#!{sh}\n{rest}")  # without -p: the attack works (the test can fail)
+    run(path, "7", "0", "atlas001", env=env)
+    assert marker.read_text().strip() == str(os.getuid())
+    marker.unlink()
+    path.write_text(f"#!{sh} -p\n{rest}")
+    r = run(path, "7", "0", "atlas001", env=env)
+    assert r.returncode == 0 and not marker.exists(), r.stderr

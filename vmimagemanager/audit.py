@@ -21,14 +21,13 @@ import logging
 import os
 import re
 import socket
-import stat
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .files import append_line
+from .files import UntrustedFileError, append_line, read_untrusted
 from .rootenv import clean_environment
 
 if TYPE_CHECKING:
@@ -110,24 +109,18 @@ def proxy_identity(path: str | None, owner_uid: int,
     certificate's subject, without the proxy's own CN parts, is only the proxy's claim.
 
     Root reads the file on the job's word (the path comes from the job's environment), so only
-    a regular file of the job's owner, opened without following a symbolic link nor waiting for
-    a writer; only its certificates go to openssl, with root's clean environment, never its key.
+    a regular file of the job's owner, at most PROXY_MAX_BYTES, read with files.read_untrusted
+    (no link at any level, never waiting for a writer); only its certificates go to openssl,
+    with root's clean environment, never its key.
     """
     if not path:
         return ProxyIdentity()
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        text = read_untrusted(path, owner_uid, PROXY_MAX_BYTES).decode("ascii", errors="replace")
+    except UntrustedFileError as exc:
+        return ProxyIdentity(reason=f"proxy not read: {exc}")
     except OSError as exc:
-        return ProxyIdentity(reason=f"proxy not read: {exc.strerror}")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner_uid:
-            return ProxyIdentity(reason="proxy not read: not a regular file of the job's owner")
-        text = os.read(fd, PROXY_MAX_BYTES).decode("ascii", errors="replace")
-    except OSError as exc:
-        return ProxyIdentity(reason=f"proxy not read: {exc.strerror}")
-    finally:
-        os.close(fd)
+        return ProxyIdentity(reason=f"proxy not read: {exc.strerror or exc}")
     blocks = _pem_blocks(text)
     certs = [(pem, body) for pem, kind, body in blocks if kind == "CERTIFICATE"]
     if not certs:

@@ -22,11 +22,11 @@ from .errors import ConfigError
 DEFAULT_CONFIG_PATH = "/etc/vmimagemanager/vmimagemanager.yaml"
 
 # Slot and image names become parts of file names and libvirt domain names.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
-UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}\Z")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z")
+UNIX_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\$?\Z")
 
 
 DOMAIN_PREFIX = "vmim-"

@@ -165,8 +165,8 @@ def list_contexts(run_dir: Path) -> list[str]:
     """Every job label with either copy of a context (or a spare's kept-login directory)."""
     labels = set()
     if jobs_dir(run_dir).is_dir():
-        labels |= {p.name for p in jobs_dir(run_dir).iterdir() if LABEL_RE.match(p.name)}
+        labels |= {p.name for p in jobs_dir(run_dir).iterdir() if LABEL_RE.fullmatch(p.name)}
     if root_contexts_dir(run_dir).is_dir():
         labels |= {p.name.removesuffix(".json") for p in root_contexts_dir(run_dir).iterdir()
-                   if p.name.endswith(".json") and LABEL_RE.match(p.name.removesuffix(".json"))}
+                   if p.name.endswith(".json") and LABEL_RE.fullmatch(p.name.removesuffix(".json"))}
     return sorted(labels)

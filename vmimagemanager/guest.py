@@ -38,8 +38,9 @@ HOST_KEY_END = "-----END SSH HOST KEY KEYS-----"
 # is; virtlogd caps the file itself, see docs/security.md), or the last 8 KiB for an error.
 CONSOLE_READ_BYTES = 4 << 20
 CONSOLE_TAIL_BYTES = 8 << 10
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-HOST_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+) [A-Za-z0-9+/]+={0,2}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+HOST_KEY_RE = re.compile(r"^(ssh-[a-z0-9-]+|ecdsa-sha2-nistp[0-9]+) "
+                         r"[A-Za-z0-9+/]+={0,2}\Z")
 # After the payload has exited, output still in flight is relayed for up to DRAIN_SECONDS; a
 # background process it left holding stdout/stderr open is not waited for longer.
 DRAIN_SECONDS = 5

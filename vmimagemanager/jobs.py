@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 from .errors import VmimError
 
-JOB_ID_RE = re.compile(r"^[0-9]{1,20}$")
-TASK_ID_RE = re.compile(r"^[0-9]{1,10}$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,32}$")
+JOB_ID_RE = re.compile(r"[0-9]{1,20}")
+TASK_ID_RE = re.compile(r"[0-9]{1,10}")
+# whole-string matches (fullmatch): `$` would let a final newline through into a file name
+LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,64}\.[A-Za-z0-9_-]{1,32}")
 
 
 def job_label(job_id: str, task_id: str) -> str:
@@ -25,7 +26,7 @@ def job_label(job_id: str, task_id: str) -> str:
 
 def check_label(label: str) -> str:
     """A job label is used in paths: allow nothing that could escape."""
-    if not LABEL_RE.match(label):
+    if not LABEL_RE.fullmatch(label):
         raise VmimError(f"invalid job id/task id {label!r}: expected <digits or name>.<task>")
     return label
 
@@ -34,13 +35,13 @@ def normalise_task_id(task: str | None) -> str:
     """SGE says 'undefined' (env) or '0' (argv) outside array jobs; both become '0'."""
     if task in (None, "", "undefined"):
         return "0"
-    if not TASK_ID_RE.match(task):
+    if not TASK_ID_RE.fullmatch(task):
         raise VmimError(f"invalid task id {task!r}")
     return task
 
 
 def check_job_id(job_id: str) -> str:
-    if not JOB_ID_RE.match(job_id):
+    if not JOB_ID_RE.fullmatch(job_id):
         raise VmimError(f"invalid job id {job_id!r}: expected digits")
     return job_id
 

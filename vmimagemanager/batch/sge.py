@@ -19,16 +19,24 @@ import argparse
 import logging
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
+from ..accounts import account
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
-from ..files import read_untrusted
-from ..jobs import Job, check_job_id, job_label, normalise_task_id
+from ..files import append_line, read_untrusted
+from ..flow import Decision, Outcome
+from ..jobs import Job, check_job_id, normalise_task_id
 from ..logsetup import setup_logging
-from ..rootenv import interrupt_on_sigterm, use_private_tmp
-from .base import root_hook_setup, starter_arguments
+from .base import starter_arguments
+from .contract import HookCall, run_epilog, run_prolog
+
+if TYPE_CHECKING:
+    from ..lifecycle import LifeCycle
 
 log = logging.getLogger("vmimagemanager.sge")
 
@@ -47,6 +55,10 @@ def _hook_args(program: str, argv: Sequence[str] | None,
         prog=program, description="SGE hook of vmimagemanager; configured in the queue as "
         f"'root@{program} --config FILE $job_id $ja_task_id $job_owner $queue $host'")
     parser.add_argument("--config", help="configuration file (never taken from the environment)")
+    parser.add_argument("--execd-spool", action="append", default=[], metavar="DIR",
+                        help="sge_execd's spool directory (execd_spool_dir; install-queue "
+                        "writes it): only $SGE_JOB_SPOOL_DIR below DIR/HOST/active_jobs/ is "
+                        "trusted")
     parser.add_argument("args", nargs="+", metavar="ARG",
                         help="JOB_ID [TASK_ID] JOB_OWNER QUEUE HOST")
     ns = parser.parse_args(argv)
@@ -62,62 +74,107 @@ def _hook_args(program: str, argv: Sequence[str] | None,
     return ns
 
 
-def _load(explicit: str | None) -> Config:
-    cfg = load_config(config_path(explicit, trust_environment=False))
-    use_private_tmp(cfg.run_dir)
-    return cfg
+# What the prolog tells SGE of each outcome: exit status, log level and word, the end of the one
+# line the job's .e file gets (tests/test_sge.py, tests/test_faults.py check each on the cell).
+PROLOG_OUTCOMES = {
+    Outcome.READY: (EXIT_OK, logging.INFO, "ready", ""),
+    Outcome.RETRY: (EXIT_RESCHEDULE, logging.WARNING, "rescheduled", "the job is rescheduled"),
+    Outcome.HOLD: (EXIT_HOLD, logging.ERROR, "held",
+                   "the job is held (Eqw): fix the cause, then 'qmod -cj {job_id}'"),
+}
 
 
-def prolog_main(argv: Sequence[str] | None = None) -> int:
-    env = root_hook_setup("vmim-sge-prolog", HOOK_ENV)
-    try:
-        args = _hook_args("vmim-sge-prolog", argv, env)
-        cfg = _load(args.config)
-    except (VmimError, SystemExit) as exc:
+class SgeHooks:
+    """The SGE side of the hook contract (batch/contract.py)."""
+
+    program = "vmim-sge"
+    hook_env = HOOK_ENV
+
+    def parse(self, hook: str, argv: Sequence[str] | None,
+              env: Mapping[str, str]) -> HookCall:
+        args = _hook_args(f"{self.program}-{hook}", argv, env)
+        job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue)
+        return HookCall(job, args.config, env, args.host, trusted_spool_dir(
+            env.get("SGE_JOB_SPOOL_DIR"), job, args.host, args.execd_spool))
+
+    def unusable(self, hook: str, exc: BaseException) -> int:
+        log.error("%s: %s", hook, exc)
+        if hook == "epilog":  # never 99/100 here: see the module docstring
+            print(f"vmimagemanager epilog: {exc}", file=sys.stderr)
+            return EXIT_OK
         print(f"vmimagemanager prolog: {exc}; the job is held (Eqw) until an admin fixes "
               "this and runs 'qmod -cj'", file=sys.stderr)
         return EXIT_HOLD
 
-    interrupt_on_sigterm()
-    from ..flow import Outcome, start_job
+    def admission(self, call: HookCall) -> tuple[Job, bool]:
+        """The proxy a CE delegated, for the audit trail's Grid identity: the job's variable,
+        or the line GRAM writes into the spooled script."""
+        job = call.job
+        spool = read_spool_file(call.spool_dir)
+        proxy = call.env.get("X509_USER_PROXY") or script_proxy_path(call.spool_dir, spool,
+                                                                      job.job_id)
+        return replace(job, env={"X509_USER_PROXY": proxy}), is_interactive(spool)
 
-    # the proxy a CE delegated, for the audit trail's Grid identity (read as the owner's file)
-    spool_dir = trusted_spool_dir(env.get("SGE_JOB_SPOOL_DIR"), args.job_id, args.owner)
-    spool = read_spool_file(spool_dir)
-    proxy = env.get("X509_USER_PROXY") or script_proxy_path(spool_dir, spool, args.job_id)
-    job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner, queue=args.queue,
-              env={"X509_USER_PROXY": proxy})
-    decision = start_job(cfg, job, interactive=is_interactive(spool))
-    if decision.outcome is Outcome.RETRY:
-        log.warning("job %s: rescheduled: %s", job.label, decision.reason)
-        print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is "
-              "rescheduled", file=sys.stderr)
-        return EXIT_RESCHEDULE
-    if decision.outcome is Outcome.HOLD:
-        log.error("job %s: held: %s", job.label, decision.reason)
-        print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; the job is held "
-              f"(Eqw): fix the cause, then 'qmod -cj {job.job_id}'", file=sys.stderr)
-        return EXIT_HOLD
-    return EXIT_OK
+    def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
+        status, level, word, says = PROLOG_OUTCOMES[decision.outcome]
+        job = call.job
+        if says:
+            log.log(level, "job %s: %s: %s", job.label, word, decision.reason)
+            print(f"vmimagemanager prolog: job {job.label}: {decision.reason}; "
+                  f"{says.format(job_id=job.job_id)}", file=sys.stderr)
+        return status
+
+    def ended(self, cfg: Config, call: HookCall, life: LifeCycle) -> tuple[str, str]:
+        """gridengine's accounting line with the VM's usage; a starter killed on the node said
+        so in the job's .e file."""
+        job, spool_dir = call.job, call.spool_dir
+        usage = read_spool_file(spool_dir, "usage")
+        vm = life.usage.get(job.label)
+        if vm is not None:
+            from .sge_accounting import record_line
+
+            append_line(cfg.state_dir / "accounting", record_line(
+                job, call.host, read_spool_file(spool_dir), usage, vm), 0o640)
+        if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
+            print(f"vmimagemanager epilog: job {job.label} was ended by signal "
+                  f"{usage['signal']} on the node (qdel, a limit such as h_rt, the OOM killer "
+                  "or an admin); its VM is destroyed", file=sys.stderr)
+        return usage.get("exit_status", ""), usage.get("signal", "")
 
 
-def trusted_spool_dir(path: str | None, job_id: str, owner: str) -> str | None:
+def prolog_main(argv: Sequence[str] | None = None) -> int:
+    return run_prolog(SgeHooks(), argv)
+
+
+def epilog_main(argv: Sequence[str] | None = None) -> int:
+    return run_epilog(SgeHooks(), argv)
+
+
+def trusted_spool_dir(path: str | None, job: Job, host: str,
+                      execd_spools: Sequence[str]) -> str | None:
     """$SGE_JOB_SPOOL_DIR (`path`) for a root hook, only if it is execd's directory of this
-    job: the root hooks' environment carries the user's `qsub -v` variables."""
-    from ..accounts import account
-
-    if not path:
+    job: `<execd_spool_dir>/<host>/active_jobs/<job>.<task>` (a job outside an array is task
+    1 there) for an execd_spool_dir install-queue wrote into the hook's command line. The root
+    hooks' environment carries the user's `qsub -v` variables, and a directory of that name
+    made by another account of the same person (or by a guest's root through a share) would
+    otherwise forge the job's accounting record and its proxy."""
+    if not path or not host or "/" in host or host.startswith("."):
         return None
+    task = job.task_id if job.task_id != "0" else "1"
+    names = {host, host.split(".")[0]}  # execd names its directory by the short name or not
+    expected = {os.path.realpath(os.path.join(base, name, "active_jobs",
+                                              f"{job.job_id}.{task}"))
+                for base in execd_spools if base.startswith("/") for name in names}
     real = os.path.realpath(path)
     try:
         st = os.stat(real)
-        owner_uid = account(owner).uid
+        owner_uid = account(job.owner).uid
     except (OSError, VmimError):
         return None
-    if (os.path.basename(os.path.dirname(real)) != "active_jobs"
-            or not os.path.basename(real).startswith(f"{job_id}.") or st.st_uid == owner_uid):
+    if real not in expected or not stat.S_ISDIR(st.st_mode) or st.st_uid == owner_uid:
         log.warning("job %s: ignoring SGE_JOB_SPOOL_DIR %r: not execd's spool directory of "
-                    "the job", job_id, path)
+                    "the job (%s)", job.label, path, ", ".join(sorted(expected)) or
+                    "no --execd-spool: run 'vmimagemanager sge install-queue' again")
         return None
     return real
 
@@ -162,42 +219,6 @@ def is_interactive(spool: Mapping[str, str]) -> bool:
     """qrsh, qlogin and qsh jobs: execd writes their script_file as a keyword, not a path."""
     return spool.get("script_file") in ("QRSH", "QLOGIN", "INTERACTIVE") or \
         "qrsh_control_port" in spool
-
-
-def epilog_main(argv: Sequence[str] | None = None) -> int:
-    env = root_hook_setup("vmim-sge-epilog", HOOK_ENV)
-    try:
-        args = _hook_args("vmim-sge-epilog", argv, env)
-        cfg = _load(args.config)
-        from ..flow import audit_end, end_job
-        from ..lifecycle import open_node
-
-        life = open_node(cfg)
-        if end_job(life, args.job_id, args.task_id):
-            log.info("job %s.%s: VM usage recorded, its teardown under way", args.job_id,
-                     args.task_id)
-            spool_dir = trusted_spool_dir(env.get("SGE_JOB_SPOOL_DIR"), args.job_id, args.owner)
-            usage = read_spool_file(spool_dir, "usage")
-            label = job_label(args.job_id, args.task_id)
-            vm = life.usage.get(label)
-            if vm is not None:
-                from ..files import append_line
-                from .sge_accounting import record_line
-
-                job = Job(job_id=args.job_id, task_id=args.task_id, owner=args.owner,
-                          queue=args.queue)
-                append_line(cfg.state_dir / "accounting", record_line(
-                    job, args.host, read_spool_file(spool_dir), usage, vm), 0o640)
-            audit_end(life, label, args.owner,
-                      usage.get("exit_status"), usage.get("signal"))
-            if usage.get("signal", "0") not in ("", "0"):  # the starter on the host was killed
-                print(f"vmimagemanager epilog: job {args.job_id}.{args.task_id} was ended by "
-                      f"signal {usage['signal']} on the node (qdel, a limit such as h_rt, the "
-                      "OOM killer or an admin); its VM is destroyed", file=sys.stderr)
-    except (Exception, SystemExit) as exc:  # never 99/100 here: see the module docstring
-        log.error("epilog: %s", exc)
-        print(f"vmimagemanager epilog: {exc}", file=sys.stderr)
-    return EXIT_OK
 
 
 # -- starter_method (runs as the job's user) ------------------------------------------------------

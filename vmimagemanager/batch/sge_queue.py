@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import load_config
@@ -52,9 +53,16 @@ SGE = HookSystem(
         "that puts the queue\n# instance into E (any other code, or a signal, would)."))
 
 
-def wrapper_script(hook: str, target: str, config: str, python: str) -> str:
-    """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER)."""
-    return wrappers.wrapper_script(SGE, hook, target, config, python)
+# Debian's and SGE's default execd_spool_dir (qconf -sconf), for wrappers made without a cell
+DEFAULT_EXECD_SPOOL = "/var/spool/gridengine/execd"
+
+
+def wrapper_script(hook: str, target: str, config: str, python: str,
+                   execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> str:
+    """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER); the
+    hooks trust $SGE_JOB_SPOOL_DIR only below `execd_spools` (sge.trusted_spool_dir)."""
+    args = [a for spool in execd_spools for a in ("--execd-spool", spool)]
+    return wrappers.wrapper_script(SGE, hook, target, config, python, args)
 
 
 STARTER = """#!/bin/sh
@@ -65,19 +73,36 @@ exec {python} -I {target} --config {config} -- "$@"
 """
 
 
-def hook_script(hook: str, target: str, config: str, python: str) -> str:
+def hook_script(hook: str, target: str, config: str, python: str,
+                execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> str:
     if hook == "starter":
         return STARTER.format(target=shlex.quote(target), config=shlex.quote(config),
                               python=shlex.quote(python))
-    return wrapper_script(hook, target, config, python)
+    return wrapper_script(hook, target, config, python, execd_spools)
 
 
-def write_wrappers(directory: Path, config: str, bindir: Path) -> dict[str, Path]:
+def write_wrappers(directory: Path, config: str, bindir: Path,
+                   execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> dict[str, Path]:
     bodies = {}
     for hook in ("prolog", "starter", "epilog"):
         target = bindir / f"vmim-sge-{hook}"
-        bodies[hook] = hook_script(hook, str(target), config, wrappers.hook_interpreter(target))
+        bodies[hook] = hook_script(hook, str(target), config, wrappers.hook_interpreter(target),
+                                   execd_spools)
     return wrappers.write_root_scripts(directory, bodies)
+
+
+def execd_spool_dirs(hosts: Sequence[str]) -> list[str]:
+    """execd_spool_dir of each host (its local configuration, else the global one)."""
+    def spool_of(*which: str) -> str | None:
+        out = _qconf("-sconf", *which, check=False).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "execd_spool_dir" and value.strip().startswith("/"):
+                return value.strip()
+        return None
+
+    default = spool_of() or DEFAULT_EXECD_SPOOL
+    return sorted({spool_of(host) or default for host in hosts})
 
 
 def queue_definition(template: str, values: dict[str, str]) -> str:
@@ -102,9 +127,10 @@ def install_queue(config_path: str, args) -> int:
     if any(c in config for c in " \t\n'\"$`\\"):
         raise VmimError(f"configuration path {config!r} contains characters a queue "
                         "configuration cannot carry; move the file")
-    wrappers = write_wrappers(Path(args.wrapper_dir), config, Path(sys.executable).parent)
-    ensure_admin_key(cfg)  # the prolog never makes it (a job's owner could race for it)
     hosts = args.hosts or [socket.gethostname()]
+    wrappers = write_wrappers(Path(args.wrapper_dir), config, Path(sys.executable).parent,
+                              execd_spool_dirs(hosts))
+    ensure_admin_key(cfg)  # the prolog never makes it (a job's owner could race for it)
     exists = _qconf("-sq", args.queue, check=False).returncode == 0
     template = _qconf("-sq", args.queue).stdout if exists else _qconf("-sq").stdout
     values = {

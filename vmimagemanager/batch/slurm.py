@@ -30,13 +30,18 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..config import Config, config_path, load_config
 from ..errors import VmimError
+from ..flow import Decision, Outcome
 from ..jobs import Job, check_job_id
 from ..logsetup import setup_logging
-from ..rootenv import interrupt_on_sigterm, use_private_tmp
-from .base import root_hook_setup, starter_arguments
+from .base import starter_arguments
+from .contract import HookCall, run_epilog, run_prolog
+
+if TYPE_CHECKING:
+    from ..lifecycle import LifeCycle
 
 log = logging.getLogger("vmimagemanager.slurm")
 
@@ -84,13 +89,13 @@ def scontrol(*args: str) -> str:
     return ""
 
 
-def _tell_slurmctld(cfg: Config | None, job: Job, hold: bool, reason: str) -> None:
-    """Requeue (retry) or requeue held with the reason (hold); if slurmctld cannot be told, end
-    the job with the reason instead of letting it start without its VM."""
+def _tell_slurmctld(cfg: Config | None, job: Job, action: str, reason: str) -> None:
+    """`action` requeue (retry) or requeuehold with the reason (hold); if slurmctld cannot be
+    told, end the job with the reason instead of letting it start without its VM."""
     from ..accounts import account
     from ..context import JobContext, write_context
 
-    action = "requeuehold" if hold else "requeue"
+    hold = action == "requeuehold"
     error = scontrol(action, job.job_id)
     if not error:
         comment = f"vmimagemanager: {reason}" + ("; 'scontrol release' after the fix"
@@ -115,52 +120,48 @@ def _tell_slurmctld(cfg: Config | None, job: Job, hold: bool, reason: str) -> No
         log.error("job %s: no reject context written either: %s", job.label, exc)
 
 
+# What the Prolog asks slurmctld to do with each outcome; the Prolog itself always exits 0.
+PROLOG_ACTIONS = {Outcome.READY: "", Outcome.RETRY: "requeue", Outcome.HOLD: "requeuehold"}
+
+
+class SlurmHooks:
+    """The Slurm side of the hook contract (batch/contract.py)."""
+
+    program = "vmim-slurm"
+    hook_env = HOOK_ENV
+
+    def parse(self, hook: str, argv: Sequence[str] | None,
+              env: Mapping[str, str]) -> HookCall:
+        keep_slurm_conf(env)
+        args = _hook_args(f"{self.program}-{hook}", argv)
+        return HookCall(_job_from_hook_env(env), args.config, env)
+
+    def unusable(self, hook: str, exc: BaseException) -> int:
+        """Not run by slurmd as configured: nothing to do (any non-zero exit drains the
+        node)."""
+        log.error("%s: %s", hook, exc)
+        return 0
+
+    def admission(self, call: HookCall) -> tuple[Job, bool]:
+        return call.job, False  # srun --pty steps are refused by the starter (steps of a VM job)
+
+    def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
+        if action := PROLOG_ACTIONS[decision.outcome]:
+            _tell_slurmctld(cfg, call.job, action, decision.reason)
+        return 0
+
+    def ended(self, cfg: Config, call: HookCall, life: LifeCycle) -> tuple[str, str]:
+        status, _, sig = call.env.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
+        return status, sig
+
+
 def prolog_main(argv: Sequence[str] | None = None) -> int:
     """Always 0 (see the module docstring); the outcome goes to slurmctld."""
-    env = root_hook_setup("vmim-slurm-prolog", HOOK_ENV)
-    keep_slurm_conf(env)
-    try:
-        args = _hook_args("vmim-slurm-prolog", argv)
-        job = _job_from_hook_env(env)
-    except (VmimError, SystemExit) as exc:  # not run by slurmd as configured: nothing to do
-        log.error("prolog: %s", exc)
-        return 0
-    try:
-        cfg = load_config(config_path(args.config, trust_environment=False))
-        use_private_tmp(cfg.run_dir)
-    except VmimError as exc:
-        _tell_slurmctld(None, job, True, str(exc))
-        return 0
-
-    interrupt_on_sigterm()
-    from ..flow import Outcome, start_job
-
-    decision = start_job(cfg, job)
-    if decision.outcome is not Outcome.READY:
-        _tell_slurmctld(cfg, job, decision.outcome is Outcome.HOLD, decision.reason)
-    return 0
+    return run_prolog(SlurmHooks(), argv)
 
 
 def epilog_main(argv: Sequence[str] | None = None) -> int:
-    """Always 0: the VM goes, the job's end is recorded; leftovers of a failure are logged and
-    removed by `vmimagemanager reconcile`."""
-    env = root_hook_setup("vmim-slurm-epilog", HOOK_ENV)
-    keep_slurm_conf(env)
-    try:
-        args = _hook_args("vmim-slurm-epilog", argv)
-        job = _job_from_hook_env(env)
-        cfg = load_config(config_path(args.config, trust_environment=False))
-        use_private_tmp(cfg.run_dir)
-        from ..flow import audit_end, end_job
-        from ..lifecycle import open_node
-
-        life = open_node(cfg)
-        if end_job(life, job.job_id, job.task_id):
-            status, _, sig = env.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
-            audit_end(life, job.label, job.owner, status, sig)
-    except (Exception, SystemExit) as exc:  # never non-zero: it would drain the node
-        log.error("epilog: %s", exc)
-    return 0
+    return run_epilog(SlurmHooks(), argv)
 
 
 # -- starter (the job's user, exec'ed by the SPANK plugin) --------------------------------------

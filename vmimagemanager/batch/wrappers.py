@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,19 +42,21 @@ EPILOG_AGAIN = ("0", 'say "the epilog hook failed ($why); running it once more t
                      'teardown"\n[ -x "$hook" ] && (run_hook "$@")\n'
                      "exit 0")
 
-WRAPPER = """#!/bin/sh
+WRAPPER = """#!/bin/sh -p
 # vmimagemanager {system} {hook}. Written by 'vmimagemanager {installer}'; do not edit.
 {purpose}
 # Root runs this with the batch system's environment, which may be the job's: every command
-# below starts from an allow-list environment, and the hook gets only {keep_names}.
+# below starts from an allow-list environment, and the hook gets only {keep_names}. `sh -p`:
+# where /bin/sh is bash, no function the environment exports (BASH_FUNC_*) replaces a command
+# of this script.
 PATH={path}; export PATH
 python={python}
 hook={target}
 config={config}
 clean() {{ /usr/bin/env -i {base} "$@"; }}
 # exec: started with &, $! is the hook's own pid (the TERM trap below signals the hook itself)
-run_hook() {{ exec /usr/bin/env -i {base} {keep} "$python" -I "$hook" --config "$config" "$@" \\
-  </dev/null; }}
+run_hook() {{ exec /usr/bin/env -i {base} {keep} "$python" -I "$hook" \\
+  --config "$config" {args}"$@" </dev/null; }}
 say() {{ echo "vmimagemanager {hook}: $*" >&2
   clean logger -t vmim-{tag}-{hook} -- "$*" 2>/dev/null; }}
 if [ -x "$hook" ]; then
@@ -75,7 +77,9 @@ fi
 
 
 def wrapper_script(system: HookSystem, hook: str, target: str, config: str,
-                   python: str) -> str:
+                   python: str, args: Sequence[str] = ()) -> str:
+    """`args`: what the installer learnt of the batch system, passed to the hook before the
+    batch system's own arguments."""
     allowed, abnormal = system.abnormal[hook]
     # ${NAME+"NAME=$NAME"}: the assignment if the batch system set NAME, nothing otherwise
     keep = " ".join(f'${{{name}+"{name}=${name}"}}' for name in system.keep)
@@ -86,7 +90,7 @@ def wrapper_script(system: HookSystem, hook: str, target: str, config: str,
                           path=SAFE_PATH, keep_names=", ".join(system.keep) or "nothing",
                           base=" ".join(shlex.quote(f"{k}={v}")
                                         for k, v in BASE_ENVIRONMENT.items()),
-                          keep=keep)
+                          keep=keep, args="".join(f"{shlex.quote(a)} " for a in args))
 
 
 def hook_interpreter(target: Path) -> str:
