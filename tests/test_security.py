@@ -284,6 +284,21 @@ def test_a_binary_job_naming_a_fifo_neither_hangs_nor_is_opened_by_the_prolog(ce
         fifo.unlink(missing_ok=True)
 
 
+def console_writers(cell, slot: str) -> set[str]:
+    """The processes that hold the slot's console log open: virtlogd, never QEMU itself (the
+    guest's output reaches the file through virtlogd, which rotates it at its max_size)."""
+    console = (cell.cfg.state_dir / "console" / f"{slot}.log").resolve()
+    holders = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(console) for fd in fds):
+                holders.add(Path(f"/proc/{pid}/comm").read_text().strip())
+        except OSError:
+            continue
+    return holders
+
+
 def test_the_owner_can_neither_replace_nor_redirect_its_context(cell):
     """The job's context directory was the owner's (0500, but chmod-able): now root's 0711,
     and root's readers (exec, reconcile, power-off) read root's own copy."""
@@ -303,6 +318,7 @@ def test_the_owner_can_neither_replace_nor_redirect_its_context(cell):
         assert r.returncode != 0 and ("denied" in r.stderr or "not permitted" in r.stderr), (
             argv, r.stderr)
     assert as_owner("cat", f"{directory}/context.json").returncode == 0  # its own copy
+    assert console_writers(cell, lease.slot) == {"virtlogd"}  # its size is capped there
     r = cell.cli("exec", lease.slot, "--", "true")
     assert r.returncode == 0, r.stderr
     r = cell.cli("reconcile", "--dry-run")
