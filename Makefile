@@ -17,17 +17,18 @@ test: deps
 	$(PY) -m ruff check vmimagemanager tests examples benchmarks packaging
 	VMIM_INTEGRATION=1 $(PY) -m pytest -q --durations=15
 
+# Benchmarks run as modules from the tree's top (they import tests.support from the tree).
 bench: deps
 	bash harness/libvirt-up.sh
-	cd benchmarks && $(PY) overhead.py --jobs 3
-	cd benchmarks && $(PY) boot.py --jobs 3
-	cd benchmarks && $(PY) overlay_vs_copy.py
+	$(PY) -m benchmarks.overhead --jobs 3
+	$(PY) -m benchmarks.boot --jobs 3
+	$(PY) -m benchmarks.overlay_vs_copy
 
 # Through the real SGE cell: start latency (3 jobs), the 100-job stress run (~7 min, TCG; writes
 # results/stress-timeline.png), the chaos run, and warm spares against the cold path in one run.
 bench-sge: deps
 	bash harness/libvirt-up.sh
-	cd benchmarks && $(PY) sge_stress.py latency --jobs 3
-	cd benchmarks && $(PY) sge_stress.py stress --jobs 100 --slots 2
-	cd benchmarks && $(PY) chaos.py --jobs 100 --slots 2 --seed 11
-	cd benchmarks && $(PY) spares.py --jobs 100 --latency-jobs 3 --job-slots 2 --spares 2 --payloads 0,5
+	$(PY) -m benchmarks.sge_stress latency --jobs 3
+	$(PY) -m benchmarks.sge_stress stress --jobs 100 --slots 2
+	$(PY) -m benchmarks.chaos --jobs 100 --slots 2 --seed 11
+	$(PY) -m benchmarks.spares --jobs 100 --latency-jobs 3 --job-slots 2 --spares 2 --payloads 0,5

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Cold boot of the test image by boot form, all measured in one run on the same machine.
 
 "compressed": the Debian bzImage (XZ) and a gzip'd initramfs, as the test image was built before;
@@ -8,7 +7,7 @@ bzImage; imported without --kernel, as sites' SL/EL cloud images are). Jobs alte
 the forms (same root file system, same domain, same slot), each through the
 library's own start path: QEMU start -> host key on the console -> login done (a real ssh login
 as the job's account), then the slot's teardown.
-Usage: benchmarks/boot.py [--jobs 3]    (jobs per form)
+Usage: python -m benchmarks.boot [--jobs 3]    (jobs per form; from the tree's top)
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import build_images, report, scratch_config
+from benchmarks.common import build_images, report, scratch_config
 
 
 def add_compressed_image(cfg, manifest: dict, work) -> None:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Chaos run through the real gridengine cell: jobs while faults are injected at random.
 
 N jobs (atlas001..3, cms001..3, each sleeping a few seconds in its VM) go to a node with S VM
@@ -8,7 +7,7 @@ restarted. `vmimagemanager reconcile` runs every 30 s, as its systemd timer does
 Reports: jobs lost (neither finished, nor deleted, nor held with a reason: must be 0), samples
 with the queue instance in E (must be 0), leftovers 60 s after the last job (must be 0), and the
 jobs that ended with a failure status, with the reason from their .e file.
-Usage: benchmarks/chaos.py [--jobs 100] [--slots 2] [--seed 11]
+Usage: python -m benchmarks.chaos [--jobs 100] [--slots 2] [--seed 11]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -22,11 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, report
-from sge_stress import setup, teardown
-
-sys.path.insert(0, str(REPO / "tests"))
-from sgecell import final_records, job_state, sge  # noqa: E402 - the tests' cell helpers
+from benchmarks.common import REPO, report
+from benchmarks.sge_stress import setup, teardown
+from tests.support.sgecell import final_records, job_state, sge
 
 QUEUE = "vmbench.q"
 PAYLOAD = """#!/bin/sh

@@ -1,4 +1,7 @@
-"""Shared set-up for the benchmarks: test images, a scratch configuration, result output."""
+"""Shared set-up for the benchmarks: test images, a scratch configuration, result output.
+
+The benchmarks run as modules from the tree's top (`python -m benchmarks.NAME`), which puts the
+tree on the path: they import vmimagemanager and the tests' helpers (tests.support) from it."""
 
 from __future__ import annotations
 
@@ -7,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from tests.support import REPO, import_test_images, make_base_dir, write_config
 
 
 def build_images() -> dict:
@@ -21,9 +23,6 @@ def build_images() -> dict:
 
 def scratch_config(slots: int, prefix: str = "b"):
     """A configuration under /var/tmp with `slots` user-network slots and atlas/cms imported."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import import_test_images, make_base_dir, write_config
-
     from vmimagemanager.config import load_config
 
     base = make_base_dir("vmim-bench-")

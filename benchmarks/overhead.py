@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Per-job overhead of vmimagemanager's own code, split into phases, guest boot shown apart.
 
 Runs N jobs' life cycles (start VM -> run a trivial payload over ssh -> end VM) through the
 library on a real libvirtd + QEMU, and measures how long each entry point takes to import.
 Target: everything but guest boot and payload <= 0.5 s per job; each entry point imports in
-<= 150 ms.     Usage: benchmarks/overhead.py [--jobs 3]
+<= 150 ms.     Usage: python -m benchmarks.overhead [--jobs 3]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from common import REPO, report, scratch_config
+from benchmarks.common import REPO, report, scratch_config
 
 ENTRY_IMPORTS = {
     # what each hook imports on its path (the lazy imports included)

@@ -1,10 +1,10 @@
-#!/usr/bin/env python3
 """Disk preparation vs image size: a qcow2 overlay (what vmimagemanager does) next to a full
 copy of the same golden image (what a copy/rsync-based image manager does).
 
 Golden images are sparse raw files of 1, 10 and 50 GiB with some data written at spread offsets.
 The full copy writes every byte (cp --sparse=never); it is skipped for a size the disk cannot hold
-twice with 10 GiB to spare, and says so.     Usage: benchmarks/overlay_vs_copy.py [--sizes 1 10 50]
+twice with 10 GiB to spare, and says so.
+Usage: python -m benchmarks.overlay_vs_copy [--sizes 1 10 50]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import report
-
+from benchmarks.common import report
 from vmimagemanager.images import prepare_overlay
 
 GIB = 1 << 30

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Start latency and a stress run through the real gridengine cell.
 
 latency: one job at a time, cold boot: qsub -> the payload's first output line in the job's .o
@@ -7,7 +6,8 @@ stress: N jobs submitted at once by two VOs (atlas001..3, cms001..3) to a node w
 every job must finish with the right VO's image and its own exit status; reports double leases
 (slots held by two jobs at once, sampled), leftovers, throughput next to the bound set by boot +
 teardown time per slot, and the largest starter RSS seen.
-Usage: benchmarks/sge_stress.py latency [--jobs 3] | stress [--jobs 100] [--slots 2]
+Usage: python -m benchmarks.sge_stress latency [--jobs 3] | stress [--jobs 100] [--slots 2]
+       (from the tree's top)
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, report, scratch_config
-from timeline import LeaseSampler, write_png
-
-sys.path.insert(0, str(REPO / "tests"))
-from sgecell import SGE_ENV, final_records, job_state, sge  # noqa: E402 - the tests' helpers
+from benchmarks.common import REPO, report, scratch_config
+from benchmarks.timeline import LeaseSampler, write_png
+from tests.support.sgecell import SGE_ENV, final_records, job_state, sge
 
 QUEUE = "vmbench.q"
 PAYLOAD = """#!/bin/sh

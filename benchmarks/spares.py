@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Warm spares against the cold path, through the real gridengine cell, in one run.
 
 One node: `--job-slots` queue slots, one VM slot more per spare (`--spares` each for atlas and
@@ -14,8 +13,8 @@ the same run:
            the node's CPUs were, wrong results, double leases (sampled), leftovers after the
            agent stopped and the spares were retired.
   idle:    what an idle spare costs: its QEMU's resident memory and CPU % over --idle-seconds.
-Usage: benchmarks/spares.py [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--spares 2]
-                            [--payloads 0,5] [--idle-seconds 60]
+Usage: python -m benchmarks.spares [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--spares 2]
+                                  [--payloads 0,5] [--idle-seconds 60]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -29,19 +28,16 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, build_images, report
-from sge_stress import PAYLOAD, QUEUE, finished, leftovers, run_jobs, submit
-from timeline import write_png
-
-sys.path.insert(0, str(REPO / "tests"))
-from sgecell import SGE_ENV, sge  # noqa: E402 - the tests' helpers
+from benchmarks.common import REPO, build_images, report
+from benchmarks.sge_stress import PAYLOAD, QUEUE, finished, leftovers, run_jobs, submit
+from benchmarks.timeline import write_png
+from tests.support import import_test_images, make_base_dir, write_config
+from tests.support.sgecell import SGE_ENV, sge
 
 AGENT = str(REPO / "harness/agent.sh")
 
 
 def setup(job_slots: int, spares: int):
-    from conftest import import_test_images, make_base_dir, write_config
-
     from vmimagemanager.config import load_config
 
     for script in ("libvirt-up.sh", "pool-accounts.sh"):

@@ -1,8 +1,10 @@
-"""Shared fixtures: real libvirtd + QEMU guests, and the switch that makes them mandatory.
+"""Fixtures only: real libvirtd + QEMU guests, libvirt's test driver, and the switch that makes
+the daemons mandatory. Helpers the tests import are in tests/support/.
 
 Integration tests skip on a machine without the daemons, unless VMIM_INTEGRATION=1 (set by
-.ci/run and `make test`): then a missing daemon is a failure, never a silent skip. Booted guests
-are shared per session where a test does not need a fresh one.
+.ci/run and `make test`): then a missing daemon is a failure, never a silent skip
+(tests.support.require, which every fixture below that needs a daemon goes through). Booted
+guests are shared per session where a test does not need a fresh one.
 """
 
 from __future__ import annotations
@@ -10,37 +12,29 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-HARNESS = REPO / "harness"
-INTEGRATION = os.environ.get("VMIM_INTEGRATION") == "1"
-CMDLINE = "console=ttyS0 quiet panic=-1"
-
-
-def require(ok: bool, what: str) -> None:
-    if ok:
-        return
-    if INTEGRATION:
-        pytest.fail(f"{what} (VMIM_INTEGRATION=1: integration tests must not be skipped)")
-    pytest.skip(what)
+from tests.support import (
+    HARNESS,
+    INTEGRATION,
+    REPO,
+    import_test_images,
+    make_base_dir,
+    require,
+    run_script,
+    testdriver,
+    write_config,
+)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", *args], capture_output=True, text=True)
+def pytest_report_header(config) -> str:
+    return ("VMIM_INTEGRATION=1: an integration test without its daemon fails" if INTEGRATION
+            else "VMIM_INTEGRATION unset: an integration test without its daemon skips")
 
 
 # Python's temporary directory as the test session started (pytest's own tmp_path lives there).
@@ -85,53 +79,6 @@ def guest_images(pool_accounts) -> dict:
     manifest = json.loads(result.stdout)
     manifest["dir"] = Path(manifest["dir"])
     return manifest
-
-
-def make_base_dir(prefix: str) -> Path:
-    """A directory pool accounts can traverse (the starter reads its context below it)."""
-    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    os.chmod(base, 0o755)
-    return base
-
-
-def write_config(base: Path, slots: int, extra: dict | None = None, prefix: str = "t") -> Path:
-    data = {
-        "libvirt_uri": "qemu:///system",
-        "domain_type": "auto",
-        "image_dir": str(base / "images"),
-        "overlay_dir": str(base / "overlays"),
-        "state_dir": str(base / "state"),
-        "run_dir": str(base / "run"),
-        "boot_timeout": 150,
-        "slot_defaults": {"vcpus": 1, "memory_mib": 256},
-        "slots": [{"name": f"{prefix}{i}", "network": {"type": "user", "ssh_port": free_port()}}
-                  for i in range(1, slots + 1)],
-        "vos": {"atlas": {"image": "atlas", "groups": ["atlas"]},
-                "cms": {"image": "cms", "groups": ["cms"]}},
-        "unmatched": "reject",
-    }
-    data.update(extra or {})
-    path = base / "vmimagemanager.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))  # VO order matters
-    os.chmod(path, 0o644)
-    return path
-
-
-def import_test_images(cfg, manifest: dict, names=("atlas", "cms", "atlas-nossh")) -> None:
-    """The test node's admin set-up: its images, and its admin key (made at install time,
-    never by a job's hook)."""
-    from vmimagemanager.images import ImageStore
-    from vmimagemanager.lifecycle import ensure_admin_key
-
-    ensure_admin_key(cfg)
-
-    store = ImageStore(cfg.image_dir)
-    d = manifest["dir"]
-    for name in names:
-        if not store.exists(name):
-            store.import_image(name, d / manifest["images"][name]["disk"],
-                               kernel=d / manifest["kernel"], initrd=d / manifest["initrd"],
-                               cmdline=manifest["cmdline"])
 
 
 @pytest.fixture(scope="session")
@@ -186,18 +133,5 @@ def atlas_session(atlas_vm, vm_setup):
 
 @pytest.fixture
 def test_life(tmp_path):
-    """A LifeCycle on libvirt's in-process test driver (real libvirt code, no QEMU)."""
-    from vmimagemanager.config import parse_config
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import LifeCycle
-
-    data = {"libvirt_uri": "test:///default", "domain_type": "qemu",
-            "image_dir": str(tmp_path / "images"), "overlay_dir": str(tmp_path / "overlays"),
-            "state_dir": str(tmp_path / "state"), "run_dir": str(tmp_path / "run"),
-            "slots": [{"name": f"s{i}", "network": {"type": "user", "ssh_port": 30000 + i}}
-                      for i in range(1, 5)]}
-    cfg = parse_config(data, str(tmp_path / "c.yaml"))
-    hv = LibvirtHypervisor("test:///default")
-    for name in hv.domain_names():  # the test driver is per process; start clean
-        hv.destroy(name)
-    return LifeCycle(cfg, hv), cfg
+    """A LifeCycle on libvirt's in-process test driver (real libvirt code, no QEMU), four slots."""
+    return testdriver.node_life(tmp_path)

@@ -3,7 +3,7 @@
 An adapter turns its batch system's hook arguments into a Job, calls `start_job`, and maps the
 Decision to its own conventions (SGE: exit 0, 99, 100, batch/sge.py; Slurm: exit 0 and
 scontrol requeue or requeuehold, batch/slurm.py). No batch system is named here. The table
-(tests/test_flow.py checks every row):
+(tests/unit/test_flow.py checks every row):
 
 | situation                                                     | outcome | counted |
 |---------------------------------------------------------------|---------|---------|

@@ -75,7 +75,8 @@ def _hook_args(program: str, argv: Sequence[str] | None,
 
 
 # What the prolog tells SGE of each outcome: exit status, log level and word, the end of the one
-# line the job's .e file gets (tests/test_sge.py, tests/test_faults.py check each on the cell).
+# line the job's .e file gets (tests/cell/test_sge.py, tests/cell/test_faults.py check each on
+# the cell).
 PROLOG_OUTCOMES = {
     Outcome.READY: (EXIT_OK, logging.INFO, "ready", ""),
     Outcome.RETRY: (EXIT_RESCHEDULE, logging.WARNING, "rescheduled", "the job is rescheduled"),

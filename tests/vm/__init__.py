@@ -1,0 +1,1 @@
+"""Tests that boot real QEMU guests through libvirtd (qemu:///system), no batch system."""
