@@ -32,7 +32,14 @@ from .context import (
     write_context,
 )
 from .domain_xml import DomainSpec, build_domain_xml, lease_metadata
-from .errors import LeaseError, NoFreeSlot, NoSpace, TeardownIncomplete, VmimError
+from .errors import (
+    ConfigError,
+    LeaseError,
+    NoFreeSlot,
+    NoSpace,
+    TeardownIncomplete,
+    VmimError,
+)
 from .files import append_line, write_private_file
 from .hypervisor import Hypervisor, LibvirtHypervisor, resolve_domain_type
 from .images import Image, ImageStore, prepare_overlay
@@ -102,9 +109,9 @@ def admin_key(cfg: Config) -> tuple[Path, str]:
     """The key root uses to log in to every guest: the site's, or the node's own, made at
     install time (`ensure_admin_key`), never by a job's hook."""
     path = cfg.site_root_key or cfg.state_dir / "keys" / ADMIN_KEY
-    if not path.exists():
-        raise VmimError(f"no admin key {path}: run 'vmimagemanager admin-key' once on this node "
-                        "(install-queue and install-hooks do it)")
+    if not path.exists():  # the node's set-up, not the VM's boot: the job is held, not counted
+        raise ConfigError(f"no admin key {path}: run 'vmimagemanager admin-key' once on this "
+                          "node (install-queue and install-hooks do it)")
     return path, f"{public_key_line(path)} vmimagemanager-admin"
 
 

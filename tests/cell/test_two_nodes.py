@@ -58,6 +58,9 @@ def two_nodes(libvirt_system, guest_images):
         assert r.returncode == 0, r.stderr
         r = on_node(CLI, "--config", str(cell.config_path), "images", "sync", str(catalog))
         assert r.returncode == 0 and "imported atlas" in r.stdout, (r.stdout, r.stderr)
+        # install-queue runs on the first node; every other node makes its own admin key
+        r = on_node(CLI, "--config", str(cell.config_path), "admin-key")
+        assert r.returncode == 0, r.stderr
         r = cell.cli("sge", "install-queue", "--queue", QUEUE, "--slots", "1", "--hosts",
                      socket.gethostname(), NODE, "--wrapper-dir", str(cell.base / "libexec"))
         assert r.returncode == 0, r.stderr

@@ -15,6 +15,7 @@ from vmimagemanager.config import parse_config
 from vmimagemanager.context import read_context
 from vmimagemanager.errors import (
     BootError,
+    ConfigError,
     HypervisorUnavailable,
     ImageError,
     LeaseDbBroken,
@@ -97,6 +98,10 @@ TABLE = [  # error, outcome, words of the reason, the audit trail's (and metrics
     (ShareError("home not below /home"), Outcome.HOLD, "home not below", "share_error"),
     (LeaseDbBroken("the leases database cannot be used"), Outcome.HOLD, "cannot be used",
      "lease_db_broken"),
+    # a node set up without its admin key (lifecycle.admin_key): the admin's to fix, not a boot
+    # that failed (it was counted as one, three times, before the job was held)
+    (ConfigError("no admin key /s/keys/admin_ed25519: run 'vmimagemanager admin-key'"),
+     Outcome.HOLD, "vmimagemanager admin-key", "config_error"),
     (RuntimeError("a bug"), Outcome.HOLD, "unexpected error", "unexpected"),
 ]
 

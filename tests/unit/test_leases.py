@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vmimagemanager.errors import LeaseError, NoFreeSlot, VmimError
+from vmimagemanager.errors import ConfigError, LeaseError, NoFreeSlot
 from vmimagemanager.leases import LeaseStore
 from vmimagemanager.states import LeaseState
 
@@ -198,7 +198,7 @@ def test_a_hook_never_makes_the_admin_key_it_says_how_to(tmp_path):
 
     cfg = parse_config({"state_dir": str(tmp_path), "run_dir": str(tmp_path / "run"), "slots": [
         {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")
-    with pytest.raises(VmimError, match="run 'vmimagemanager admin-key' once on this node"):
+    with pytest.raises(ConfigError, match="run 'vmimagemanager admin-key' once on this node"):
         admin_key(cfg)
     assert not (tmp_path / "keys" / "admin_ed25519").exists()
 
