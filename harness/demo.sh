@@ -95,7 +95,7 @@ for user in atlas001 cms001; do
   echo "$user submitted job $id"
 done
 
-say "waiting for the jobs (atlas binds the spare; cms boots its own VM: about 15-30 s without KVM)"
+say "waiting for the jobs (atlas binds the spare; cms boots its own VM: docs/performance.md has the times)"
 deadline=$((SECONDS + 600))
 while :; do
   pending=0
