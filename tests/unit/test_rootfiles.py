@@ -72,3 +72,23 @@ def test_a_private_tmp_others_could_touch_is_refused(tmp_path, spoil):
             use_private_tmp(run_dir)
     finally:
         tempfile.tempdir = before
+
+
+def test_the_agent_runs_with_the_allow_list_whatever_shell_started_it(tmp_path, monkeypatch):
+    """A long-lived root process: the children it starts (ssh, qemu-img, ssh-keygen) must not
+    get an admin's or a job's OPENSSL_CONF, TMPDIR or LD_* from the shell that started it."""
+    from tests.support.testdriver import write_node_config
+    from vmimagemanager.cli import main
+    from vmimagemanager.rootenv import BASE_ENVIRONMENT
+
+    config = write_node_config(tmp_path / "c.yaml")
+    before = dict(os.environ)
+    for key in ("OPENSSL_CONF", "TMPDIR", "LD_LIBRARY_PATH", "GCONV_PATH"):
+        monkeypatch.setenv(key, str(tmp_path / "x"))
+    try:
+        assert main(["--config", str(config), "agent", "--once"]) == 0
+        assert dict(os.environ) == dict(BASE_ENVIRONMENT)
+        assert (tmp_path / "state" / "keys" / "admin_ed25519").exists()  # made by the agent
+    finally:
+        os.environ.clear()
+        os.environ.update(before)

@@ -107,7 +107,11 @@ def run_agent(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: the agent's loop and its thread pool serve this long-running command only
     from ..agent import run
     from ..lifecycle import ensure_admin_key
+    from ..rootenv import become_clean
 
+    # a long-lived root process: whatever shell started it, its children (ssh, qemu-img,
+    # ssh-keygen, genisoimage, qstat) get the allow-list environment only (docs/security.md)
+    become_clean()
     ensure_admin_key(cfg)  # spares log in as root: the key is made here, never by a hook
     setup_logging("vmimagemanager-agent", verbose=args.verbose, stderr_level=logging.INFO)
     return run(open_node(cfg), lambda: open_node(cfg), once=args.once, interval=args.interval)
