@@ -41,12 +41,12 @@ FORMS = {"atlas-compressed": "compressed", "atlas": "pvh", "atlas-diskboot": "di
 
 def one_boot(path: str, n: int, image: str) -> dict:
     from vmimagemanager.config import load_config
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+    from vmimagemanager.node import JobRequest, open_node
 
     cfg = load_config(path)
-    life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
-    lease, ctx = life.start_vm(JobRequest(str(70000 + n), "0", "atlas001", image, "atlas"))
+    life = open_node(cfg)
+    started = life.start_vm(JobRequest(str(70000 + n), "0", "atlas001", image, "atlas"))
+    lease, ctx = started.lease, started.context
     life.end_vm(lease.slot, job_label=ctx.label)
     p = life.phase.seconds
     to_key = p["guest boot (to host key on console)"]

@@ -20,12 +20,12 @@ from benchmarks.common import REPO, report, scratch_config
 
 ENTRY_IMPORTS = {
     # what each hook imports on its path (the lazy imports included)
-    "prolog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
+    "prolog": "import vmimagemanager.batch.sge, vmimagemanager.node, "
               "vmimagemanager.hypervisor, libvirt, vmimagemanager.guest, vmimagemanager.policy, "
               "vmimagemanager.flow, vmimagemanager.spares, vmimagemanager.seed, yaml",
     "starter": "import vmimagemanager.batch.sge, vmimagemanager.context, vmimagemanager.runner, "
                "vmimagemanager.guest",
-    "epilog": "import vmimagemanager.batch.sge, vmimagemanager.lifecycle, "
+    "epilog": "import vmimagemanager.batch.sge, vmimagemanager.node, "
               "vmimagemanager.hypervisor, libvirt",
     "cli": "import vmimagemanager.cli",
 }
@@ -53,14 +53,14 @@ def one_job(path: str, n: int) -> dict:
     from vmimagemanager.context import key_path
     from vmimagemanager.flow import end_job
     from vmimagemanager.guest import Endpoint, connect
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+    from vmimagemanager.node import JobRequest, open_node
 
     t0 = time.perf_counter()
     cfg = load_config(path)
     config_s = time.perf_counter() - t0
-    life = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
-    _lease, ctx = life.start_vm(JobRequest(str(80000 + n), "0", "atlas001", "atlas", "atlas"))
+    life = open_node(cfg)
+    started = life.start_vm(JobRequest(str(80000 + n), "0", "atlas001", "atlas", "atlas"))
+    ctx = started.context
     t1 = time.perf_counter()
     session = connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, ctx.label),
                                ctx.host_key))
@@ -73,7 +73,7 @@ def one_job(path: str, n: int) -> dict:
     t2 = time.perf_counter()
     end_job(life, str(80000 + n), "0")  # as the epilog does: the destroy goes to a child
     epilog_s = time.perf_counter() - t2
-    while life.leases.get(_lease.slot) is not None:
+    while life.leases.get(started.lease.slot) is not None:
         time.sleep(0.01)
     turnaround_s = time.perf_counter() - t2
     p = dict(life.phase.seconds)

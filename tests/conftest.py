@@ -91,29 +91,28 @@ def vm_setup(libvirt_system, guest_images):
     cfg = load_config(str(path))
     import_test_images(cfg, guest_images)
     yield path, cfg
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import LifeCycle
+    from vmimagemanager.node import open_node
 
-    LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri)).reconcile()
+    open_node(cfg).reconcile()
     shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def life(vm_setup):
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import LifeCycle
+    from vmimagemanager.node import open_node
 
     _path, cfg = vm_setup
-    return LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))
+    return open_node(cfg)
 
 
 @pytest.fixture(scope="session")
 def atlas_vm(life):
     """One booted atlas guest shared by the tests that only run commands in it."""
-    from vmimagemanager.lifecycle import JobRequest
+    from vmimagemanager.node import JobRequest
 
-    lease, ctx = life.start_vm(JobRequest("9001", "0", "atlas001", "atlas", "atlas"),
+    started = life.start_vm(JobRequest("9001", "0", "atlas001", "atlas", "atlas"),
                                slots=["t1"])
+    lease, ctx = started.lease, started.context
     yield lease, ctx
     life.end_vm(lease.slot)
 
@@ -133,5 +132,5 @@ def atlas_session(atlas_vm, vm_setup):
 
 @pytest.fixture
 def test_life(tmp_path):
-    """A LifeCycle on libvirt's in-process test driver (real libvirt code, no QEMU), four slots."""
+    """A Node on libvirt's in-process test driver (real libvirt code, no QEMU), four slots."""
     return testdriver.node_life(tmp_path)

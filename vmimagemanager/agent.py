@@ -22,8 +22,8 @@ from . import agentwake, metrics
 from .audit import record
 from .errors import NoFreeSlot, RetryLater, VmimError
 from .leases import Lease
-from .lifecycle import LifeCycle
 from .metrics import cause_of
+from .node import Node
 from .rootenv import interrupt_on_sigterm
 from .states import LeaseState
 
@@ -38,8 +38,8 @@ class Agent:
     """`make_life` gives each boot its own life cycle (a lease-store and a libvirt connection of
     its own): spares boot in parallel threads, up to `parallel` at once, while rounds go on."""
 
-    life: LifeCycle
-    make_life: Callable[[], LifeCycle]
+    life: Node
+    make_life: Callable[[], Node]
     parallel: int = field(default_factory=lambda: os.cpu_count() or 1)
     backoff: dict[str, tuple[float, float]] = field(default_factory=dict)  # image: until, delay
     booting: dict[Future, str] = field(default_factory=dict)  # boot -> image
@@ -108,7 +108,7 @@ class Agent:
                 coming, free = coming + 1, free - 1
 
     def _provision(self, image: str) -> Lease:
-        from .spares import provision_spare
+        from .node.spares import provision_spare
 
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
@@ -150,7 +150,7 @@ class Agent:
         return actions
 
 
-def run(life: LifeCycle, make_life: Callable[[], LifeCycle], once: bool = False,
+def run(life: Node, make_life: Callable[[], Node], once: bool = False,
         interval: float | None = None) -> int:
     """The agent's main loop; one instance per node (a lock in the state directory)."""
     lock_path = life.cfg.state_dir / "agent.lock"

@@ -60,7 +60,7 @@ from .states import LeaseState
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from .lifecycle import LifeCycle
+    from .node import Node
 
 log = logging.getLogger("vmimagemanager.catalog")
 
@@ -360,7 +360,7 @@ def unpublish(name: str, directory: Path) -> str:
 
 
 # -- on every node ---------------------------------------------------------------------------
-def remove_image(life: LifeCycle, name: str) -> list[str]:
+def remove_image(life: Node, name: str) -> list[str]:
     """Remove a local image: its idle spares are retired first; refused (ImageError) while a
     job or a booting spare uses it. Returns what was done."""
     life.images.get(name)  # an unknown name says so before anything is done
@@ -375,7 +375,7 @@ def remove_image(life: LifeCycle, name: str) -> list[str]:
     return done + [f"removed image {name}"]
 
 
-def files_in_use(life: LifeCycle) -> set[str]:
+def files_in_use(life: Node) -> set[str]:
     """Golden files that overlays on this node name as their backing file."""
     names = set()
     for overlay in life.cfg.overlay_dir.glob("*.qcow2"):
@@ -385,7 +385,7 @@ def files_in_use(life: LifeCycle) -> set[str]:
     return names
 
 
-def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
+def sync(life: Node, directory: Path, dry_run: bool = False,
          grace: float = SUPERSEDED_GRACE) -> SyncReport:
     """Make this node's store match the catalog (the caller holds the store's lock)."""
     entries = read_catalog(directory)
@@ -449,7 +449,7 @@ def sync(life: LifeCycle, directory: Path, dry_run: bool = False,
     return report
 
 
-def sync_with_lock(life: LifeCycle, directory: Path, dry_run: bool = False) -> SyncReport | None:
+def sync_with_lock(life: Node, directory: Path, dry_run: bool = False) -> SyncReport | None:
     """sync, unless another sync or import holds this node's store (None then: cron runs
     that overlap do nothing rather than queue up)."""
     with life.images.lock(wait=False) as locked:

@@ -37,7 +37,7 @@ from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimErro
 if TYPE_CHECKING:
     from .config import Config
     from .jobs import Job
-    from .lifecycle import LifeCycle
+    from .node import EndResult, Node
 
 log = logging.getLogger("vmimagemanager.flow")
 
@@ -69,14 +69,14 @@ class Decision:
         return cls(Outcome.HOLD, reason)
 
 
-def default_life(cfg: Config) -> LifeCycle:
-    from .lifecycle import open_node
+def default_life(cfg: Config) -> Node:
+    from .node import open_node
 
     return open_node(cfg, db_wait=START_DB_WAIT)
 
 
 def start_job(cfg: Config, job: Job, interactive: bool = False,
-              make_life: Callable[[Config], LifeCycle] = default_life) -> Decision:
+              make_life: Callable[[Config], Node] = default_life) -> Decision:
     """Decide what happens to `job` and do it (boot its VM, or write its context); the
     decision goes to the audit trail."""
     from .metrics import cause_of
@@ -118,10 +118,10 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
 
 
 def _start(cfg: Config, job: Job, interactive: bool,
-           make_life: Callable[[Config], LifeCycle], known: dict) -> Decision:
+           make_life: Callable[[Config], Node], known: dict) -> Decision:
     from .accounts import account
     from .context import JobContext, write_context
-    from .lifecycle import JobRequest
+    from .node import JobRequest
     from .policy import match_vo, unmatched_message
 
     if interactive:
@@ -144,9 +144,9 @@ def _start(cfg: Config, job: Job, interactive: bool,
                          image=rule.image, vo=rule.name)
     bind = None
     if cfg.spares.counts:  # this node keeps warm spares: try to bind one first
-        from .spares import bind_spare as bind
+        from .node.spares import bind_spare as bind
     try:
-        lease, _ = life.start_vm(request, bind=bind)
+        started = life.start_vm(request, bind=bind)
     except NOT_BOOT_FAILURES:
         raise
     except VmimError as exc:  # the VM did not come up (BootError, a stale domain): counted
@@ -168,14 +168,15 @@ def _start(cfg: Config, job: Job, interactive: bool,
                               f"{cfg.max_boot_attempts}, VO {rule.name}, image {rule.image}): "
                               f"{exc}")
     life.leases.forget_boot_failures(job.job_id, job.task_id)
-    how = f"on spare {life.bound_spare}" if life.bound_spare else "booted"
+    lease, image = started.lease, started.image  # the record start_vm checked, not read again
+    how = f"on spare {started.spare}" if started.spare else "booted"
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
-    image = life.started_image  # the record start_vm checked: not read a second time
     return Decision(Outcome.READY, facts={
         "mode": "vm", "vo": rule.name, "slot": lease.slot,
         "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,
-        "image_sha256": image.sha256.get(image.disk, ""), "spare": life.bound_spare,
+        "image_sha256": image.sha256.get(image.disk, "") if image else "",
+        "spare": started.spare,
         "vm_seconds": round(sum(life.phase.seconds.values()), 3),
         "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}})
 
@@ -192,23 +193,24 @@ def hook_seconds() -> float:
     return since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
 
 
-def end_job(life: LifeCycle, job_id: str, task_id: str) -> bool:
+def end_job(life: Node, job_id: str, task_id: str) -> EndResult | None:
     """Epilog: record the job's VM usage and return; the VM is destroyed and its files removed
     by a detached process (the slot stays tearing-down until then, and a starting job waits
-    for it). If that process cannot be started, the teardown happens here."""
+    for it). If that process cannot be started, the teardown happens here. None: the job left
+    nothing on this node."""
     return life.end_job(job_id, task_id, detach=lambda slot, label: _detach_teardown(
         life.cfg, slot, label))
 
 
-def audit_end(life: LifeCycle, label: str, owner: str, exit_status: str | None,
+def audit_end(cfg: Config, ended: EndResult, label: str, owner: str, exit_status: str | None,
               signal: str | None) -> None:
     """The trail's `end` event of a job end_job ended: its VO and image (from the lease), how
     the payload ended as the batch system says, and its VM's CPU seconds."""
     from .audit import record
 
-    ended, vm = life.ended_lease, life.usage.get(label)
-    record(life.cfg, "end", label, owner=owner, vo=ended.vo if ended else None,
-           image=ended.image if ended else None, exit_status=exit_status or None,
+    lease, vm = ended.lease, ended.usage
+    record(cfg, "end", label, owner=owner, vo=lease.vo if lease else None,
+           image=lease.image if lease else None, exit_status=exit_status or None,
            signal=signal or None,
            vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
 

@@ -45,7 +45,7 @@ def run_checks(cfg: Config, image: str, user: str | None,
     settings.sh), named by the front end: the core knows no batch system."""
     from .context import key_path
     from .guest import Endpoint, connect
-    from .lifecycle import JobRequest, open_node
+    from .node import JobRequest, open_node
 
     life = open_node(cfg)
     login = user or _vo_account(cfg, image) or "root"
@@ -53,7 +53,8 @@ def run_checks(cfg: Config, image: str, user: str | None,
                          owner=login, image=image, vo="check")
     checks: list[Check] = []
     try:
-        lease, ctx = life.start_vm(request)
+        started = life.start_vm(request)
+        lease, ctx = started.lease, started.context
     except VmimError as exc:
         return [Check("boots, prints its ssh host key on the console, sshd accepts the job key",
                       False, str(exc))]

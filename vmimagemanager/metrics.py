@@ -42,11 +42,11 @@ log = logging.getLogger("vmimagemanager.metrics")
 METRICS_FILE = "vmimagemanager.prom"
 TOTALS_FILE = "metrics.json"
 LOCK_WAIT = 10.0  # seconds a writer waits for another's lock (writes take milliseconds)
-# The life-cycle phases (lifecycle.launch) from starting the domain to ssh answering.
+# The life-cycle phases (node.coldboot launch) from starting the domain to ssh answering.
 BOOT_PHASES = ("define+start", "guest boot (to host key on console)", "wait for ssh")
 BOOT_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 PROLOG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
-# Reconcile action lines (lifecycle.reconcile) by their first words: the `action` label.
+# Reconcile action lines (node.reconcile) by their first words: the `action` label.
 RECONCILE_KINDS = (("release slot", "release_lease"), ("destroy domain", "destroy_domain"),
                    ("remove orphan file", "remove_file"),
                    ("remove orphan job context", "remove_context"))

@@ -11,7 +11,7 @@ had (somebody holds the whole range), the job is put back in the queue (NoFreePo
 RetryLater), never held. A squatter can therefore no longer hold a slot hostage.
 
 The chosen port lives in the running domain's lease metadata (`ssh_port`, domain_xml.py) and is
-read from libvirt whenever something logs in (LifeCycle.ssh_address): the hypervisor's state is
+read from libvirt whenever something logs in (Node.ssh_address): the hypervisor's state is
 read from libvirt, never from a cache, and a VM's forward cannot change while it runs. The job's
 context carries it to the starter. A squatter who binds a port after its VM is gone and answers
 the next login there gets nowhere either: every login pins the host key the guest printed on its

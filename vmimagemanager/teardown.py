@@ -3,7 +3,7 @@
 A fresh interpreter (never a forked copy of the epilog: SQLite's locks and shared memory must
 not be carried across fork), started by flow.end_job in a session of its own and without the
 job's groups, so execd's end-of-job kill does not reach it. It destroys the VM of job LABEL in
-SLOT, removes its files and frees the slot (LifeCycle.end_vm: every step tried; the VM's usage
+SLOT, removes its files and frees the slot (Node.end_vm: every step tried; the VM's usage
 was recorded by the epilog before). If it dies, the lease names it, and reconcile finishes.
 """
 
@@ -27,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .config import load_config
     from .errors import VmimError
-    from .lifecycle import open_node
+    from .node import open_node
 
     try:
         cfg = load_config(config)

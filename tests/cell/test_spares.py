@@ -264,12 +264,11 @@ def test_a_job_that_comes_while_its_spare_boots_takes_that_spare(spares_cell):
 @pytest.mark.integration
 def test_a_job_of_another_image_takes_a_spares_slot_and_a_broken_spare_is_no_failure(
         spares_cell):
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import JobRequest, LifeCycle
-    from vmimagemanager.spares import bind_spare, provision_spare
+    from vmimagemanager.node import JobRequest, open_node
+    from vmimagemanager.node.spares import bind_spare, provision_spare
 
     cell = spares_cell
-    life = LifeCycle(cell.cfg, LibvirtHypervisor(cell.cfg.libvirt_uri))
+    life = open_node(cell.cfg)
     while len(spares(cell)) < len(cell.cfg.slots):  # every slot holds an idle atlas spare
         provision_spare(life, "atlas", "atlas")
     life.start_vm(JobRequest("7001", "0", "cms001", "cms", "cms"), bind=bind_spare)
@@ -279,8 +278,9 @@ def test_a_job_of_another_image_takes_a_spares_slot_and_a_broken_spare_is_no_fai
     for row in spares(cell):
         virsh("destroy", f"vmim-{row['slot']}")
     life.phase.seconds.clear()
-    life.start_vm(JobRequest("7002", "0", "atlas001", "atlas", "atlas"), bind=bind_spare)
-    assert life.bound_spare == ""
+    started = life.start_vm(JobRequest("7002", "0", "atlas001", "atlas", "atlas"),
+                            bind=bind_spare)
+    assert started.spare == ""
     assert "guest boot (to host key on console)" in life.phase.seconds
     assert life.leases.find_job("7002", "0").state is LeaseState.RUNNING
     for job in ("7001", "7002"):

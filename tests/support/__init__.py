@@ -80,7 +80,7 @@ def import_test_images(cfg, manifest: dict, names=("atlas", "cms", "atlas-nossh"
     """The test node's admin set-up: its images, and its admin key (made at install time,
     never by a job's hook)."""
     from vmimagemanager.images import ImageStore
-    from vmimagemanager.lifecycle import ensure_admin_key
+    from vmimagemanager.node.state import ensure_admin_key
 
     ensure_admin_key(cfg)
 

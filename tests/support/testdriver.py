@@ -55,8 +55,10 @@ def hypervisor():
 
 
 def node_life(base: Path, **kwargs):
-    """A LifeCycle on the test driver and its configuration (`node_data`'s arguments)."""
-    from vmimagemanager.lifecycle import LifeCycle
+    """A Node on the test driver and its configuration (`node_data`'s arguments)."""
+    from vmimagemanager.node import Node
+    from vmimagemanager.node.state import ensure_state_dirs
 
     cfg = node_config(base, **kwargs)
-    return LifeCycle(cfg, hypervisor()), cfg
+    ensure_state_dirs(cfg)  # what open_node does before a Node
+    return Node(cfg, hypervisor()), cfg

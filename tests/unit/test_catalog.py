@@ -22,12 +22,11 @@ from tests.support import testdriver
 from vmimagemanager.catalog import CATALOG_FILE, read_catalog, sync
 from vmimagemanager.config import load_config
 from vmimagemanager.errors import ImageError
-from vmimagemanager.hypervisor import LibvirtHypervisor
 from vmimagemanager.images import ImageStore, prepare_overlay
-from vmimagemanager.lifecycle import LifeCycle
+from vmimagemanager.node import open_node
 
 
-class Node:
+class CatalogNode:
     def __init__(self, base: Path, name: str):
         self.base = base / name
         self.base.mkdir()
@@ -44,8 +43,8 @@ class Node:
     def popen_args(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "vmimagemanager.cli", "--config", str(self.config), *args]
 
-    def life(self) -> LifeCycle:
-        return LifeCycle(self.cfg, LibvirtHypervisor(self.cfg.libvirt_uri))
+    def life(self):
+        return open_node(self.cfg)
 
     def files(self) -> list[str]:
         return sorted(p.name for p in self.cfg.image_dir.iterdir() if p.name != ".lock")
@@ -78,7 +77,7 @@ def root_base():
 def site(root_base):
     """Node a (where the admin imports and publishes), nodes b and c, the catalog."""
     tmp_path = root_base
-    nodes = {name: Node(tmp_path, name) for name in "abc"}
+    nodes = {name: CatalogNode(tmp_path, name) for name in "abc"}
     catalog = tmp_path / "cvmfs" / "images"
     catalog.mkdir(mode=0o755, parents=True)
     os.chmod(catalog.parent, 0o755)  # whatever the umask
@@ -240,7 +239,7 @@ def test_a_catalog_others_may_write_or_that_is_not_there_is_refused(site):
 
 
 # -- who may change a catalog decides what every node boots, as root -------------------------
-def refused(node: Node, catalog: Path, message: str) -> None:
+def refused(node: CatalogNode, catalog: Path, message: str) -> None:
     r = node.cli("images", "sync", str(catalog))
     assert r.returncode == 1 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "retry" in r.stderr, r.stderr

@@ -12,7 +12,7 @@ import pwd
 import pytest
 
 from vmimagemanager.config import parse_config
-from vmimagemanager.context import read_context
+from vmimagemanager.context import JobContext, read_context
 from vmimagemanager.errors import (
     BootError,
     ConfigError,
@@ -28,7 +28,10 @@ from vmimagemanager.errors import (
 from vmimagemanager.flow import Outcome, start_job
 from vmimagemanager.images import Image
 from vmimagemanager.jobs import Job
+from vmimagemanager.leases import Lease
+from vmimagemanager.node import StartResult
 from vmimagemanager.shares import ShareError
+from vmimagemanager.states import LeaseState
 
 ME = pwd.getpwuid(os.getuid()).pw_name
 
@@ -53,21 +56,23 @@ class Images:
 
 
 class Life:
-    """Stands in for LifeCycle: start_vm raises `error`, or succeeds."""
+    """Stands in for Node: start_vm raises `error`, or succeeds."""
 
     def __init__(self, error: BaseException | None = None) -> None:
         self.error = error
         self.leases = Leases()
         self.started: list[str] = []
-        self.bound_spare = ""
         self.phase = type("Phases", (), {"seconds": {"lease": 0.001}})()
-        self.started_image = Images.get("img")
 
     def start_vm(self, request, bind=None):
         if self.error is not None:
             raise self.error
         self.started.append(request.label)
-        return type("Lease", (), {"slot": "s1"})(), None
+        lease = Lease(slot="s1", job_id=request.job_id, task_id=request.task_id,
+                      owner=request.owner, image=request.image, vo=request.vo,
+                      state=LeaseState.RUNNING, pid=0, pid_start=0, created=0.0, updated=0.0)
+        return StartResult(lease, JobContext(mode="vm", label=request.label),
+                           image=Images.get("img"))
 
 
 @pytest.fixture
@@ -98,7 +103,7 @@ TABLE = [  # error, outcome, words of the reason, the audit trail's (and metrics
     (ShareError("home not below /home"), Outcome.HOLD, "home not below", "share_error"),
     (LeaseDbBroken("the leases database cannot be used"), Outcome.HOLD, "cannot be used",
      "lease_db_broken"),
-    # a node set up without its admin key (lifecycle.admin_key): the admin's to fix, not a boot
+    # a node set up without its admin key (node.state.admin_key): the admin's to fix, not a boot
     # that failed (it was counted as one, three times, before the job was held)
     (ConfigError("no admin key /s/keys/admin_ed25519: run 'vmimagemanager admin-key'"),
      Outcome.HOLD, "vmimagemanager admin-key", "config_error"),

@@ -15,7 +15,7 @@ import pytest
 
 from vmimagemanager import keysfiles
 from vmimagemanager.config import parse_config
-from vmimagemanager.spares import KEYS_FILE_LINE, bind_script
+from vmimagemanager.node.spares import KEYS_FILE_LINE, bind_script
 
 
 def _cfg(tmp_path):

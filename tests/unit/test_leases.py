@@ -120,7 +120,7 @@ def test_reconcile_keeps_a_fresh_native_or_reject_context_and_removes_old_ones(t
     """Such a job has no lease: its context is the prolog's word to the starter. A periodic
     reconcile must not take it away in between; one whose epilog never ran goes after a while."""
     from vmimagemanager.context import JobContext, context_dir, root_context_path, write_context
-    from vmimagemanager.lifecycle import CONTEXT_GRACE
+    from vmimagemanager.node.reconcile import CONTEXT_GRACE
 
     life, cfg = test_life
     write_context(cfg.run_dir, JobContext(mode="reject", label="70.0", message="no VO"), None,
@@ -141,8 +141,7 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
     import subprocess
     import threading
 
-    from vmimagemanager.hypervisor import LibvirtHypervisor
-    from vmimagemanager.lifecycle import JobRequest, LifeCycle
+    from vmimagemanager.node import JobRequest, open_node
 
     life, cfg = test_life
     names = ["s1", "s2"]
@@ -155,7 +154,7 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
     got: dict[str, object] = {}
 
     def start(job_id: str) -> None:
-        starting = LifeCycle(cfg, LibvirtHypervisor(cfg.libvirt_uri))  # one per process
+        starting = open_node(cfg)  # one per process
         try:
             got[job_id] = starting._allocate(names, JobRequest(job_id, "0", "cms001", "cms"))[
                 0].slot
@@ -182,7 +181,7 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
 
 def _admin_public(state_dir: str, out) -> None:
     from vmimagemanager.config import parse_config
-    from vmimagemanager.lifecycle import admin_key, ensure_admin_key
+    from vmimagemanager.node.state import admin_key, ensure_admin_key
 
     cfg = parse_config({"state_dir": state_dir, "run_dir": f"{state_dir}/run", "slots": [
         {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")
@@ -194,7 +193,7 @@ def test_a_hook_never_makes_the_admin_key_it_says_how_to(tmp_path):
     """The admin key logs in as root to every later guest: made by an installer or an admin,
     never by a job's prolog (whose owner could race for it)."""
     from vmimagemanager.config import parse_config
-    from vmimagemanager.lifecycle import admin_key
+    from vmimagemanager.node.state import admin_key
 
     cfg = parse_config({"state_dir": str(tmp_path), "run_dir": str(tmp_path / "run"), "slots": [
         {"name": "a1", "network": {"type": "user", "ssh_port": 30501}}]}, "c.yaml")

@@ -109,11 +109,12 @@ class QemuForward(LibvirtHypervisor):
 
 @pytest.fixture
 def node(tmp_path, monkeypatch):
-    """A LifeCycle with two user-network slots (configured first ports P1, P2), a small
+    """A Node with two user-network slots (configured first ports P1, P2), a small
     ssh_ports range, one image, and the guest's console and sshd stood in for."""
     from vmimagemanager import guest
     from vmimagemanager.images import ImageStore
-    from vmimagemanager.lifecycle import LifeCycle, ensure_admin_key
+    from vmimagemanager.node import Node
+    from vmimagemanager.node.state import ensure_admin_key, ensure_state_dirs
 
     low = free_block(8)
     first = [free_port(), free_port()]
@@ -141,7 +142,8 @@ def node(tmp_path, monkeypatch):
     monkeypatch.setattr(guest, "wait_for_host_key", lambda *args, **kwargs: HOST_KEY)
     monkeypatch.setattr(guest, "wait_for_ssh", wait_for_ssh)
     hv = testdriver.clean(QemuForward())
-    life = LifeCycle(cfg, hv)
+    ensure_state_dirs(cfg)
+    life = Node(cfg, hv)
     yield life, cfg, hv, logins
     testdriver.clean(hv)
 
@@ -192,12 +194,13 @@ def test_a_vm_gets_a_port_free_at_boot_that_libvirt_the_context_and_logins_all_c
     """s1's configured port is squatted: its VM gets another one, noted in the domain's lease
     metadata, and everything that logs in uses it; s2's (free) configured port is used as
     before."""
-    from vmimagemanager.lifecycle import JobRequest
+    from vmimagemanager.node import JobRequest
 
     life, cfg, hv, logins = node
     s1, s2 = cfg.slots
     with squat(s1.network.ssh_port):
-        _, ctx = life.start_vm(JobRequest("301", "0", ME, "img", "mine"), slots=["s1"])
+        started = life.start_vm(JobRequest("301", "0", ME, "img", "mine"), slots=["s1"])
+        ctx = started.context
         assert life.leases.get("s1").state is LeaseState.RUNNING
         port = ctx.port
         assert port != s1.network.ssh_port
@@ -209,7 +212,8 @@ def test_a_vm_gets_a_port_free_at_boot_that_libvirt_the_context_and_logins_all_c
         assert life.ssh_address(s1) == (LOOPBACK, port)  # _guest_poweroff, exec, bind
         assert (logins[-1].host, logins[-1].port) == (LOOPBACK, port)  # the boot's own login
         assert not ports.is_free(LOOPBACK, port)  # QEMU (here: its stand-in) holds it
-        _, ctx2 = life.start_vm(JobRequest("302", "0", ME, "img", "mine"), slots=["s2"])
+        started = life.start_vm(JobRequest("302", "0", ME, "img", "mine"), slots=["s2"])
+        ctx2 = started.context
         assert ctx2.port == s2.network.ssh_port  # an old configuration works as it did
         rows = {row["slot"]: row["ssh"] for row in life.status()}
         assert rows == {"s1": f"{LOOPBACK}:{port}", "s2": f"{LOOPBACK}:{ctx2.port}"}
@@ -273,7 +277,7 @@ def test_a_vm_whose_every_start_loses_its_port_goes_back_to_the_queue_never_held
 
 def test_another_start_failure_is_still_a_failed_boot(node):
     """Only a lost port is retried: a start that fails otherwise (its port free) is reported."""
-    from vmimagemanager.lifecycle import JobRequest
+    from vmimagemanager.node import JobRequest
 
     life, _cfg, hv, _logins = node
 
@@ -289,11 +293,12 @@ def test_another_start_failure_is_still_a_failed_boot(node):
 def test_a_spares_rewritten_lease_metadata_keeps_its_port(node):
     """A spare's lease element is replaced right after its start (and again at bind): the
     forward's port must stay in it, or nothing could log in to the VM any more."""
-    from vmimagemanager.lifecycle import JobRequest
-    from vmimagemanager.spares import IMAGE_KEY, _into_background
+    from vmimagemanager.node import JobRequest
+    from vmimagemanager.node.spares import IMAGE_KEY, _into_background
 
     life, cfg, hv, _logins = node
-    _, ctx = life.start_vm(JobRequest("306", "0", ME, "img", "mine"), slots=["s1"])
+    started = life.start_vm(JobRequest("306", "0", ME, "img", "mine"), slots=["s1"])
+    ctx = started.context
     slot = cfg.slots[0]
     _into_background(life, slot, "306.0", life.images.get("img"))
     meta = lease_metadata(hv.domain_xml(slot.domain_name))
@@ -320,10 +325,12 @@ def test_the_port_of_a_domain_started_before_it_was_noted_comes_from_its_hostfwd
 
 
 def test_a_bridged_slot_keeps_its_host_name_and_port_without_a_forward(tmp_path):
-    from vmimagemanager.lifecycle import LifeCycle
+    from vmimagemanager.node import Node
+    from vmimagemanager.node.state import ensure_state_dirs
 
     cfg = testdriver.node_config(tmp_path, slots=[
         {"name": "b1", "network": {"type": "bridge", "bridge": "br0", "mac": "52:54:00:00:00:01",
                                    "hostname": "wn01-vm1.example.org"}}])
-    life = LifeCycle(cfg, testdriver.hypervisor())
+    ensure_state_dirs(cfg)
+    life = Node(cfg, testdriver.hypervisor())
     assert life.ssh_address(cfg.slots[0]) == ("wn01-vm1.example.org", 22)

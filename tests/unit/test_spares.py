@@ -104,8 +104,8 @@ def test_a_job_waits_for_the_spare_of_its_image_that_is_booting(test_life):
     soon as no spare of its image is booting: the agent died, or the boot failed."""
     import subprocess
 
-    from vmimagemanager.lifecycle import JobRequest
-    from vmimagemanager.spares import _wait_for_booting_spare
+    from vmimagemanager.node import JobRequest
+    from vmimagemanager.node.spares import _wait_for_booting_spare
 
     life, cfg = test_life
     agent = subprocess.Popen(["sleep", "60"])  # the agent process booting the spares
@@ -147,7 +147,7 @@ def test_a_job_waits_for_a_slot_being_torn_down_before_it_retires_another_images
     another image throws its boot away. The job waits for the teardown and the spare stays."""
     import subprocess
 
-    from vmimagemanager.lifecycle import JobRequest
+    from vmimagemanager.node import JobRequest
 
     life, cfg = test_life
     lease, _ = life.leases.allocate(["s1"], "50", "0", "atlas001", "atlas")
@@ -208,7 +208,7 @@ def test_no_kept_login_where_its_socket_path_would_be_too_long(tmp_path):
     import tempfile
     from dataclasses import replace
 
-    from vmimagemanager.spares import kept_login
+    from vmimagemanager.node.spares import kept_login
 
     cfg = parse_config(_config(tmp_path, {"vos": {"atlas": 1}}), "c.yaml")
     short = Path(tempfile.mkdtemp(prefix="k", dir="/tmp"))
@@ -224,7 +224,7 @@ def test_nothing_a_guest_left_in_its_export_reaches_the_next_spare(tmp_path):
     """Root in a guest can write into its export over 9p: a planted file, or `home` replaced by
     a symlink to a host directory, must be gone (and the link's target untouched) when the slot's
     next spare is provisioned."""
-    from vmimagemanager.spares import export_dir, provision_shares
+    from vmimagemanager.node.spares import export_dir, provision_shares
 
     home_root = tmp_path / "homes"
     home_root.mkdir()

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.squat import SQUATTER, squat_as, stop
 from vmimagemanager.domain_xml import forwarded_port
-from vmimagemanager.lifecycle import JobRequest
+from vmimagemanager.node import JobRequest
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +41,9 @@ def test_a_start_whose_port_another_account_takes_in_between_is_retried_on_real_
 
     monkeypatch.setattr(life.hv, "start", start)
     try:
-        _lease, ctx = life.start_vm(JobRequest("9301", "0", "cms001", "cms", "cms"),
+        started = life.start_vm(JobRequest("9301", "0", "cms001", "cms", "cms"),
                                     slots=["t2"])
+        ctx = started.context
         try:
             assert len(tried) == 2 and tried[1] != tried[0], tried
             assert ctx.port == tried[1] == read_context(cfg.run_dir, "9301.0").port

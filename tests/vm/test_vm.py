@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from tests.support import make_base_dir
 from vmimagemanager.errors import BootError, GuestError
-from vmimagemanager.lifecycle import JobRequest, lease_files
+from vmimagemanager.node import JobRequest
+from vmimagemanager.node.model import lease_files
 
 pytestmark = pytest.mark.integration
 
@@ -243,7 +244,7 @@ def test_fresh_overlay_per_lease_and_nothing_left_behind(life, vm_setup):
         return connect(Endpoint(ctx.host, ctx.port, ctx.user, key_path(cfg.run_dir, label),
                                 ctx.host_key))
 
-    lease, _ = life.start_vm(JobRequest("9101", "0", "cms001", "cms", "cms"), slots=["t2"])
+    life.start_vm(JobRequest("9101", "0", "cms001", "cms", "cms"), slots=["t2"])
     files = lease_files(cfg, "t2", "9101.0")
     assert files.overlay.exists() and files.seed.exists()
     s = session_for("9101.0")
@@ -274,8 +275,9 @@ def test_the_epilog_leaves_the_destroy_to_a_detached_process_and_the_slot_waits(
 
     cfg = vm_setup[1]
     life.start_vm(JobRequest("9111", "0", "atlas001", "atlas", "atlas"), slots=["t2"])
-    assert end_job(life, "9111", "0")
-    assert "9111.0" in life.usage  # measured before the VM went
+    ended = end_job(life, "9111", "0")
+    assert ended is not None and ended.usage is not None  # measured before the VM went
+    assert ended.usage["cpu_seconds"] > 0 and ended.lease.job_label == "9111.0"
     lease = life.leases.get("t2")
     if lease is not None:  # the detached teardown is still at work (it usually is)
         assert str(lease.state) == "tearing-down" and lease.pid != os.getpid()
@@ -365,14 +367,15 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
     from vmimagemanager.context import key_path
     from vmimagemanager.guest import Endpoint, connect
     from vmimagemanager.jobs import Job
-    from vmimagemanager.lifecycle import LifeCycle
+    from vmimagemanager.node import Node
     from vmimagemanager.runner import JobRunner
 
     cfg = replace(vm_setup[1], shared_paths=(SharedPath(str(shared_dir), "hypervisor",
                                                         "passthrough"),))
-    own = LifeCycle(cfg, life.hv, life.leases)
-    lease, ctx = own.start_vm(JobRequest("9301", "0", "atlas001", "atlas", "atlas"),
+    own = Node(cfg, life.hv, life.leases)
+    started = own.start_vm(JobRequest("9301", "0", "atlas001", "atlas", "atlas"),
                               slots=["t2"])
+    lease, ctx = started.lease, started.context
     try:
         assert ctx.guest_checked_paths == (str(shared_dir),)
         script = tmp_path / "job.sh"

@@ -25,7 +25,7 @@ from .base import root_hook_setup
 if TYPE_CHECKING:
     from ..config import Config
     from ..flow import Decision
-    from ..lifecycle import LifeCycle
+    from ..node import EndResult
 
 log = logging.getLogger("vmimagemanager.batch")
 
@@ -64,7 +64,7 @@ class Adapter(Protocol):
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         """Tell the batch system the decision (by its table); the prolog's exit status."""
 
-    def ended(self, cfg: Config, call: HookCall, life: LifeCycle) -> tuple[str, str]:
+    def ended(self, cfg: Config, call: HookCall, ended: EndResult) -> tuple[str, str]:
         """After a VM job's end: what this system records of it (SGE: its accounting line);
         returns the payload's exit status and signal as the batch system reports them."""
 
@@ -105,14 +105,15 @@ def run_epilog(adapter: Adapter, argv: Sequence[str] | None) -> int:
         call = adapter.parse("epilog", argv, env)
         cfg = load_root_config(call.config)
         from ..flow import audit_end, end_job
-        from ..lifecycle import open_node
+        from ..node import open_node
 
         life = open_node(cfg)
         job = call.job
-        if end_job(life, job.job_id, job.task_id):
+        ended = end_job(life, job.job_id, job.task_id)
+        if ended is not None:
             log.info("job %s: VM usage recorded, its teardown under way", job.label)
-            status, signal = adapter.ended(cfg, call, life)
-            audit_end(life, job.label, job.owner, status, signal)
+            status, signal = adapter.ended(cfg, call, ended)
+            audit_end(cfg, ended, job.label, job.owner, status, signal)
     except (Exception, SystemExit) as exc:  # never non-zero: see above
         adapter.unusable("epilog", exc)
     return 0

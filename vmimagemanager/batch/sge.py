@@ -36,7 +36,7 @@ from .base import starter_arguments
 from .contract import HookCall, run_epilog, run_prolog
 
 if TYPE_CHECKING:
-    from ..lifecycle import LifeCycle
+    from ..node import EndResult
 
 log = logging.getLogger("vmimagemanager.sge")
 
@@ -125,12 +125,12 @@ class SgeHooks:
                   f"{says.format(job_id=job.job_id)}", file=sys.stderr)
         return status
 
-    def ended(self, cfg: Config, call: HookCall, life: LifeCycle) -> tuple[str, str]:
+    def ended(self, cfg: Config, call: HookCall, ended: EndResult) -> tuple[str, str]:
         """gridengine's accounting line with the VM's usage; a starter killed on the node said
         so in the job's .e file."""
         job, spool_dir = call.job, call.spool_dir
         usage = read_spool_file(spool_dir, "usage")
-        vm = life.usage.get(job.label)
+        vm = ended.usage
         if vm is not None:
             from .sge_accounting import record_line
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import VmimError
-from ..lifecycle import ensure_admin_key
+from ..node.state import ensure_admin_key
 from . import wrappers
 from .sge import HOOK_ENV
 from .wrappers import HookSystem

@@ -41,7 +41,7 @@ from .base import starter_arguments
 from .contract import HookCall, run_epilog, run_prolog
 
 if TYPE_CHECKING:
-    from ..lifecycle import LifeCycle
+    from ..node import EndResult
 
 log = logging.getLogger("vmimagemanager.slurm")
 
@@ -150,7 +150,7 @@ class SlurmHooks:
             _tell_slurmctld(cfg, call.job, action, decision.reason)
         return 0
 
-    def ended(self, cfg: Config, call: HookCall, life: LifeCycle) -> tuple[str, str]:
+    def ended(self, cfg: Config, call: HookCall, ended: EndResult) -> tuple[str, str]:
         status, _, sig = call.env.get("SLURM_JOB_EXIT_CODE2", "").partition(":")
         return status, sig
 

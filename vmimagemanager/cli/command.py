@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ..config import Config, load_config
 
 if TYPE_CHECKING:
-    from ..lifecycle import LifeCycle
+    from ..node import Node
 
 Handler = Callable[[argparse.Namespace, str], int]
 """Runs a parsed command line, given the configuration file's path; returns the exit code."""
@@ -40,11 +40,11 @@ def configured(handler: ConfigHandler) -> Handler:
     return run
 
 
-def open_node(cfg: Config) -> LifeCycle:
+def open_node(cfg: Config) -> Node:
     """The node as the commands drive it: libvirt at cfg.libvirt_uri and the leases database."""
     # lazy: the life cycle brings the hypervisor, leases, images and seed modules, which
     # --help, the set-up commands and the read-only reports never need
-    from ..lifecycle import open_node as open_life_cycle
+    from ..node import open_node as open_life_cycle
 
     return open_life_cycle(cfg)
 

@@ -17,8 +17,8 @@ from .command import Command, Group, configured
 # -- admin-key --------------------------------------------------------------------------------
 def admin_key(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: the admin key lives with the life cycle (see command.open_node)
-    from ..lifecycle import admin_key as public_key
-    from ..lifecycle import ensure_admin_key
+    from ..node.state import admin_key as public_key
+    from ..node.state import ensure_admin_key
 
     path = ensure_admin_key(cfg)
     print(f"{path}: {public_key(cfg)[1]}")

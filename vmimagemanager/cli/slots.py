@@ -21,7 +21,7 @@ from .output import table
 
 if TYPE_CHECKING:
     from ..leases import Lease
-    from ..lifecycle import LifeCycle
+    from ..node import Node
 
 SLOT_COLUMNS = ["slot", "state", "job", "owner", "vo", "image", "domain", "ssh", "since"]
 
@@ -42,7 +42,7 @@ def show_slots(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _watch_slots(life: LifeCycle, interval: float) -> int:
+def _watch_slots(life: Node, interval: float) -> int:
     """The slot table, redrawn every `interval` seconds from the leases database and libvirt
     until Ctrl-C; on a terminal the screen is cleared each time, else frames follow each other."""
     clear = "\033[H\033[2J" if sys.stdout.isatty() else ""
@@ -106,7 +106,7 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
 def run_agent(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: the agent's loop and its thread pool serve this long-running command only
     from ..agent import run
-    from ..lifecycle import ensure_admin_key
+    from ..node.state import ensure_admin_key
     from ..rootenv import become_clean
 
     # a long-lived root process: whatever shell started it, its children (ssh, qemu-img,
@@ -129,14 +129,16 @@ def _up_arguments(parser: argparse.ArgumentParser) -> None:
 
 def boot_for_admin(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: JobRequest and the admin key live with the life cycle (see open_node)
-    from ..lifecycle import JobRequest, ensure_admin_key
+    from ..node import JobRequest
+    from ..node.state import ensure_admin_key
 
     cfg.slot(args.slot)
     ensure_admin_key(cfg)
     life = open_node(cfg)
     label_job = "admin-" + args.slot.replace(".", "-")
-    lease, ctx = life.start_vm(JobRequest(job_id=label_job, task_id="0", owner="root",
+    started = life.start_vm(JobRequest(job_id=label_job, task_id="0", owner="root",
                                           image=args.image, vo="admin"), slots=[args.slot])
+    lease, ctx = started.lease, started.context
     print(f"slot {lease.slot}: {args.image} running as {cfg.slot(args.slot).domain_name}, "
           f"ssh root@{ctx.host} -p {ctx.port}")
     return 0
@@ -251,8 +253,8 @@ def _guest_host_key(cfg: Config, slot: str, lease: Lease) -> str:
     spare's console (a spare has no job context)."""
     # lazy: job contexts and the spares' console reading matter to exec only
     from ..context import read_root_context
-    from ..lifecycle import lease_files
-    from ..spares import spare_host_key
+    from ..node.model import lease_files
+    from ..node.spares import spare_host_key
 
     if lease.is_spare:
         return spare_host_key(lease_files(cfg, slot, lease.job_label).console)

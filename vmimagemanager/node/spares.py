@@ -22,17 +22,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .agentwake import poke
-from .config import Config, Slot
-from .errors import BootError, GuestError, VmimError
-from .leases import SPARE_JOB_ID, Lease
-from .lifecycle import IDLE_FIGURES, JobRequest, LifeCycle, admin_key, lease_files
-from .shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
-from .states import LeaseState
+from ..agentwake import poke
+from ..config import Config, Slot
+from ..errors import BootError, GuestError, VmimError
+from ..leases import SPARE_JOB_ID, Lease
+from ..shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
+from ..states import LeaseState
+from .model import JobRequest, StartResult, lease_files
+from .state import admin_key
+from .usage import IDLE_FIGURES
 
 if TYPE_CHECKING:
-    from .context import JobContext
-    from .images import Image
+    from ..context import JobContext
+    from ..images import Image
+    from . import Node
 
 log = logging.getLogger("vmimagemanager.spares")
 
@@ -180,11 +183,11 @@ def run_bind(session, script: str) -> str:
 
 
 # -- provision and bind ---------------------------------------------------------------------------
-def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
+def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
     """Boot a spare of `image_name` in a free slot; returns its lease (`spare`). NoFreeSlot if
     every slot is taken: a spare never takes a slot from a job."""
-    from .context import ensure_jobs_dir
-    from .guest import Endpoint
+    from ..context import ensure_jobs_dir
+    from ..guest import Endpoint
 
     cfg = life.cfg
     image = life.images.get(image_name)
@@ -212,7 +215,7 @@ def provision_spare(life: LifeCycle, image_name: str, vo: str = "") -> Lease:
     return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
 
 
-def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
+def bind_spare(life: Node, request: JobRequest, uid: int, gid: int,
                shares: tuple[GuestShare, ...]) -> tuple[Lease, JobContext] | None:
     """Give the job an idle spare of its image: None if there is none, or if binding failed
     (the spare is destroyed, the caller boots a VM for the job: slower, never failing)."""
@@ -240,17 +243,17 @@ def bind_spare(life: LifeCycle, request: JobRequest, uid: int, gid: int,
     # One spare fewer: the agent boots the next now, not at its next round. Only now: a boot
     # starting takes both cores for a moment, and the bind is on the job's path.
     poke(life.cfg)
-    life.bound_spare = spare.job_label
-    return life.leases.transition(slot.name, LeaseState.RUNNING, request.label), context
+    return StartResult(life.leases.transition(slot.name, LeaseState.RUNNING, request.label),
+                       context, spare=spare.job_label)
 
 
-def _into_background(life: LifeCycle, slot: Slot, label: str, image: Image) -> None:
+def _into_background(life: Node, slot: Slot, label: str, image: Image) -> None:
     """Right after the spare's domain started: note in the lease metadata which image content
     it boots (the bind's keysfiles key) and the weight a job's VM has on this node (bind gives
     it back), then lower the spare's weight to a fraction of it. What the domain's metadata
     says for its whole life (its forward's port) is kept."""
-    from .domain_xml import kept_attributes, lease_attributes, lease_element, lease_metadata
-    from .keysfiles import image_key
+    from ..domain_xml import kept_attributes, lease_attributes, lease_element, lease_metadata
+    from ..keysfiles import image_key
 
     name = slot.domain_name
     weight = life.hv.cpu_weight(name)
@@ -267,7 +270,7 @@ def _into_background(life: LifeCycle, slot: Slot, label: str, image: Image) -> N
     life.hv.set_cpu_weight(name, max(2, weight // SPARE_WEIGHT_DIVISOR))
 
 
-def _job_weight(life: LifeCycle, name: str, meta: dict[str, str]) -> None:
+def _job_weight(life: Node, name: str, meta: dict[str, str]) -> None:
     """Give a spare's domain the weight of a job's VM again (noted at its start). Set without
     reading it first: one libvirt call, and idempotent."""
     weight = int(meta.get(WEIGHT_KEY) or 0)
@@ -275,7 +278,7 @@ def _job_weight(life: LifeCycle, name: str, meta: dict[str, str]) -> None:
         life.hv.set_cpu_weight(name, weight)
 
 
-def _booting_spares(life: LifeCycle, image: str) -> list[Lease]:
+def _booting_spares(life: Node, image: str) -> list[Lease]:
     """Spares of `image` the agent is booting (its process alive, within boot_timeout), oldest
     first."""
     now = time.time()
@@ -286,14 +289,14 @@ def _booting_spares(life: LifeCycle, image: str) -> list[Lease]:
                   key=lambda lease: lease.created)
 
 
-def _wait_for_booting_spare(life: LifeCycle, request: JobRequest
+def _wait_for_booting_spare(life: Node, request: JobRequest
                             ) -> tuple[Lease, Lease] | None:
     """The agent is booting a spare of the job's image: take it once it is ready, rather than
     boot a second VM beside it (under a burst that would cost every boot's CPU twice, and take
     a slot another image's spare holds). Meanwhile the oldest such spare boots at a job's
     weight. None as soon as none is booting any more (failed, its agent gone, taken by another
     job, or past boot_timeout): the job boots its own VM."""
-    from .domain_xml import lease_metadata
+    from ..domain_xml import lease_metadata
 
     booting = _booting_spares(life, request.image)
     if not booting:
@@ -325,7 +328,7 @@ def kept_login(cfg: Config, label: str) -> Path | None:
     spare's own directory among the job contexts (root's, 0700; removed with the lease, by
     the bind, or by reconcile as an orphan). None where the socket's path would be too long
     for a unix socket (ssh adds a suffix while it makes it): the bind then logs in itself."""
-    from .context import context_dir
+    from ..context import context_dir
 
     path = context_dir(cfg.run_dir, label)
     too_long = len(os.fsencode(path / "control")) + SSH_SOCKET_SUFFIX >= UNIX_SOCKET_PATH_MAX
@@ -334,25 +337,25 @@ def kept_login(cfg: Config, label: str) -> Path | None:
 
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
-    from .guest import console_host_key
+    from ..guest import console_host_key
 
     if not (key := console_host_key(console)):
         raise VmimError(f"no host key on the spare's console {console}")
     return key
 
 
-def _bind(life: LifeCycle, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
+def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
-    from . import keysfiles
-    from .domain_xml import (
+    from .. import keysfiles
+    from ..domain_xml import (
         exported_tags,
         kept_attributes,
         lease_attributes,
         lease_element,
         lease_metadata,
     )
-    from .guest import connect, resume
-    from .seed import generate_keypair
+    from ..guest import connect, resume
+    from ..seed import generate_keypair
 
     cfg, name = life.cfg, slot.domain_name
     old, new = lease_files(cfg, slot.name, spare.job_label), lease_files(cfg, slot.name,

@@ -1,0 +1,156 @@
+"""Reconciliation: leases (who holds what), libvirt domains (what runs) and files compared; what no
+live lease explains is cleaned up."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..config import DOMAIN_PREFIX, domain_name
+from ..context import (
+    context_dir,
+    list_contexts,
+    read_root_context,
+    remove_context,
+    root_context_path,
+)
+from ..domain_xml import lease_metadata
+from ..errors import TeardownIncomplete, VmimError
+from ..leases import Lease, is_spare_label
+from ..states import LeaseState
+from .model import lease_files
+
+log = logging.getLogger("vmimagemanager.node")
+
+
+TRANSIENT = (LeaseState.PREPARING, LeaseState.BOOTING, LeaseState.BINDING,
+             LeaseState.TEARING_DOWN)
+CONTEXT_GRACE = 3600.0  # seconds a lease-less (native/reject) job context is kept for its job
+
+
+
+# When a lease is stale (nothing live explains it), first match wins: (rule, reason). The
+# checks are ordered cheapest first; the last asks libvirt.
+STALE_RULES = (
+    (lambda node, lease, known: lease.slot not in known, "slot is no longer configured"),
+    (lambda node, lease, known: lease.state is LeaseState.FAILED,
+     "a start failed and was not cleaned up"),
+    (lambda node, lease, known: lease.state in TRANSIENT and not lease.holder_alive(),
+     "the process (pid {pid}) that was {state} it died"),
+    (lambda node, lease, known: lease.state in (LeaseState.RUNNING, LeaseState.SPARE)
+     and not node.hv.is_running(domain_name(lease.slot)), "its VM is not running"),
+)
+
+
+class Reconcile:
+    """Reconciliation (a part of node.Node)."""
+
+    def reclaim_stale(self, dry_run: bool = False) -> list[str]:
+        """End the leases no live process or VM explains (holder died, start failed, VM gone)."""
+        return list(self._reclaim(dry_run).values())
+
+    def _reclaim(self, dry_run: bool) -> dict[str, str]:
+        """reclaim_stale's work: slot -> what was done (or would be) about its lease."""
+        actions: dict[str, str] = {}
+        known_slots = {s.name for s in self.cfg.slots}
+        for lease in self.leases.all():
+            reason = self._stale_reason(lease, known_slots)
+            if not reason:
+                continue
+            actions[lease.slot] = f"release slot {lease.slot} (job {lease.job_label}): {reason}"
+            if dry_run:
+                continue
+            try:
+                if lease.slot in known_slots:
+                    self.end_vm(lease.slot, job_label=lease.job_label)
+                else:
+                    self._forget_unknown_slot(lease)
+            except TeardownIncomplete as exc:
+                actions[lease.slot] += f" (incomplete: {exc})"
+        for action in actions.values():
+            log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
+        return actions
+
+    def reconcile(self, dry_run: bool = False) -> list[str]:
+        """Compare leases, libvirt domains and files; clean up what no live lease explains.
+
+        Safe beside running hooks: domains, files and contexts are listed *before* the leases
+        are read, and a prolog takes its lease before it makes any of them, so whatever a
+        starting job owns is always explained by a lease read here.
+        """
+        domains = {name: lease_metadata(xml) for name in self.hv.domain_names()
+                   if (xml := self.hv.domain_xml(name)) is not None}
+        files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
+        contexts = list_contexts(self.cfg.run_dir)
+        leases = {lease.slot: lease for lease in self.leases.all()}
+        released = self._reclaim(dry_run)
+        actions = list(released.values())
+        live = {s: lease for s, lease in leases.items() if s not in released}
+        more = []
+        for name, meta in domains.items():
+            lease = live.get(name.removeprefix(DOMAIN_PREFIX))
+            # A job lease on a domain still labelled as a spare: bound while this ran (the
+            # metadata was read before the lease).
+            if lease is None or (meta.get("job") != lease.job_label and not (
+                    not lease.is_spare and is_spare_label(meta.get("job", "")))):
+                more.append(f"destroy domain {name}: no lease holds it")
+                if not dry_run:
+                    self.hv.destroy(name)
+        live_files = set()
+        for lease in leases.values():  # a released lease's files went with it (or will)
+            f = lease_files(self.cfg, lease.slot, lease.job_label)
+            live_files |= {f.overlay.name, f.seed.name}
+            live_files |= {p.name for p in self._spare_files(lease.slot, lease)}
+        for path in files:
+            if path.name not in live_files:
+                more.append(f"remove orphan file {path}")
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+        labels = {lease.job_label for lease in leases.values()}
+        # A spare being bound has its job's label already, while the bind still uses the login
+        # the agent kept in the spare's own directory: those wait until no bind is under way.
+        binding = any(lease.state is LeaseState.BINDING for lease in live.values())
+        for label in contexts:
+            if label in labels or (binding and is_spare_label(label)):
+                continue
+            if self._context_orphaned(label):
+                more.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
+                if not dry_run:
+                    remove_context(self.cfg.run_dir, label)
+        for action in more:
+            log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
+        if not dry_run:
+            from ..audit import record
+
+            for action in actions + more:
+                record(self.cfg, "reconcile", action=action)
+        return actions + more
+
+    def _context_orphaned(self, label: str) -> bool:
+        """A VM job's context without a lease is an orphan. A native or reject job has no
+        lease: its context is the prolog's word to the starter, removed by the epilog; only
+        one older than CONTEXT_GRACE (its epilog never ran) is an orphan."""
+        path = root_context_path(self.cfg.run_dir, label)
+        try:
+            if read_root_context(self.cfg.run_dir, label).mode == "vm":
+                return True
+            return time.time() - path.stat().st_mtime > CONTEXT_GRACE
+        except (VmimError, OSError, TypeError):  # unreadable or half-written: not ours to keep
+            return True
+
+    def _stale_reason(self, lease: Lease, known_slots: set[str]) -> str:
+        """The first rule of STALE_RULES the lease meets (its reason), or '' if it is live."""
+        for applies, reason in STALE_RULES:
+            if applies(self, lease, known_slots):
+                return reason.format(pid=lease.pid, state=lease.state)
+        return ""
+
+    def _forget_unknown_slot(self, lease: Lease) -> None:
+        self.hv.destroy(domain_name(lease.slot))
+        files = lease_files(self.cfg, lease.slot, lease.job_label)
+        files.overlay.unlink(missing_ok=True)
+        files.seed.unlink(missing_ok=True)
+        remove_context(self.cfg.run_dir, lease.job_label)
+        if lease.state is not LeaseState.TEARING_DOWN:
+            self.leases.transition(lease.slot, LeaseState.TEARING_DOWN, lease.job_label)
+        self.leases.transition(lease.slot, LeaseState.FREE, lease.job_label)
