@@ -111,7 +111,6 @@ def _parse_context(raw: bytes, where: Path) -> JobContext:
     try:
         data = json.loads(raw)
         data["shared_paths"] = tuple(data.get("shared_paths", ()))
-        data.pop("guest_checked_paths", None)  # written by earlier versions; now derived
         return JobContext(**data)
     except (ValueError, TypeError, AttributeError) as exc:
         raise VmimError(f"cannot read the VM context {where}: {exc}") from None

@@ -132,8 +132,8 @@ def wait_for_host_key(console_log: Path, deadline: float, still_running) -> str:
 
 # Key exchange: classical curve25519 first. The connection never leaves the node (the VM's port is
 # forwarded on 127.0.0.1, or a bridge on the node), so OpenSSH 9's default post-quantum hybrid
-# (sntrup761x25519) protects nothing here, and under TCG it cost the guest 0.06 CPU-s and 0.08 s
-# of every login (two per job: the boot's and the starter's). An explicit list, not "^...": the
+# (sntrup761x25519) protects nothing here, and it costs the guest CPU at every login (two per
+# job: the boot's and the starter's). An explicit list, not "^...": the
 # "^" prefix needs OpenSSH 8.3, and EL8 nodes have 8.0. Images with only older kex (SL6's 5.3
 # sshd) still find diffie-hellman-group-exchange-sha256 in it.
 KEX_ALGORITHMS = ("curve25519-sha256,curve25519-sha256@libssh.org,ecdh-sha2-nistp256,"
