@@ -21,6 +21,7 @@ test: deps
 bench: deps
 	bash harness/libvirt-up.sh
 	$(PY) -m benchmarks.overhead --jobs 3
+	$(PY) -m benchmarks.imports
 	$(PY) -m benchmarks.boot --jobs 3
 	$(PY) -m benchmarks.overlay_vs_copy
 

@@ -1,9 +1,9 @@
 """Per-job overhead of vmimagemanager's own code, split into phases, guest boot shown apart.
 
 Runs N jobs' life cycles (start VM -> run a trivial payload over ssh -> end VM) through the
-library on a real libvirtd + QEMU, and measures how long each entry point takes to import.
-Target: everything but guest boot and payload <= 0.5 s per job; each entry point imports in
-<= 150 ms.     Usage: python -m benchmarks.overhead [--jobs 3]    (from the tree's top)
+library on a real libvirtd + QEMU (the hooks' import times: benchmarks/imports.py).
+Target: everything but guest boot and payload <= 0.5 s per job.
+Usage: python -m benchmarks.overhead [--jobs 3]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -12,48 +12,22 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 
-from benchmarks.common import REPO, report, scratch_config
+from benchmarks.common import report, scratch_config
 
-ENTRY_IMPORTS = {
-    # what each hook imports on its path (the lazy imports included)
-    "prolog": "import vmimagemanager.batch.sge, vmimagemanager.node, "
-              "vmimagemanager.hypervisor, libvirt, vmimagemanager.guest, vmimagemanager.policy, "
-              "vmimagemanager.flow, vmimagemanager.spares, vmimagemanager.seed, yaml",
-    "starter": "import vmimagemanager.batch.sge, vmimagemanager.context, vmimagemanager.runner, "
-               "vmimagemanager.guest",
-    "epilog": "import vmimagemanager.batch.sge, vmimagemanager.node, "
-              "vmimagemanager.hypervisor, libvirt",
-    "cli": "import vmimagemanager.cli",
-}
 # ours: everything a job waits for but the guest's boot; the epilog's detached destroy is not
 # on the job's path (it delays the slot's next job: "slot turnaround", epilog start -> free)
 OWN_PHASES = ["config load", "lease", "overlay", "keys", "seed", "define+start", "run (ssh)",
               "epilog returns"]
 
 
-def import_time(statement: str, runs: int = 5) -> float:
-    """Best-of-N wall time of a fresh interpreter doing the imports, minus a bare interpreter."""
-    def best(code: str) -> float:
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(statement) - best("pass")
-
-
 def one_job(path: str, n: int) -> dict:
     from vmimagemanager.config import load_config
     from vmimagemanager.context import key_path
-    from vmimagemanager.flow import end_job
     from vmimagemanager.guest import Endpoint, connect
     from vmimagemanager.node import JobRequest, open_node
+    from vmimagemanager.teardown import end_job
 
     t0 = time.perf_counter()
     cfg = load_config(path)
@@ -101,10 +75,6 @@ def main() -> None:
     print("Per-job phases (seconds); 'guest boot' = QEMU start to ssh answering, not ours")
     med = {c: statistics.median(r[c] for r in rows) for c in columns[1:]}
     report("overhead", [*rows, {"job": "median", **med}], columns)
-    print()
-    imports = [{"entry point": name, "import seconds": import_time(code)}
-               for name, code in ENTRY_IMPORTS.items()]
-    report("imports", imports, ["entry point", "import seconds"])
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from . import agentwake, metrics
 from .audit import record
 from .errors import NoFreeSlot, RetryLater, VmimError
+from .flow import NOT_BOOT_FAILURES
 from .leases import Lease
 from .metrics import cause_of
 from .node import Node
+from .node.spares import provision_spare
 from .rootenv import interrupt_on_sigterm
 from .states import LeaseState
 
@@ -108,8 +110,6 @@ class Agent:
                 coming, free = coming + 1, free - 1
 
     def _provision(self, image: str) -> Lease:
-        from .node.spares import provision_spare
-
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
         try:
@@ -117,8 +117,6 @@ class Agent:
         except NoFreeSlot:
             raise
         except Exception as exc:
-            from .flow import NOT_BOOT_FAILURES
-
             cause = cause_of(exc) if isinstance(exc, NOT_BOOT_FAILURES) else "boot_failed"
             record(life.cfg, "spare", outcome="failed", image=image, vo=vo, cause=cause,
                    reason=str(exc))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .files import UntrustedFileError, append_line, read_untrusted
+from .metrics import observe
 from .rootenv import clean_environment
 
 if TYPE_CHECKING:
@@ -93,8 +94,6 @@ def record(cfg: Config, event: str, job: str = "", **fields: object) -> None:
     except OSError as exc:
         log.warning("audit trail %s not written: %s", audit_path(cfg), exc)
     log.info("%s", line)
-    from .metrics import observe
-
     observe(cfg, entry)  # the Prometheus counters are a fold of these events
 
 

@@ -6,33 +6,15 @@ lxml, so a strange file name can never inject XML.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-from xml.etree import ElementTree
+
+from lxml import etree
 
 from .config import BridgeNetwork, Slot, UserNetwork
+from .domain_meta import QEMU_NS, SSH_PORT_KEY, VMIM_NS, lease_attributes
+from .images import BootSpec
 from .shares import GuestShare, hypervisor_source
-
-if TYPE_CHECKING:
-    from lxml import etree
-
-QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-VMIM_NS = "https://vmimagemanager.example.org/xmlns/lease/1.0"
-# In a user-network domain's lease metadata: the host port its ssh forward got at boot
-# (ports.py). It stays for the domain's life: a rewrite of the lease element carries it over.
-SSH_PORT_KEY = "ssh_port"
-HOSTFWD_RE = re.compile(r"hostfwd=tcp:[0-9.]*:(\d+)-")
-
-
-@dataclass(frozen=True)
-class BootSpec:
-    """How the guest boots: from its disk, or a kernel/initrd given directly (test images)."""
-
-    kernel: Path | None = None
-    initrd: Path | None = None
-    cmdline: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +43,6 @@ class DomainSpec:
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None, **attrs: str) -> etree._Element:
-    from lxml import etree  # imported where XML is built: the epilog only reads metadata
-
     element = etree.SubElement(parent, tag, {k.rstrip("_"): v for k, v in attrs.items()})
     if text is not None:
         element.text = text
@@ -84,8 +64,6 @@ def _user_network(root: etree._Element, net: UserNetwork, port: int) -> None:
     restrict=on keeps the guest from reaching anything but the forwarded ssh port; the device sits
     at an explicit PCI address because the default slot 2 collides with other devices.
     """
-    from lxml import etree
-
     cmdline = etree.SubElement(root, f"{{{QEMU_NS}}}commandline")
     netdev = (f"user,id=vmimnet0,restrict=on,"
               f"hostfwd=tcp:{net.listen}:{port}-:22")
@@ -101,51 +79,7 @@ def _bridge_network(devices: etree._Element, net: BridgeNetwork) -> None:
     _sub(iface, "model", type="virtio")
 
 
-def lease_attributes(job_label: str, image: str, owner: str, slot: str,
-                     **extra: str) -> dict[str, str]:
-    """What a domain's metadata says about its lease: the one place these names are made."""
-    return {"job": job_label, "image": image, "owner": owner, "slot": slot, **extra}
-
-
-def kept_attributes(meta: dict[str, str]) -> dict[str, str]:
-    """What a rewrite of a domain's lease element (a spare's, at boot and at bind) must keep:
-    facts fixed for the domain's life, such as its forward's port."""
-    return {k: meta[k] for k in (SSH_PORT_KEY,) if k in meta}
-
-
-def forwarded_port(domain_xml: str) -> int | None:
-    """The host port of a running user-network domain's ssh forward, as libvirt reports it: its
-    lease metadata, else (a domain started before the port was noted there) the hostfwd rule
-    QEMU was started with. None if neither names one."""
-    port = lease_metadata(domain_xml).get(SSH_PORT_KEY, "")
-    if port.isdigit():
-        return int(port)
-    root = ElementTree.fromstring(domain_xml)
-    for arg in root.iter(f"{{{QEMU_NS}}}arg"):
-        found = HOSTFWD_RE.search(arg.get("value", ""))
-        if found:
-            return int(found.group(1))
-    return None
-
-
-def lease_element(attributes: dict[str, str]) -> str:
-    """The lease element for libvirt's setMetadata (libvirt adds the namespace)."""
-    from lxml import etree
-
-    return etree.tostring(etree.Element("lease", attributes), encoding="unicode")
-
-
-def exported_tags(domain_xml: str) -> dict[str, str]:
-    """9p tag -> host directory of a running domain's <filesystem> exports."""
-    root = ElementTree.fromstring(domain_xml)
-    return {fs.find("target").get("dir", ""): fs.find("source").get("dir", "")
-            for fs in root.iter("filesystem")
-            if fs.find("target") is not None and fs.find("source") is not None}
-
-
 def build_domain_xml(spec: DomainSpec) -> str:
-    from lxml import etree
-
     root = etree.Element("domain", {"type": spec.domain_type}, nsmap={"qemu": QEMU_NS})
     _sub(root, "name", spec.slot.domain_name)
     metadata = _sub(root, "metadata")
@@ -201,13 +135,3 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if port is not None:
         _user_network(root, spec.slot.network, port)
     return etree.tostring(root, pretty_print=True, encoding="unicode")
-
-
-def lease_metadata(domain_xml: str) -> dict[str, str]:
-    """The vmimagemanager lease attributes stored in a running domain's XML (empty if none).
-
-    Reading libvirt's own output needs no lxml: the stdlib parser keeps the epilog's imports lean.
-    """
-    root = ElementTree.fromstring(domain_xml)
-    found = root.find(f"metadata/{{{VMIM_NS}}}lease")
-    return dict(found.attrib) if found is not None else {}

@@ -25,19 +25,27 @@ elsewhere. HOLD is for what needs an admin: the job waits, with the reason, inst
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from . import audit
+from .accounts import account
+from .context import JobContext, write_context
+from .decision import Decision, Outcome
 from .errors import ConfigError, ImageError, LeaseDbBroken, RetryLater, VmimError
+from .leases import process_start
+from .metrics import cause_of
+from .node import JobRequest, open_node
+from .node.spares import bind_spare
+from .policy import match_vo, unmatched_message
 
 if TYPE_CHECKING:
     from .config import Config
     from .jobs import Job
-    from .node import EndResult, Node
+    from .node import Node
 
 log = logging.getLogger("vmimagemanager.flow")
 
@@ -48,30 +56,7 @@ START_DB_WAIT = 20.0
 NOT_BOOT_FAILURES = (RetryLater, ImageError, ConfigError, LeaseDbBroken, KeyboardInterrupt)
 
 
-class Outcome(enum.Enum):
-    READY = "ready"  # VM up (or a native/reject context written): run the job
-    RETRY = "retry"  # passing trouble on this node: put the job back in the queue
-    HOLD = "hold"  # needs an admin: keep the job, with the reason, until released
-
-
-@dataclass(frozen=True)
-class Decision:
-    outcome: Outcome
-    reason: str = ""  # one line for the job's error file; empty when READY
-    facts: dict = field(default_factory=dict, compare=False)  # for the audit trail
-
-    @classmethod
-    def retry(cls, reason: str) -> Decision:
-        return cls(Outcome.RETRY, reason)
-
-    @classmethod
-    def hold(cls, reason: str) -> Decision:
-        return cls(Outcome.HOLD, reason)
-
-
 def default_life(cfg: Config) -> Node:
-    from .node import open_node
-
     return open_node(cfg, db_wait=START_DB_WAIT)
 
 
@@ -79,8 +64,6 @@ def start_job(cfg: Config, job: Job, interactive: bool = False,
               make_life: Callable[[Config], Node] = default_life) -> Decision:
     """Decide what happens to `job` and do it (boot its VM, or write its context); the
     decision goes to the audit trail."""
-    from .metrics import cause_of
-
     known: dict = {}  # what _start learnt before it failed (VO, image): for the audit trail
     try:
         decision = _start(cfg, job, interactive, make_life, known)
@@ -104,9 +87,6 @@ def start_job(cfg: Config, job: Job, interactive: bool = False,
 
 
 def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
-    from . import audit
-    from .accounts import account
-
     try:
         identity = audit.proxy_identity(job.env.get("X509_USER_PROXY"), account(job.owner).uid,
                                         cfg.grid_ca_dir)
@@ -119,11 +99,6 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
 
 def _start(cfg: Config, job: Job, interactive: bool,
            make_life: Callable[[Config], Node], known: dict) -> Decision:
-    from .accounts import account
-    from .context import JobContext, write_context
-    from .node import JobRequest
-    from .policy import match_vo, unmatched_message
-
     if interactive:
         known["cause"] = "interactive"
         return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
@@ -142,9 +117,7 @@ def _start(cfg: Config, job: Job, interactive: bool,
     life = make_life(cfg)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
                          image=rule.image, vo=rule.name)
-    bind = None
-    if cfg.spares.counts:  # this node keeps warm spares: try to bind one first
-        from .node.spares import bind_spare as bind
+    bind = bind_spare if cfg.spares.counts else None  # a node with spares binds one first
     try:
         started = life.start_vm(request, bind=bind)
     except NOT_BOOT_FAILURES:
@@ -183,55 +156,9 @@ def _start(cfg: Config, job: Job, interactive: bool,
 
 def hook_seconds() -> float:
     """How long this process has run (interpreter start included)."""
-    from .leases import process_start
-
     try:
         with open("/proc/uptime", encoding="ascii") as fh:
             since_boot = float(fh.read().split()[0])
     except OSError:
         return 0.0
     return since_boot - (process_start(os.getpid()) or 0) / os.sysconf("SC_CLK_TCK")
-
-
-def end_job(life: Node, job_id: str, task_id: str) -> EndResult | None:
-    """Epilog: record the job's VM usage and return; the VM is destroyed and its files removed
-    by a detached process (the slot stays tearing-down until then, and a starting job waits
-    for it). If that process cannot be started, the teardown happens here. None: the job left
-    nothing on this node."""
-    return life.end_job(job_id, task_id, detach=lambda slot, label: _detach_teardown(
-        life.cfg, slot, label))
-
-
-def audit_end(cfg: Config, ended: EndResult, label: str, owner: str, exit_status: str | None,
-              signal: str | None) -> None:
-    """The trail's `end` event of a job end_job ended: its VO and image (from the lease), how
-    the payload ended as the batch system says, and its VM's CPU seconds."""
-    from .audit import record
-
-    lease, vm = ended.lease, ended.usage
-    record(cfg, "end", label, owner=owner, vo=lease.vo if lease else None,
-           image=lease.image if lease else None, exit_status=exit_status or None,
-           signal=signal or None,
-           vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
-
-
-def _detach_teardown(cfg: Config, slot: str, label: str) -> int:
-    """Start the process that destroys the VM and frees the slot; its pid (0: not started).
-
-    A fresh interpreter (vmimagemanager.teardown), in a session of its own and without the job's
-    supplementary groups (execd kills whatever carries the job's group id when the job ends),
-    with a clean environment (the epilog's is the job's). Popen returns once it runs.
-    """
-    import subprocess
-    import sys
-
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "vmimagemanager.teardown", cfg.path, slot, label],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, extra_groups=[], close_fds=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
-    except OSError as exc:
-        log.warning("job %s: no process for the teardown (%s); tearing down here", label, exc)
-        return 0
-    return proc.pid

@@ -14,6 +14,7 @@ import os
 import time
 
 from .config import DOMAIN_PREFIX
+from .domain_meta import VMIM_NS
 from .errors import BootError, HypervisorUnavailable
 
 log = logging.getLogger("vmimagemanager.hypervisor")
@@ -112,7 +113,8 @@ class LibvirtHypervisor(Hypervisor):
     @property
     def _conn(self):
         if self._connection is None:
-            import libvirt  # imported here: the starter path never needs it
+            import libvirt  # lazy: only a process that talks to libvirtd loads it (not a
+            # prolog for a job without a VM, not the CLI's reports)
 
             self._libvirt = libvirt
             libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no stderr noise
@@ -244,8 +246,6 @@ class LibvirtHypervisor(Hypervisor):
         return dom
 
     def set_lease_metadata(self, name: str, element: str) -> None:
-        from .domain_xml import VMIM_NS
-
         dom = self._running(name)
         lv = self._libvirt
         try:

@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 from .accounts import account, group_members
 from .config import Config
+from .context import key_path
 from .errors import VmimError
+from .guest import Endpoint, connect
+from .images import ImageStore
+from .node import JobRequest, open_node
 from .shares import unmounted_report
 
 TOOLS = ("sh", "setsid", "env", "cat", "mkdir", "mkfifo", "sleep", "kill", "rm", "stat")
@@ -43,10 +47,6 @@ def run_checks(cfg: Config, image: str, user: str | None,
                batch_files: tuple[str, ...] = ()) -> list[Check]:
     """`batch_files`: what the batch system's CE job scripts read in the guest (SGE's
     settings.sh), named by the front end: the core knows no batch system."""
-    from .context import key_path
-    from .guest import Endpoint, connect
-    from .node import JobRequest, open_node
-
     life = open_node(cfg)
     login = user or _vo_account(cfg, image) or "root"
     request = JobRequest(job_id="check-" + image.replace(".", "-")[:50], task_id="0",
@@ -136,8 +136,6 @@ def _storage_checks(session, shared: tuple[str, ...], label: str,
 
 def check_image(cfg: Config, image: str, user: str | None, json_output: bool = False,
                 batch_files: tuple[str, ...] = ()) -> int:
-    from .images import ImageStore
-
     ImageStore(cfg.image_dir).get(image)
     checks = run_checks(cfg, image, user, batch_files)
     if json_output:

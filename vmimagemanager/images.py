@@ -23,12 +23,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .config import valid_name
-from .domain_xml import BootSpec
 from .errors import ImageError, NoSpace
 from .rootenv import clean_environment
 
 CHUNK = 4 * 1024 * 1024
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """How the guest boots: from its disk, or a kernel/initrd given directly (test images)."""
+
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str | None = None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import VmimError
 from .files import write_private_file
+from .images import ImageStore
+from .leases import LeaseStore
+from .states import LeaseState
 
 if TYPE_CHECKING:
     from .config import Config
@@ -172,11 +176,6 @@ def fold(totals: dict, event: Mapping) -> None:
 def node_gauges(cfg: Config) -> dict:
     """Slots by state, idle spares per image, images present; a part that cannot be read is
     left out (and logged), never in the way of the counters."""
-    from .errors import VmimError
-    from .images import ImageStore
-    from .leases import LeaseStore
-    from .states import LeaseState
-
     gauges: dict = {}
     try:
         store = LeaseStore(cfg.leases_db, wait=2.0)

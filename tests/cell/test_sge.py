@@ -196,7 +196,7 @@ def test_qdel_while_running_leaves_no_vm(cell):
              "the qdel'd job's lease to go", timeout=60, interval=1)
     domains = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--name"],
                              capture_output=True, text=True).stdout
-    from vmimagemanager.domain_xml import lease_metadata
+    from vmimagemanager.domain_meta import lease_metadata
 
     for name in domains.split():
         xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", name],

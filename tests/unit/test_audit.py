@@ -44,7 +44,7 @@ def test_root_reads_no_proxy_the_job_does_not_own_nor_follows_a_link(tmp_path):
 
 
 def test_the_proxy_a_gram_script_sets_is_found_in_the_script_never_run(tmp_path):
-    from vmimagemanager.batch.sge import script_proxy_path
+    from vmimagemanager.batch.sge_spool import script_proxy_path
 
     proxy = '/home/atlas001/.globus/job/ce/1.2 "x"/$x509_`up`'
     spool_dir = tmp_path / "execd" / "active_jobs" / "7.1"
@@ -75,7 +75,7 @@ def test_the_proxy_a_gram_script_sets_is_found_in_the_script_never_run(tmp_path)
 def test_the_sge_prolog_never_opens_a_binary_jobs_path_a_fifo_or_a_device(tmp_path):
     """`qsub -b y PATH`: SGE's spool names the user's PATH as script_file. A FIFO there would
     hang the root prolog; a device would be opened as root."""
-    from vmimagemanager.batch.sge import script_proxy_path
+    from vmimagemanager.batch.sge_spool import script_proxy_path
 
     spool_dir = tmp_path / "execd" / "active_jobs" / "7.1"
     spool_dir.mkdir(parents=True)

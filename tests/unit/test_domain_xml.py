@@ -9,13 +9,9 @@ from lxml import etree
 
 from tests.support import testdriver
 from vmimagemanager.config import BridgeNetwork, Slot, UserNetwork
-from vmimagemanager.domain_xml import (
-    QEMU_NS,
-    BootSpec,
-    DomainSpec,
-    build_domain_xml,
-    lease_metadata,
-)
+from vmimagemanager.domain_meta import QEMU_NS, lease_metadata
+from vmimagemanager.domain_xml import DomainSpec, build_domain_xml
+from vmimagemanager.images import BootSpec
 from vmimagemanager.shares import GuestShare
 
 libvirt = pytest.importorskip("libvirt")

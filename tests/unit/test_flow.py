@@ -13,6 +13,7 @@ import pytest
 
 from vmimagemanager.config import parse_config
 from vmimagemanager.context import JobContext, read_context
+from vmimagemanager.decision import Outcome
 from vmimagemanager.errors import (
     BootError,
     ConfigError,
@@ -25,7 +26,7 @@ from vmimagemanager.errors import (
     NoFreeSlot,
     NoSpace,
 )
-from vmimagemanager.flow import Outcome, start_job
+from vmimagemanager.flow import start_job
 from vmimagemanager.images import Image
 from vmimagemanager.jobs import Job
 from vmimagemanager.leases import Lease

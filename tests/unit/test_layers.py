@@ -1,10 +1,17 @@
 """The layer rule (docs/architecture.md): the core imports nothing from batch/; a batch system is
-an adapter on top of it. And one module (accounts.py) asks NSS about users."""
+an adapter on top of it. One module (accounts.py) asks NSS about users. And what each hook
+loads at start: the starters (every job, as its user) never the life cycle, no hook lxml
+unless it builds a domain, nothing but a libvirt connection loads libvirt."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.support import REPO
 
@@ -45,3 +52,29 @@ def test_only_accounts_asks_nss_about_users():
     users = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                    if {"pwd", "grp"} & imports(p))
     assert users == ["accounts.py"]
+
+
+# entry module -> what it must not load at start (a lazy import where a hook would pay for it)
+HOOK_MUST_NOT_LOAD = {
+    "vmimagemanager.batch.sge_starter": {"vmimagemanager.node", "vmimagemanager.flow",
+                                         "libvirt", "lxml", "sqlite3"},
+    "vmimagemanager.batch.slurm_starter": {"vmimagemanager.node", "vmimagemanager.flow",
+                                           "libvirt", "lxml", "sqlite3"},
+    # prolog and epilog: the admission (flow: VO rules, spares) is loaded by the prolog alone
+    "vmimagemanager.batch.sge": {"libvirt", "lxml", "vmimagemanager.flow",
+                                 "vmimagemanager.node.spares", "vmimagemanager.policy"},
+    "vmimagemanager.batch.slurm": {"libvirt", "lxml", "vmimagemanager.flow",
+                                   "vmimagemanager.node.spares", "vmimagemanager.policy"},
+    "vmimagemanager.cli": {"vmimagemanager.node", "libvirt", "lxml"},
+}
+
+
+@pytest.mark.parametrize("entry", sorted(HOOK_MUST_NOT_LOAD))
+def test_a_hook_loads_at_start_only_what_its_path_needs(entry):
+    code = f"import sys, json, {entry}; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], check=True,
+                                           capture_output=True, text=True, cwd=REPO).stdout))
+    assert entry in loaded
+    assert not {m for m in loaded if m.split(".")[0] in HOOK_MUST_NOT_LOAD[entry]
+                or any(m == bad or m.startswith(bad + ".")
+                       for bad in HOOK_MUST_NOT_LOAD[entry])}

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from vmimagemanager.batch.sge import job_from_starter, read_spool_file
+from vmimagemanager.batch.sge_spool import read_spool_file
+from vmimagemanager.batch.sge_starter import job_from_starter
 from vmimagemanager.config import parse_config
 from vmimagemanager.errors import VmimError
 from vmimagemanager.jobs import normalise_task_id
@@ -97,7 +98,7 @@ def test_root_hooks_trust_only_execds_spool_directory_of_the_job(tmp_path):
     check, and its `usage` and `config` forged the job's accounting record."""
     import pwd
 
-    from vmimagemanager.batch.sge import trusted_spool_dir
+    from vmimagemanager.batch.sge_spool import trusted_spool_dir
     from vmimagemanager.jobs import Job
 
     me = pwd.getpwuid(os.getuid()).pw_name

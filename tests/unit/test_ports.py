@@ -27,16 +27,11 @@ import pytest
 from tests.support import testdriver
 from vmimagemanager import ports
 from vmimagemanager.context import read_context
-from vmimagemanager.domain_xml import (
-    SSH_PORT_KEY,
-    BootSpec,
-    DomainSpec,
-    build_domain_xml,
-    forwarded_port,
-    lease_metadata,
-)
+from vmimagemanager.domain_meta import SSH_PORT_KEY, forwarded_port, lease_metadata
+from vmimagemanager.domain_xml import DomainSpec, build_domain_xml
 from vmimagemanager.errors import BootError, NoFreePort, RetryLater
 from vmimagemanager.hypervisor import LibvirtHypervisor
+from vmimagemanager.images import BootSpec
 from vmimagemanager.states import LeaseState
 
 ME = pwd.getpwuid(os.getuid()).pw_name
@@ -111,9 +106,8 @@ class QemuForward(LibvirtHypervisor):
 def node(tmp_path, monkeypatch):
     """A Node with two user-network slots (configured first ports P1, P2), a small
     ssh_ports range, one image, and the guest's console and sshd stood in for."""
-    from vmimagemanager import guest
     from vmimagemanager.images import ImageStore
-    from vmimagemanager.node import Node
+    from vmimagemanager.node import Node, coldboot
     from vmimagemanager.node.state import ensure_admin_key, ensure_state_dirs
 
     low = free_block(8)
@@ -139,8 +133,8 @@ def node(tmp_path, monkeypatch):
         logins.append(endpoint)
         return Session()
 
-    monkeypatch.setattr(guest, "wait_for_host_key", lambda *args, **kwargs: HOST_KEY)
-    monkeypatch.setattr(guest, "wait_for_ssh", wait_for_ssh)
+    monkeypatch.setattr(coldboot, "wait_for_host_key", lambda *args, **kwargs: HOST_KEY)
+    monkeypatch.setattr(coldboot, "wait_for_ssh", wait_for_ssh)
     hv = testdriver.clean(QemuForward())
     ensure_state_dirs(cfg)
     life = Node(cfg, hv)
@@ -227,7 +221,8 @@ def test_a_start_whose_port_is_taken_in_between_is_retried_on_another_and_not_co
     start fails with QEMU's 'Could not set up host forwarding rule', the VM is started on
     another port, the job runs, and no failed boot is counted (max_boot_attempts is 1 here:
     one counted failure would have held the job)."""
-    from vmimagemanager.flow import Outcome, start_job
+    from vmimagemanager.decision import Outcome
+    from vmimagemanager.flow import start_job
 
     life, cfg, hv, _logins = node
     squatters = []
@@ -253,7 +248,8 @@ def test_a_start_whose_port_is_taken_in_between_is_retried_on_another_and_not_co
 def test_a_vm_whose_every_start_loses_its_port_goes_back_to_the_queue_never_held(node):
     """A squatter that wins every race: after ports.START_ATTEMPTS starts the job is retried
     later (RETRY, not counted), the slot is free again and nothing is left behind."""
-    from vmimagemanager.flow import Outcome, start_job
+    from vmimagemanager.decision import Outcome
+    from vmimagemanager.flow import start_job
 
     life, cfg, hv, _logins = node
     squatters: list[socket.socket] = []

@@ -301,7 +301,8 @@ def test_the_start_event_records_only_a_verified_identity(pki, ca_dir, tmp_path)
     """flow._audit_start with the node's grid_ca_dir: a verified identity is `identity`, a
     claim only `identity_unverified` with `identity_problem`."""
     from vmimagemanager.audit import read_history
-    from vmimagemanager.flow import Outcome, start_job
+    from vmimagemanager.decision import Outcome
+    from vmimagemanager.flow import start_job
     from vmimagemanager.jobs import Job
 
     me = pwd.getpwuid(os.getuid()).pw_name

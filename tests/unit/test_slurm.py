@@ -71,7 +71,7 @@ JOB = "67000077"
 
 def run_starter(config, step: str, *command: str, restarts: str = "0"
                 ) -> subprocess.CompletedProcess:
-    code = ("import sys; from vmimagemanager.batch.slurm import starter_main; "
+    code = ("import sys; from vmimagemanager.batch.slurm_starter import starter_main; "
             "sys.exit(starter_main(sys.argv[1:]))")
     return subprocess.run([sys.executable, "-c", code, "--config", str(config), "--job", JOB,
                            "--step", step, "--", *command], capture_output=True, text=True,

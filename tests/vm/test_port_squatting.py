@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from tests.support.squat import SQUATTER, squat_as, stop
-from vmimagemanager.domain_xml import forwarded_port
+from vmimagemanager.domain_meta import forwarded_port
 from vmimagemanager.node import JobRequest
 
 pytestmark = pytest.mark.integration

@@ -268,10 +268,10 @@ def test_fresh_overlay_per_lease_and_nothing_left_behind(life, vm_setup):
 
 def test_the_epilog_leaves_the_destroy_to_a_detached_process_and_the_slot_waits(life,
                                                                                  vm_setup):
-    """flow.end_job (the epilog) records the VM's usage and returns; a process of its own, out
+    """teardown.end_job (the epilog) records the VM's usage and returns; a process of its own, out
     of the job's session and groups, destroys the VM and frees the slot. A job that wants the
     slot meanwhile waits for it instead of being handed a slot whose VM still runs."""
-    from vmimagemanager.flow import end_job
+    from vmimagemanager.teardown import end_job
 
     cfg = vm_setup[1]
     life.start_vm(JobRequest("9111", "0", "atlas001", "atlas", "atlas"), slots=["t2"])

@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import config_path, load_config
+from ..decision import Decision
 from ..errors import VmimError
 from ..jobs import Job
+from ..node import open_node
 from ..rootenv import interrupt_on_sigterm, use_private_tmp
+from ..teardown import audit_end, end_job
 from .base import root_hook_setup
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..flow import Decision
     from ..node import EndResult
 
 log = logging.getLogger("vmimagemanager.batch")
@@ -85,12 +87,14 @@ def run_prolog(adapter: Adapter, argv: Sequence[str] | None) -> int:
         call = adapter.parse("prolog", argv, env)
     except (VmimError, SystemExit) as exc:
         return adapter.unusable("prolog", exc)
-    from ..flow import Decision, start_job  # the admission is needed past this point only
-
     try:
         cfg = load_root_config(call.config)
     except VmimError as exc:
         return adapter.report(None, call, Decision.hold(str(exc)))
+    # lazy: the admission, with the warm spares and the VO rules, is the prolog's alone; the
+    # epilog imports this module too and never decides anything
+    from ..flow import start_job
+
     interrupt_on_sigterm()
     job, interactive = adapter.admission(call)
     return adapter.report(cfg, call, start_job(cfg, job, interactive=interactive))
@@ -104,9 +108,6 @@ def run_epilog(adapter: Adapter, argv: Sequence[str] | None) -> int:
     try:
         call = adapter.parse("epilog", argv, env)
         cfg = load_root_config(call.config)
-        from ..flow import audit_end, end_job
-        from ..node import open_node
-
         life = open_node(cfg)
         job = call.job
         ended = end_job(life, job.job_id, job.task_id)

@@ -60,7 +60,7 @@ DEFAULT_EXECD_SPOOL = "/var/spool/gridengine/execd"
 def wrapper_script(hook: str, target: str, config: str, python: str,
                    execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> str:
     """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER); the
-    hooks trust $SGE_JOB_SPOOL_DIR only below `execd_spools` (sge.trusted_spool_dir)."""
+    hooks trust $SGE_JOB_SPOOL_DIR only below `execd_spools` (sge_spool.trusted_spool_dir)."""
     args = [a for spool in execd_spools for a in ("--execd-spool", spool)]
     return wrappers.wrapper_script(SGE, hook, target, config, python, args)
 

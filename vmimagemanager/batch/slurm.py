@@ -1,4 +1,5 @@
-"""Slurm adapter: Prolog and Epilog (root, slurmd), starter (the job's user, via SPANK).
+"""Slurm adapter: Prolog and Epilog (root, slurmd); the starter (the job's user, via SPANK) is
+slurm_starter.py.
 
 How the pieces fit (docs/batch-systems.md has the why):
 - slurm.conf `Prolog=` runs `vmim-slurm-prolog` on the node at allocation (`PrologFlags=Alloc`),
@@ -27,26 +28,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ..config import Config, config_path, load_config
+from ..accounts import account
+from ..config import Config
+from ..context import JobContext, write_context
+from ..decision import Decision, Outcome
 from ..errors import VmimError
-from ..flow import Decision, Outcome
 from ..jobs import Job, check_job_id
-from ..logsetup import setup_logging
-from .base import starter_arguments
 from .contract import HookCall, run_epilog, run_prolog
+from .slurmctl import TASK_ID, scontrol
 
 if TYPE_CHECKING:
     from ..node import EndResult
 
 log = logging.getLogger("vmimagemanager.slurm")
 
-TASK_ID = "0"  # every Slurm job, array tasks included, has a job id of its own
-SCONTROL_TIMEOUT = 30
 # What the root hooks read of slurmd's environment (the rest is replaced by rootenv's
 # allow-list; SLURM_CONF so that scontrol finds a site's non-default slurm.conf).
 HOOK_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_PARTITION", "SLURM_JOB_EXIT_CODE2",
@@ -77,24 +75,9 @@ def keep_slurm_conf(env: Mapping[str, str]) -> None:
         os.environ["SLURM_CONF"] = conf
 
 
-def scontrol(*args: str) -> str:
-    """Run scontrol; '' on success, else its error in one line."""
-    try:
-        r = subprocess.run(["scontrol", *args], capture_output=True, text=True,
-                           timeout=SCONTROL_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"scontrol {args[0]}: {exc}"
-    if r.returncode != 0:
-        return f"scontrol {' '.join(args[:2])}: {(r.stderr or r.stdout).strip()}"
-    return ""
-
-
 def _tell_slurmctld(cfg: Config | None, job: Job, action: str, reason: str) -> None:
     """`action` requeue (retry) or requeuehold with the reason (hold); if slurmctld cannot be
     told, end the job with the reason instead of letting it start without its VM."""
-    from ..accounts import account
-    from ..context import JobContext, write_context
-
     hold = action == "requeuehold"
     error = scontrol(action, job.job_id)
     if not error:
@@ -162,62 +145,3 @@ def prolog_main(argv: Sequence[str] | None = None) -> int:
 
 def epilog_main(argv: Sequence[str] | None = None) -> int:
     return run_epilog(SlurmHooks(), argv)
-
-
-# -- starter (the job's user, exec'ed by the SPANK plugin) --------------------------------------
-# slurmd was seen to start a job requeued by its own Prolog again without running the Prolog
-# (the batch step began 70 ms after the new allocation, no Prolog in between), so the batch
-# step found no context. A job's owner may requeue it: the starter does so, a few times, and the
-# Prolog runs at the next start; a node whose Prolog never runs ends the job with the reason.
-MISSING_CONTEXT_REQUEUES = 3
-
-
-def _no_context(job: Job, exc: VmimError) -> int:
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    restarts_done = int(restarts) if restarts.isdigit() else MISSING_CONTEXT_REQUEUES
-    if restarts_done < MISSING_CONTEXT_REQUEUES and not (error := scontrol("requeue",
-                                                                           job.job_id)):
-        print(f"vmimagemanager: job {job.job_id}: the prolog did not prepare its VM ({exc}); "
-              f"requeued so that it does (restart {restarts_done + 1} of at most "
-              f"{MISSING_CONTEXT_REQUEUES})", file=sys.stderr)
-        return 0
-    why = f"; requeueing it failed: {error}" if restarts_done < MISSING_CONTEXT_REQUEUES else ""
-    print(f"vmimagemanager: job {job.job_id}: the prolog did not prepare its VM ({exc}){why}; "
-          "the job did not run: see the node's log (vmim-slurm-prolog)", file=sys.stderr)
-    return 1
-
-def starter_main(argv: Sequence[str] | None = None) -> int:
-    from ..accounts import current_account_name
-    from ..context import read_context
-    from ..runner import exec_native, start_in_context
-
-    setup_logging("vmim-slurm-starter", stderr_level=logging.ERROR)
-    args, command = starter_arguments(
-        "vmim-slurm-starter", "what the SPANK plugin runs in place of each task of a Slurm job",
-        argv, ("--job", "the job id (from Slurm, not the environment)"),
-        ("--step", "'batch' or the step number"))
-    if not command:
-        print("vmimagemanager starter: no task command given", file=sys.stderr)
-        return 1
-    batch = args.step == "batch"
-    try:
-        cfg = load_config(config_path(args.config))
-        job = Job(job_id=check_job_id(args.job), task_id=TASK_ID,
-                  owner=current_account_name(),
-                  queue=os.environ.get("SLURM_JOB_PARTITION", ""), argv=list(command),
-                  is_script=batch, exec_script=True, env=dict(os.environ), cwd=os.getcwd())
-    except VmimError as exc:
-        print(f"vmimagemanager: {exc}", file=sys.stderr)
-        return 1
-    try:
-        context = read_context(cfg.run_dir, job.label)
-    except VmimError as exc:
-        if not batch:  # a step of a job without a VM (native, or no prolog of ours): as is
-            return exec_native(job)
-        return _no_context(job, exc)
-    if not batch and context.mode == "vm":
-        print(f"vmimagemanager: job {job.job_id}: job steps (srun, salloc) cannot run in a "
-              "job's VM: the VM has no Slurm; submit the work as a batch script (sbatch); "
-              "the step did not run", file=sys.stderr)
-        return 1
-    return start_in_context(job, context, cfg.run_dir)

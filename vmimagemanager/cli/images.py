@@ -172,7 +172,7 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
 def check_image(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: the check boots a VM (the node's whole machinery); the SGE adapter only says where
     # the admin's cell keeps its settings
-    from ..batch.sge import sge_settings_path
+    from ..batch.sge_spool import sge_settings_path
     from ..imagecheck import check_image as boot_and_check
 
     settings = sge_settings_path(os.environ)  # the admin's SGE_ROOT/SGE_CELL, if any

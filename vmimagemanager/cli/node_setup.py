@@ -10,7 +10,6 @@ import sys
 
 from ..config import Config
 from ..errors import VmimError
-from ..legacy import convert
 from .command import Command, Group, configured
 
 
@@ -35,6 +34,9 @@ def _import_legacy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def import_legacy(args: argparse.Namespace, config_path: str) -> int:
+    # lazy: the INI reader (configparser) serves this one-off conversion only
+    from ..legacy import convert
+
     try:
         with open(args.file, encoding="utf-8") as fh:
             text = fh.read()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from .. import ports
 from ..accounts import account
 from ..config import Slot, UserNetwork
 from ..context import (
@@ -17,8 +18,9 @@ from ..context import (
     read_root_context,
     write_context,
 )
-from ..domain_xml import DomainSpec, build_domain_xml
-from ..errors import LeaseError, NoSpace, VmimError
+from ..domain_meta import forwarded_port
+from ..errors import BootError, LeaseError, NoFreePort, NoSpace, VmimError
+from ..guest import Endpoint, wait_for_host_key, wait_for_ssh
 from ..hypervisor import resolve_domain_type
 from ..images import prepare_overlay
 from ..jobs import check_label
@@ -26,7 +28,7 @@ from ..leases import Lease
 from ..seed import SeedData, build_seed, generate_keypair
 from ..shares import GuestShare, resolve_shares, seed_mounts
 from ..states import LeaseState
-from .model import JobRequest, StartResult, lease_files
+from .model import JobRequest, LeaseFiles, StartResult, lease_files
 from .state import admin_key
 
 log = logging.getLogger("vmimagemanager.node")
@@ -87,8 +89,6 @@ class ColdBoot:
     def _boot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
               shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
         """The cold path: boot a VM that already holds the job's key and shares."""
-        from ..guest import Endpoint
-
         with self.phase("keys"):
             job_key = generate_keypair(f"vmim-job-{request.label}")
             _admin_path, admin_public = admin_key(self.cfg)
@@ -114,10 +114,6 @@ class ColdBoot:
         `booting` when this returns.
         `after_start` runs once the domain exists, before the guest is waited for. With
         `keep_login` that login is kept there (guest.connect) for a later process."""
-        from dataclasses import replace
-
-        from ..guest import wait_for_host_key, wait_for_ssh
-
         files = lease_files(self.cfg, slot.name, label)
         with self.phase("overlay"):
             prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
@@ -126,16 +122,12 @@ class ColdBoot:
                                             hostname=slot.guest_hostname, authorized_keys=keys,
                                             mounts=seed_mounts(shares)))
         files.console.unlink(missing_ok=True)
-        spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
-                          overlay=files.overlay, seed=files.seed, console_log=files.console,
-                          boot=image.boot_spec(self.cfg.image_dir), job_label=label,
-                          image=image.name, owner=owner, shares=shares)
         self.leases.transition(slot.name, LeaseState.BOOTING, label)
         if self.hv.is_running(slot.domain_name):
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
-            host, port = self._start_domain(spec)
+            host, port = self._start_domain(slot, files, image, label, owner, shares)
             if after_start is not None:
                 after_start()
         deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
@@ -149,17 +141,21 @@ class ColdBoot:
                 session.close()
         return host_key
 
-    def _start_domain(self, spec: DomainSpec) -> tuple[str, int]:
-        """Start the domain; returns the address its ssh answers on. A user-network VM's forward
-        gets a port free at this moment (ports.py: a fixed one could be squatted by any local
-        account); a start that fails because another process bound that port in between is
-        retried on another port, never reported as a failed boot (NoFreePort, a RetryLater,
-        once START_ATTEMPTS were lost). A bridged VM keeps its host name and port."""
-        from dataclasses import replace
+    def _start_domain(self, slot: Slot, files: LeaseFiles, image, label: str, owner: str,
+                      shares: tuple[GuestShare, ...]) -> tuple[str, int]:
+        """Define and start the domain; returns the address its ssh answers on. A user-network
+        VM's forward gets a port free at this moment (ports.py: a fixed one could be squatted by
+        any local account); a start that fails because another process bound that port in
+        between is retried on another port, never reported as a failed boot (NoFreePort, a
+        RetryLater, once START_ATTEMPTS were lost). A bridged VM keeps its host name and port."""
+        # lazy: lxml comes with the XML builder, needed only where a domain is defined; the
+        # epilog and reconcile open the node too and never build XML
+        from ..domain_xml import DomainSpec, build_domain_xml
 
-        from .. import ports
-        from ..errors import BootError, NoFreePort
-
+        spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
+                          overlay=files.overlay, seed=files.seed, console_log=files.console,
+                          boot=image.boot_spec(self.cfg.image_dir), job_label=label,
+                          image=image.name, owner=owner, shares=shares)
         net = spec.slot.network
         if not isinstance(net, UserNetwork):
             self.hv.start(build_domain_xml(spec))
@@ -186,8 +182,6 @@ class ColdBoot:
         """Where the slot's VM answers ssh: a bridged slot's host name and port, or the loopback
         port a user-network VM's forward got at boot, read from libvirt (`xml`: the running
         domain's XML if just read). Never the configured port: that is only the first tried."""
-        from ..domain_xml import forwarded_port
-
         net = slot.network
         if not isinstance(net, UserNetwork):
             return net.hostname, net.ssh_port
@@ -200,8 +194,6 @@ class ColdBoot:
     def admin_login(self, slot: Slot, host_key: str, address: tuple[str, int] | None = None):
         """root's login to the slot's VM with the node's admin key, pinned to `host_key`
         (`address`: the VM's, if just read from libvirt)."""
-        from ..guest import Endpoint
-
         host, port = address or self.ssh_address(slot)
         return Endpoint(host, port, "root", admin_key(self.cfg)[0], host_key)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ..audit import record
 from ..config import DOMAIN_PREFIX, domain_name
 from ..context import (
     context_dir,
@@ -14,7 +15,7 @@ from ..context import (
     remove_context,
     root_context_path,
 )
-from ..domain_xml import lease_metadata
+from ..domain_meta import lease_metadata
 from ..errors import TeardownIncomplete, VmimError
 from ..leases import Lease, is_spare_label
 from ..states import LeaseState
@@ -120,8 +121,6 @@ class Reconcile:
         for action in more:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         if not dry_run:
-            from ..audit import record
-
             for action in actions + more:
                 record(self.cfg, "reconcile", action=action)
         return actions + more

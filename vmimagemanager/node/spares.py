@@ -22,10 +22,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .. import keysfiles
 from ..agentwake import poke
 from ..config import Config, Slot
+from ..context import context_dir, ensure_jobs_dir
+from ..domain_meta import (
+    exported_tags,
+    kept_attributes,
+    lease_attributes,
+    lease_element,
+    lease_metadata,
+)
 from ..errors import BootError, GuestError, VmimError
+from ..guest import Endpoint, connect, console_host_key, resume
+from ..keysfiles import image_key
 from ..leases import SPARE_JOB_ID, Lease
+from ..seed import generate_keypair
 from ..shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
 from ..states import LeaseState
 from .model import JobRequest, StartResult, lease_files
@@ -186,9 +198,6 @@ def run_bind(session, script: str) -> str:
 def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
     """Boot a spare of `image_name` in a free slot; returns its lease (`spare`). NoFreeSlot if
     every slot is taken: a spare never takes a slot from a job."""
-    from ..context import ensure_jobs_dir
-    from ..guest import Endpoint
-
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
@@ -252,9 +261,6 @@ def _into_background(life: Node, slot: Slot, label: str, image: Image) -> None:
     it boots (the bind's keysfiles key) and the weight a job's VM has on this node (bind gives
     it back), then lower the spare's weight to a fraction of it. What the domain's metadata
     says for its whole life (its forward's port) is kept."""
-    from ..domain_xml import kept_attributes, lease_attributes, lease_element, lease_metadata
-    from ..keysfiles import image_key
-
     name = slot.domain_name
     weight = life.hv.cpu_weight(name)
     noted = {**kept_attributes(lease_metadata(life.hv.domain_xml(name) or "<domain/>")),
@@ -296,8 +302,6 @@ def _wait_for_booting_spare(life: Node, request: JobRequest
     a slot another image's spare holds). Meanwhile the oldest such spare boots at a job's
     weight. None as soon as none is booting any more (failed, its agent gone, taken by another
     job, or past boot_timeout): the job boots its own VM."""
-    from ..domain_xml import lease_metadata
-
     booting = _booting_spares(life, request.image)
     if not booting:
         return None
@@ -328,8 +332,6 @@ def kept_login(cfg: Config, label: str) -> Path | None:
     spare's own directory among the job contexts (root's, 0700; removed with the lease, by
     the bind, or by reconcile as an orphan). None where the socket's path would be too long
     for a unix socket (ssh adds a suffix while it makes it): the bind then logs in itself."""
-    from ..context import context_dir
-
     path = context_dir(cfg.run_dir, label)
     too_long = len(os.fsencode(path / "control")) + SSH_SOCKET_SUFFIX >= UNIX_SOCKET_PATH_MAX
     return None if too_long else path
@@ -337,8 +339,6 @@ def kept_login(cfg: Config, label: str) -> Path | None:
 
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
-    from ..guest import console_host_key
-
     if not (key := console_host_key(console)):
         raise VmimError(f"no host key on the spare's console {console}")
     return key
@@ -346,17 +346,6 @@ def spare_host_key(console: Path) -> str:
 
 def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
-    from .. import keysfiles
-    from ..domain_xml import (
-        exported_tags,
-        kept_attributes,
-        lease_attributes,
-        lease_element,
-        lease_metadata,
-    )
-    from ..guest import connect, resume
-    from ..seed import generate_keypair
-
     cfg, name = life.cfg, slot.domain_name
     old, new = lease_files(cfg, slot.name, spare.job_label), lease_files(cfg, slot.name,
                                                                           request.label)

@@ -15,8 +15,9 @@ from ..context import (
     read_root_context,
     remove_context,
 )
-from ..domain_xml import lease_metadata
+from ..domain_meta import lease_metadata
 from ..errors import LeaseError, TeardownIncomplete
+from ..guest import connect
 from ..jobs import check_label, job_label
 from ..leases import SPARE_JOB_ID, Lease, is_spare_label
 from ..states import LeaseState
@@ -82,7 +83,7 @@ class Teardown:
         """Epilog: end the job's VM if it has one; cleanup already done is not an error. None
         if the job left nothing here (no lease, no context).
 
-        With `detach(slot, label)` (flow.end_job), only what must happen before the hook
+        With `detach(slot, label)` (teardown.end_job), only what must happen before the hook
         returns is done here: the lease goes tearing-down (the slot is not free until the VM is
         gone) and the VM's usage is read; `detach` starts the destroy and cleanup in a process
         of their own and returns its pid (the lease names it from then on), or 0 and they are
@@ -137,8 +138,6 @@ class Teardown:
         Images without an ACPI daemon ignore libvirt's shutdown request; an ssh poweroff works
         on any image we can log in to, and `sync` first keeps what an admin wrote (`store`).
         """
-        from ..guest import connect
-
         try:
             host_key = read_root_context(self.cfg.run_dir, label).host_key
             session = connect(self.admin_login(slot, host_key), timeout=5)
