@@ -432,15 +432,8 @@ class ImageStore:
         so that `update` writes a changed image beside the files running VMs still use (they
         become `superseded`) and files whose sum did not change are kept, not copied again.
         """
-        check_image_name(name)
-        old = self.get(name) if self.exists(name) else None
-        if old is not None and not update:
-            raise ImageError(f"image {name!r} already exists; remove it first or pick "
-                             "another name")
-        if kernel is None and (initrd is not None or cmdline):
-            raise ImageError("an initrd or a kernel command line needs --kernel: a disk-boot "
-                             "image's own boot loader holds them; leave them out, or give the "
-                             "kernel for direct kernel boot")
+        old = self._import_target(name, update, kernel is None and (initrd is not None
+                                                                    or bool(cmdline)))
         self.ensure_dir()
         roles = {"disk": source, "kernel": kernel, "initrd": initrd}
         kept = {role: getattr(old, role) for role in roles
@@ -467,20 +460,11 @@ class ImageStore:
                 tmp = self.image_dir / f".{name}.{role}.part"
                 tmp.unlink(missing_ok=True)  # left by a crash; only root writes here
                 written.append(tmp)
-                digest = _copy_fd_with_hash(opened[role], tmp,
-                                            progress if role == "disk" else None)
-                want = (expected or {}).get(role, digest)
-                if digest != want:
-                    raise ImageError(f"{src}: sha256 {digest[:16]}... is not the {want[:16]}... "
-                                     "the catalog gives; not imported (is the file still being "
-                                     "written? the next sync tries again)")
-                if role == "disk":
-                    fmt = inspect_disk(tmp, shown=src)  # the copy just hashed, not the source
-                ext = fmt if role == "disk" else role
+                digest, fmt = self._copy_in(opened[role], tmp, src, role, fmt,
+                                            (expected or {}).get(role), progress)
                 names[role] = (content_file_name(name, role, digest, fmt) if catalog
-                               else f"{name}.{ext}")
+                               else f"{name}.{fmt if role == 'disk' else role}")
                 sums[names[role]] = digest
-                os.chmod(tmp, 0o644)
                 tmp.rename(self.image_dir / names[role])
                 written[-1] = self.image_dir / names[role]
             now = time.time()
@@ -500,6 +484,35 @@ class ImageStore:
             for fd in opened.values():
                 os.close(fd)
         return image
+
+    def _import_target(self, name: str, update: bool, boot_args_without_kernel: bool
+                       ) -> Image | None:
+        """The record an import replaces (None: a new image), after the request's checks."""
+        check_image_name(name)
+        old = self.get(name) if self.exists(name) else None
+        if old is not None and not update:
+            raise ImageError(f"image {name!r} already exists; remove it first or pick "
+                             "another name")
+        if boot_args_without_kernel:
+            raise ImageError("an initrd or a kernel command line needs --kernel: a disk-boot "
+                             "image's own boot loader holds them; leave them out, or give the "
+                             "kernel for direct kernel boot")
+        return old
+
+    @staticmethod
+    def _copy_in(fd: int, tmp: Path, src: Path, role: str, fmt: str, want: str | None,
+                 progress: Progress | None) -> tuple[str, str]:
+        """Copy one opened source into `tmp` while hashing it; a disk is checked in that copy
+        (inspect_disk), never in the source. Returns (sha256, the disk's format or `fmt`)."""
+        digest = _copy_fd_with_hash(fd, tmp, progress if role == "disk" else None)
+        if want is not None and digest != want:
+            raise ImageError(f"{src}: sha256 {digest[:16]}... is not the {want[:16]}... "
+                             "the catalog gives; not imported (is the file still being "
+                             "written? the next sync tries again)")
+        if role == "disk":
+            fmt = inspect_disk(tmp, shown=src)  # the copy just hashed, not the source
+        os.chmod(tmp, 0o644)
+        return digest, fmt
 
     def purge_superseded(self, in_use: set[str], grace: float) -> list[str]:
         """Delete files of earlier image versions that no overlay uses (`in_use`: file names)
