@@ -24,6 +24,7 @@ bench: deps
 	$(PY) -m benchmarks.imports
 	$(PY) -m benchmarks.boot --jobs 3
 	$(PY) -m benchmarks.overlay_vs_copy
+	$(PY) -m benchmarks.shared_home
 
 # Through the real SGE cell: start latency (3 jobs), the 100-job stress run (~7 min, TCG; writes
 # results/stress-timeline.png), the chaos run, and warm spares against the cold path in one run.

@@ -105,6 +105,9 @@ while :; do
   echo "--- $(date +%T): $pending job(s) not finished"
   qstat -u '*' | tail -n +3 | awk '{print "    job " $1 " " $4 " state " $5}'
   vmim slots | sed 's/^/    /'
+  # QEMU never runs as root; each home's file server runs as the home's owner
+  ps -o user:14=,pid=,comm= -C qemu-system-x86_64,virtiofsd 2>/dev/null \
+    | awk '{printf "    %s runs as %s (pid %s)\n", $3, $1, $2}'
   sleep 5
 done
 
@@ -113,7 +116,7 @@ for id in "${!owner[@]}"; do
   user=${owner[$id]}
   echo "--- job $id of $user: stdout"
   sed 's/^/    /' /home/$user/vmim-demo.out
-  started=$(stat -c %.3Y /home/$user/vmim-demo-result.txt)  # written by the job through 9p
+  started=$(stat -c %.3Y /home/$user/vmim-demo-result.txt)  # written by the job (virtiofs)
   how="booted its own VM"
   grep "\"job\": \"$id.0\"" /var/lib/vmimagemanager-demo/state/usage.jsonl | grep -q spare_cpu_seconds \
     && how="started on a warm spare"

@@ -8,16 +8,14 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 if [ -e /etc/libvirt/qemu/networks/autostart/default.xml ]; then
   rm -f /etc/libvirt/qemu/networks/autostart/default.xml  # never autostart 192.168.122.0/24
 fi
-# Shared home directories (shared_paths, mode hypervisor): with 9p passthrough a pool account
-# writes files in its home owned by itself only if QEMU runs as root (Debian's default user
-# libvirt-qemu cannot write into users' homes). A host-wide libvirt choice, made here for the
-# tests and the demo; docs/shared-storage.md explains what it means for a site.
+# QEMU runs as the distribution's unprivileged user (libvirt-qemu): never root. A user/group
+# line in qemu.conf (an earlier harness set QEMU to root for 9p-shared homes) is taken out;
+# owners' homes are served by a virtiofsd running as the owner (vmimagemanager/homeserver.py).
 conf=/etc/libvirt/qemu.conf
 restart=0
-if ! grep -q '^user = "root"' "$conf" || ! grep -q '^group = "root"' "$conf"; then
-  sed -i -e '/^user = /d' -e '/^group = /d' "$conf"
-  printf '\n# vmimagemanager harness: QEMU as root for 9p shared homes\nuser = "root"\ngroup = "root"\n' >> "$conf"
-  echo "libvirt-up: $conf: QEMU now runs as root (9p shared homes)" >&2
+if grep -q -E '^(user|group) = ' "$conf"; then
+  sed -i -e '/^# vmimagemanager harness: QEMU as root/d' -e '/^user = /d' -e '/^group = /d' "$conf"
+  echo "libvirt-up: $conf: QEMU runs as the distribution's default user again" >&2
   restart=1
 fi
 mkdir -p /run/libvirt

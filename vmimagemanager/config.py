@@ -66,6 +66,9 @@ class BridgeNetwork:
     hostname: str
     ssh_port: int = 22
     kind: str = "bridge"
+    # the guest's own address: libvirt's clean-traffic filter lets it send from this one only
+    # (else the first one it gets by DHCP)
+    ip: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +231,7 @@ def _parse_network(c: _Checker, raw: Any, key: str) -> UserNetwork | BridgeNetwo
                          "a loopback IPv4 address (127.0.0.0/8)", _is_loopback)
         return UserNetwork(ssh_port=port, listen=listen)
     if kind == "bridge":
-        c.mapping(raw, key, {"type", "bridge", "mac", "hostname", "ssh_port"})
+        c.mapping(raw, key, {"type", "bridge", "mac", "hostname", "ssh_port", "ip"})
         bridge = c.typed(raw.get("bridge"), f"{key}.bridge", str, "a bridge device name",
                          lambda b: bool(re.match(r"^[A-Za-z0-9_.-]{1,15}$", b)))
         mac = c.typed(raw.get("mac"), f"{key}.mac", str, "a MAC like 52:54:00:12:34:56",
@@ -236,8 +239,20 @@ def _parse_network(c: _Checker, raw: Any, key: str) -> UserNetwork | BridgeNetwo
         host = c.typed(raw.get("hostname"), f"{key}.hostname", str, "a DNS host name",
                        lambda h: bool(HOSTNAME_RE.match(h)))
         port = c.typed(raw.get("ssh_port", 22), f"{key}.ssh_port", int, "a TCP port", port_ok)
-        return BridgeNetwork(bridge=bridge, mac=mac.lower(), hostname=host, ssh_port=port)
+        ip = raw.get("ip")
+        if ip is not None:
+            ip = c.typed(ip, f"{key}.ip", str, "the guest's IPv4 or IPv6 address", _is_address)
+        return BridgeNetwork(bridge=bridge, mac=mac.lower(), hostname=host, ssh_port=port,
+                             ip=ip)
     raise c.fail(f"{key}.type", "user or bridge", kind)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback(text: str) -> bool:
@@ -372,6 +387,11 @@ def _parse_shared(c: _Checker, raw: Any) -> tuple[SharedPath, ...]:
         readonly = c.typed(item.get("readonly", False), f"{key}.readonly", bool, "true or false")
         if mode == "hypervisor" and not os.path.isdir(path):
             raise c.fail(f"{key}.path", "an existing directory on this host", path)
+        if mode == "hypervisor" and scope == "tree" and not readonly:
+            raise ConfigError(f"{c.path}: {key}: a hypervisor share of a whole tree must be "
+                              "'readonly: true' (QEMU runs unprivileged and would write as its "
+                              "own user); give each job its owner's home with 'scope: owner', "
+                              "or let the image mount it ('mode: guest')")
         result.append(SharedPath(path=path.rstrip("/"), mode=mode, accessmode=access,
                                  scope=scope, readonly=readonly))
     return tuple(result)

@@ -61,9 +61,17 @@ def lease_element(attributes: dict[str, str]) -> str:
     return ElementTree.tostring(ElementTree.Element("lease", attributes), encoding="unicode")
 
 
-def exported_tags(domain_xml: str) -> dict[str, str]:
-    """9p tag -> host directory of a running domain's <filesystem> exports."""
-    root = ElementTree.fromstring(domain_xml)
-    return {fs.find("target").get("dir", ""): fs.find("source").get("dir", "")
-            for fs in root.iter("filesystem")
-            if fs.find("target") is not None and fs.find("source") is not None}
+def shares_memory(domain_xml: str) -> bool:
+    """Whether the running domain's RAM is shared (memfd): a virtiofsd can be attached."""
+    access = ElementTree.fromstring(domain_xml).find("memoryBacking/access")
+    return access is not None and access.get("mode") == "shared"
+
+
+def virtiofs_device(tag: str, socket: str) -> str:
+    """The <filesystem> of a share an external virtiofsd serves (homeserver.py): part of a cold
+    VM's XML, and hot-plugged into a bound spare."""
+    fs = ElementTree.Element("filesystem", {"type": "mount"})
+    ElementTree.SubElement(fs, "driver", {"type": "virtiofs", "queue": "1024"})
+    ElementTree.SubElement(fs, "source", {"socket": socket})
+    ElementTree.SubElement(fs, "target", {"dir": tag})
+    return ElementTree.tostring(fs, encoding="unicode")

@@ -12,7 +12,7 @@ from pathlib import Path
 from lxml import etree
 
 from .config import BridgeNetwork, Slot, UserNetwork
-from .domain_meta import QEMU_NS, SSH_PORT_KEY, VMIM_NS, lease_attributes
+from .domain_meta import QEMU_NS, SSH_PORT_KEY, VMIM_NS, lease_attributes, virtiofs_device
 from .images import BootSpec
 from .shares import GuestShare, hypervisor_source
 
@@ -30,6 +30,11 @@ class DomainSpec:
     owner: str
     shares: tuple[GuestShare, ...] = ()  # this job's shares (resolve_shares)
     ssh_port: int | None = None  # user network: the forward's port chosen at boot (ports.py)
+    # (tag, socket) of each owner share an external virtiofsd serves (homeserver.py)
+    home_servers: tuple[tuple[str, str], ...] = ()
+    # guest RAM QEMU shares with a virtiofsd: needed from boot even by a spare, which gets its
+    # owner's home only at bind (vhost-user maps the guest's memory)
+    shared_memory: bool = False
 
     @property
     def forward_port(self) -> int | None:
@@ -73,10 +78,18 @@ def _user_network(root: etree._Element, net: UserNetwork, port: int) -> None:
 
 
 def _bridge_network(devices: etree._Element, net: BridgeNetwork) -> None:
+    """A site bridge, behind libvirt's clean-traffic filter: the guest sends only from its own
+    MAC and IP (the slot's `ip`, else the one DHCP gives it), so it cannot pose as another slot
+    or host on the bridge."""
     iface = _sub(devices, "interface", type="bridge")
     _sub(iface, "source", bridge=net.bridge)
     _sub(iface, "mac", address=net.mac)
     _sub(iface, "model", type="virtio")
+    ref = _sub(iface, "filterref", filter="clean-traffic")
+    if net.ip is not None:
+        _sub(ref, "parameter", name="IP", value=net.ip)
+    else:
+        _sub(ref, "parameter", name="CTRL_IP_LEARNING", value="dhcp")
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -90,6 +103,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
         nsmap={"vmim": VMIM_NS})
     _sub(root, "memory", str(spec.slot.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.slot.vcpus))
+    if spec.shared_memory:
+        backing = _sub(root, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
 
     os_el = _sub(root, "os")
     _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
@@ -117,13 +134,15 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if spec.seed is not None:
         _disk(devices, spec.seed, "raw", "vdb", readonly=True)
     for share in spec.shares:
-        if share.mode != "hypervisor":
-            continue
+        if share.mode != "hypervisor" or share.scope == "owner":
+            continue  # an owner's home: served by its own virtiofsd (home_servers)
         fs = _sub(devices, "filesystem", type="mount", accessmode=share.accessmode)
         _sub(fs, "source", dir=hypervisor_source(share))
         _sub(fs, "target", dir=share.tag)
         if share.readonly:
             _sub(fs, "readonly")
+    for tag, socket in spec.home_servers:
+        devices.append(etree.fromstring(virtiofs_device(tag, socket)))
     if isinstance(spec.slot.network, BridgeNetwork):
         _bridge_network(devices, spec.slot.network)
     serial = _sub(devices, "serial", type="file")

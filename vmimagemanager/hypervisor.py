@@ -11,7 +11,9 @@ import abc
 import contextlib
 import logging
 import os
+import re
 import time
+from xml.etree import ElementTree
 
 from .config import DOMAIN_PREFIX
 from .domain_meta import VMIM_NS
@@ -100,6 +102,14 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def set_cpu_weight(self, name: str, weight: int) -> None:
         """Change the running domain's CPU weight (a warm spare's, see spares.py)."""
+
+    @abc.abstractmethod
+    def qemu_ids(self, domain_type: str) -> tuple[int, int] | None:
+        """The uid and gid QEMU runs as for `domain_type` (None: the hypervisor does not say)."""
+
+    @abc.abstractmethod
+    def attach_device(self, name: str, device_xml: str) -> None:
+        """Hot-plug a device into the running domain (a spare's owner home, at bind)."""
 
 
 class LibvirtHypervisor(Hypervisor):
@@ -254,6 +264,31 @@ class LibvirtHypervisor(Hypervisor):
         except lv.libvirtError as exc:
             raise self._unavailable(exc) or BootError(
                 f"libvirt refused to update domain {name}: {exc.get_error_message()}") from None
+
+    def qemu_ids(self, domain_type: str) -> tuple[int, int] | None:
+        """From libvirt's capabilities: the DAC security model's base label, `+UID:+GID`."""
+        try:
+            caps = ElementTree.fromstring(self._conn.getCapabilities())
+        except self._libvirt.libvirtError as exc:
+            raise self._unavailable(exc) or exc from None
+        for model in caps.iterfind("host/secmodel"):
+            if model.findtext("model") != "dac":
+                continue
+            for label in model.iterfind("baselabel"):
+                if label.get("type") == domain_type and label.text:
+                    found = re.fullmatch(r"\+?(\d+):\+?(\d+)", label.text.strip())
+                    if found:
+                        return int(found.group(1)), int(found.group(2))
+        return None
+
+    def attach_device(self, name: str, device_xml: str) -> None:
+        dom = self._running(name)
+        lv = self._libvirt
+        try:
+            dom.attachDeviceFlags(device_xml, lv.VIR_DOMAIN_AFFECT_LIVE)
+        except lv.libvirtError as exc:
+            raise self._unavailable(exc) or BootError(
+                f"libvirt refused a device for {name}: {exc.get_error_message()}") from None
 
     def process_id(self, name: str) -> int:
         """qemu:///system keeps each running domain's QEMU pid in /run/libvirt/qemu/NAME.pid."""

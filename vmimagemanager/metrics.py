@@ -53,7 +53,8 @@ PROLOG_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180,
 # Reconcile action lines (node.reconcile) by their first words: the `action` label.
 RECONCILE_KINDS = (("release slot", "release_lease"), ("destroy domain", "destroy_domain"),
                    ("remove orphan file", "remove_file"),
-                   ("remove orphan job context", "remove_context"))
+                   ("remove orphan job context", "remove_context"),
+                   ("stop the orphan file server", "stop_file_server"))
 
 
 @dataclass(frozen=True)

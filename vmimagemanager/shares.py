@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .accounts import account
-from .config import SharedPath
+from .config import Config, SharedPath
 from .errors import ConfigError, VmimError
 
 NINEP_OPTIONS = "trans=virtio,version=9p2000.L,access=user,msize=262144"
@@ -89,9 +89,24 @@ def hypervisor_source(share: GuestShare) -> str:
     return os.path.realpath(share.source or share.path)
 
 
+def served_by_owner(share: GuestShare) -> bool:
+    """An owner's home the hypervisor gives the guest: served by a virtiofsd running as the
+    owner (homeserver.py), never by QEMU's 9p."""
+    return share.mode == "hypervisor" and share.scope == "owner"
+
+
+def needs_shared_memory(cfg: Config) -> bool:
+    """Whether this node's VMs share their RAM with a virtiofsd: any owner home the hypervisor
+    serves (a spare too, booted before its owner's home is attached)."""
+    return any(item.mode == "hypervisor" and item.scope == "owner" for item in cfg.shared_paths)
+
+
 def seed_mounts(shares: Iterable[GuestShare]) -> list[list[str]]:
-    """cloud-init `mounts` entries that mount the hypervisor shares at their paths."""
-    return [[s.tag, s.path, "9p", NINEP_OPTIONS + (",ro" if s.readonly else ""), "0", "0"]
+    """cloud-init `mounts` entries that mount the hypervisor shares at their paths: an owner's
+    home over virtiofs, a (read-only) tree over 9p."""
+    return [[s.tag, s.path, "virtiofs", "ro" if s.readonly else "defaults", "0", "0"]
+            if served_by_owner(s) else
+            [s.tag, s.path, "9p", NINEP_OPTIONS + (",ro" if s.readonly else ""), "0", "0"]
             for s in shares if s.mode == "hypervisor"]
 
 

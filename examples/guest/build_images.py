@@ -63,6 +63,7 @@ MODULES = [
     "virtio_rng", "failover", "net_failover", "virtio_net", "virtio_blk",
     "crc32c_generic", "libcrc32c", "crc16", "mbcache", "jbd2", "ext4",
     "cdrom", "isofs", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
+    "fuse", "virtiofs",  # an owner's home, served by a virtiofsd of the owner's
 ]
 
 

@@ -36,13 +36,13 @@ if [ -f /run/seed/user-data ]; then
     section == "users:" && /^  - / { sub(/^  - /, ""); gsub(/^'"'"'|'"'"'$/, ""); print user "\t" $0 }
   ' /run/seed/user-data > /run/keys.tsv
   # Keys go to /etc/ssh/authorized_keys/USER (sshd_config AuthorizedKeysFile), never to ~/.ssh:
-  # home directories may be the user's real, shared home (9p or the site's file system).
+  # home directories may be the user's real, shared home (virtiofs, 9p or the site's file system).
   while IFS="	" read -r user key; do
     grep -q "^$user:" /etc/passwd || { echo "vmim-init: no account $user in this image"; continue; }
     echo "$key" >> "/etc/ssh/authorized_keys/$user"
     chmod 644 "/etc/ssh/authorized_keys/$user"
   done < /run/keys.tsv
-  # mounts: - - TAG / - /path / - 9p / - options  ->  one mount each
+  # mounts: - - TAG / - /path / - virtiofs or 9p / - options  ->  one mount each
   awk '
     /^[^ -]/ { section = $1 }
     section == "mounts:" && /^- - / { if (n) print f[1], f[2], f[3], f[4]; n = 1; f[1] = $3; next }

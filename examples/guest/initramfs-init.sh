@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# initramfs /init: load the virtio, ext4, iso9660 and 9p modules (Debian builds them as modules),
+# initramfs /init: load the virtio, ext4, iso9660, 9p and virtiofs modules (Debian builds them as modules),
 # mount the disk image as root and hand over to its /sbin/init.
 /bin/busybox mkdir -p /proc /sys /dev /newroot /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s /bin

@@ -39,7 +39,7 @@ echo "boot $(cat /proc/sys/kernel/random/boot_id)"
 test -e /tmp/vmim-payload-marker && echo "marker found" || echo "marker absent"
 echo ran > /tmp/vmim-payload-marker
 cat /home/cms001/vmim-spare-secret 2>/dev/null && echo "secret visible" || echo "secret hidden"
-ls /run/vmim-spare/*/home 2>&1 | tr '\\n' ' '; echo
+grep -c virtiofs /proc/mounts
 echo "written by the job" > "$HOME/vmim-spare-from-job"
 sleep ${SLEEP:-0}
 echo done
@@ -129,12 +129,14 @@ def test_the_agent_boots_a_spare_that_holds_no_job_key_and_no_home(spares_cell):
     assert (booted["outcome"], booted["image"], booted["slot"]) == ("ready", "atlas", slot)
     assert booted["job"] == rows[0]["job"] and boot_seconds(booted["phases"]) > 0
     seen = in_guest(spares_cell, slot, "ls /etc/ssh/authorized_keys; echo ---; "
-                    "ls -A /run/vmim-spare/v0_home/home; echo ---; "
+                    "grep -c virtiofs /proc/mounts; ls /sys/bus/virtio/drivers/virtiofs | "
+                    "grep -c virtio; echo ---; "
                     "[ $(stat -c %d /home/atlas001) = $(stat -c %d /) ] && echo home-not-mounted;"
                     "test -e /tmp/vmim-payload-marker && echo marker || echo no-marker")
     keys, exported, rest = seen.split("---\n")
     assert keys.split() == ["root"]  # the admin key only: no pool account can log in
-    assert exported.strip() == ""  # the slot's export is empty until a job binds it
+    # no home file system, not even its device: the owner's home is plugged in at bind
+    assert exported.split() == ["0", "0"]
     assert rest.split() == ["home-not-mounted", "no-marker"]
     assert cpu_weight(slot) == 1024 // 16  # it never takes CPU a job's VM wants
     # the agent's root login is kept for the bind, where only root may reach it
@@ -182,7 +184,8 @@ def test_a_job_starts_on_the_spare_and_sees_only_its_owners_home(spares_cell):
     job, out = _run_probe(cell, "spare1", sleep=4, during=while_running)
     assert f"boot {spare['boot']}" in out, out  # it ran in the spare, not in a new VM
     assert "marker absent" in out and "secret hidden" in out and "done" in out, out
-    assert "vmim-spare-secret" not in out, out  # not in the export either
+    assert "vmim-spare-secret" not in out, out
+    assert out.splitlines().count("1") == 1, out  # one virtiofs mount: the owner's home
     assert seen["slot"] == spare["slot"] and seen["uuid"] == spare["uuid"]
     assert seen["host_key"] == spare["host_key"]  # the starter pins the key of the spare's boot
     assert sorted(seen["keys"]) == ["atlas001", "root"]

@@ -55,6 +55,8 @@ BAD = [
      "shared_paths[0].scope: expected owner or tree"),
     (cfg(shared_paths=[{"path": "/tmp", "mode": "guest", "readonly": "yes"}]),
      "shared_paths[0].readonly: expected true or false"),
+    (cfg(shared_paths=[{"path": "/tmp", "mode": "hypervisor", "scope": "tree"}]),
+     "shared_paths[0]: a hypervisor share of a whole tree must be 'readonly: true'"),
     (cfg(site_root_key="/nonexistent/key"), "site_root_key: expected an existing private key"),
     (cfg(boot_timeout=-1), "boot_timeout: expected seconds > 0"),
     (cfg(ssh_ports="30000"), "ssh_ports: expected a port range LOW-HIGH"),

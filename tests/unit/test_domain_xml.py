@@ -9,7 +9,7 @@ from lxml import etree
 
 from tests.support import testdriver
 from vmimagemanager.config import BridgeNetwork, Slot, UserNetwork
-from vmimagemanager.domain_meta import QEMU_NS, lease_metadata
+from vmimagemanager.domain_meta import QEMU_NS, lease_metadata, shares_memory
 from vmimagemanager.domain_xml import DomainSpec, build_domain_xml
 from vmimagemanager.images import BootSpec
 from vmimagemanager.shares import GuestShare
@@ -54,6 +54,13 @@ def test_bridge_network_and_disk_boot():
     assert root.find(f"{{{QEMU_NS}}}commandline") is None
     assert root.find("os/boot").get("dev") == "hd"
     assert root.find("cpu").get("mode") == "host-passthrough"
+    ref = iface.find("filterref")
+    assert ref.get("filter") == "clean-traffic"  # its own MAC and (DHCP-learnt) IP only
+    assert [(p.get("name"), p.get("value")) for p in ref] == [("CTRL_IP_LEARNING", "dhcp")]
+    fixed = BridgeNetwork("br0", "52:54:00:aa:bb:cc", "wn01-vm1.example.org", ip="192.0.2.7")
+    ref = etree.fromstring(build_domain_xml(spec(fixed)).encode()).find(
+        "devices/interface/filterref")
+    assert [(p.get("name"), p.get("value")) for p in ref] == [("IP", "192.0.2.7")]
 
 
 def test_hostile_values_are_escaped_not_injected():
@@ -79,6 +86,23 @@ def test_shares_become_9p_filesystems_guest_mounted_ones_do_not(tmp_path):
     assert fss[0].find("readonly") is None
     assert fss[1].find("readonly") is not None
     assert fss[1].find("source").get("dir") == str(tmp_path / "common")
+
+
+def test_an_owners_home_is_a_virtiofs_device_on_its_servers_socket_with_shared_memory():
+    """The owner's home is never a 9p export (QEMU would serve it as its own user); its
+    virtiofsd's socket is the device's source, and the guest's RAM is shared with it."""
+    shares = (GuestShare("/home/atlas001", "hypervisor", "v0_home", scope="owner"),)
+    xml = build_domain_xml(spec(UserNetwork(2222), shares=shares, shared_memory=True,
+                                home_servers=(("v0_home", "/run/vmim/vhost/1.0.v0_home.sock"),)))
+    root = etree.fromstring(xml.encode())
+    (fs,) = root.findall("devices/filesystem")
+    assert fs.find("driver").get("type") == "virtiofs"
+    assert fs.find("source").get("socket") == "/run/vmim/vhost/1.0.v0_home.sock"
+    assert fs.find("source").get("dir") is None and fs.find("target").get("dir") == "v0_home"
+    assert root.find("memoryBacking/source").get("type") == "memfd"
+    assert root.find("memoryBacking/access").get("mode") == "shared"
+    assert shares_memory(xml)
+    assert not shares_memory(build_domain_xml(spec(UserNetwork(2222))))
 
 
 def test_libvirt_test_driver_accepts_the_xml_and_keeps_metadata():

@@ -8,7 +8,7 @@ import pwd
 import pytest
 
 from vmimagemanager.config import SharedPath, parse_config
-from vmimagemanager.shares import ShareError, resolve_shares, seed_mounts
+from vmimagemanager.shares import ShareError, resolve_shares, seed_mounts, served_by_owner
 
 
 def _a_user_with_a_home() -> pwd.struct_passwd:
@@ -70,3 +70,15 @@ def test_seed_mounts_only_for_hypervisor_shares_and_read_only_ones_say_ro(tmp_pa
     assert (where, fstype) == (str(tmp_path), "9p")
     assert tag == ("v0_" + str(tmp_path).strip("/").replace("/", "_"))[:31]
     assert options.split(",")[-1] == "ro" and "trans=virtio" in options
+
+
+def test_an_owners_home_is_mounted_over_virtiofs_a_tree_over_9p(tmp_path):
+    user = _a_user_with_a_home()
+    parent = os.path.dirname(os.path.realpath(user.pw_dir))
+    shares = resolve_shares([SharedPath(parent, "hypervisor", scope="owner"),
+                             SharedPath(str(tmp_path), "hypervisor", scope="tree",
+                                        readonly=True)], user.pw_name)
+    home, tree = seed_mounts(shares)
+    assert home[1:4] == [os.path.normpath(user.pw_dir), "virtiofs", "defaults"]
+    assert tree[1:3] == [str(tmp_path), "9p"] and tree[3].endswith(",ro")
+    assert served_by_owner(shares[0]) and not served_by_owner(shares[1])

@@ -218,31 +218,3 @@ def test_no_kept_login_where_its_socket_path_would_be_too_long(tmp_path):
         assert kept_login(replace(cfg, run_dir=short / ("r" * 50)), label) is None
     finally:
         shutil.rmtree(short)
-
-
-def test_nothing_a_guest_left_in_its_export_reaches_the_next_spare(tmp_path):
-    """Root in a guest can write into its export over 9p: a planted file, or `home` replaced by
-    a symlink to a host directory, must be gone (and the link's target untouched) when the slot's
-    next spare is provisioned."""
-    from vmimagemanager.node.spares import export_dir, provision_shares
-
-    home_root = tmp_path / "homes"
-    home_root.mkdir()
-    data = _config(tmp_path, None)
-    data["state_dir"] = str(tmp_path / "state")
-    data["shared_paths"] = [{"path": str(home_root), "mode": "hypervisor"}]
-    cfg = parse_config(data, "c.yaml")
-    (share,) = provision_shares(cfg, "s1")
-    export = export_dir(cfg, "s1", share.tag)
-    assert share.source == str(export) and share.path == f"/run/vmim-spare/{share.tag}"
-    victim = tmp_path / "victim"
-    victim.mkdir(mode=0o700)
-    (victim / "keep").write_text("mine")
-    (export / "planted").write_text("from the last guest")
-    (export / "home").rmdir()
-    (export / "home").symlink_to(victim)
-    provision_shares(cfg, "s1")
-    assert sorted(p.name for p in export.iterdir()) == ["home"]
-    assert (export / "home").is_dir() and not (export / "home").is_symlink()
-    assert list((export / "home").iterdir()) == []
-    assert victim.stat().st_mode & 0o777 == 0o700 and (victim / "keep").read_text() == "mine"

@@ -360,7 +360,8 @@ def shared_dir():
 
 def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, life, shared_dir,
                                                                       tmp_path):
-    """The starter's work, outside SGE: a 9p-shared directory is the job's cwd in the guest."""
+    """The starter's work, outside SGE: a (read-only, 9p) shared directory is the job's cwd in
+    the guest."""
     from dataclasses import replace
 
     from vmimagemanager.config import SharedPath
@@ -371,7 +372,7 @@ def test_job_runner_uses_shared_cwd_stages_proxy_and_rewrites_tmpdir(vm_setup, l
     from vmimagemanager.runner import JobRunner
 
     cfg = replace(vm_setup[1], shared_paths=(SharedPath(str(shared_dir), "hypervisor",
-                                                        "passthrough"),))
+                                                        "passthrough", readonly=True),))
     own = Node(cfg, life.hv, life.leases)
     started = own.start_vm(JobRequest("9301", "0", "atlas001", "atlas", "atlas"),
                               slots=["t2"])

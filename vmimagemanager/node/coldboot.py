@@ -19,14 +19,21 @@ from ..context import (
     write_context,
 )
 from ..domain_meta import forwarded_port
-from ..errors import BootError, LeaseError, NoFreePort, NoSpace, VmimError
+from ..errors import BootError, ConfigError, LeaseError, NoFreePort, NoSpace, VmimError
 from ..guest import Endpoint, wait_for_host_key, wait_for_ssh
+from ..homeserver import HomeServer, serve_homes, stop_servers_of
 from ..hypervisor import resolve_domain_type
 from ..images import prepare_overlay
 from ..jobs import check_label
 from ..leases import Lease
 from ..seed import SeedData, build_seed, generate_keypair
-from ..shares import GuestShare, resolve_shares, seed_mounts
+from ..shares import (
+    GuestShare,
+    needs_shared_memory,
+    resolve_shares,
+    seed_mounts,
+    served_by_owner,
+)
 from ..states import LeaseState
 from .model import JobRequest, LeaseFiles, StartResult, lease_files
 from .state import admin_key
@@ -55,6 +62,7 @@ class ColdBoot:
         uid, gid = owner.uid, owner.gid
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
+        self.qemu_ids()  # QEMU as root: every job held, with the fix
         names = slots or [s.name for s in self.cfg.slots]
         if bind is not None and slots is None:
             bound = bind(self, request, uid, gid, shares)
@@ -127,7 +135,15 @@ class ColdBoot:
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
-            host, port = self._start_domain(slot, files, image, label, owner, shares)
+            servers = (serve_homes(self.cfg.run_dir, label, account(owner), shares,
+                                   self.qemu_ids())
+                       if any(served_by_owner(s) for s in shares) else ())
+            try:
+                host, port = self._start_domain(slot, files, image, label, owner, shares,
+                                                 servers)
+            except BaseException:
+                stop_servers_of(self.cfg.run_dir, label)
+                raise
             if after_start is not None:
                 after_start()
         deadline = time.monotonic() + (boot_timeout or self.cfg.boot_timeout)
@@ -141,8 +157,20 @@ class ColdBoot:
                 session.close()
         return host_key
 
+    def qemu_ids(self) -> tuple[int, int] | None:
+        """The uid and gid libvirt runs QEMU as (None: it does not say, as its test driver);
+        ConfigError if that is root: a guest that escapes into QEMU must not be root here."""
+        ids = self.hv.qemu_ids(resolve_domain_type(self.cfg.domain_type))
+        if ids is not None and ids[0] == 0:
+            raise ConfigError('libvirt runs QEMU as root (user = "root" in /etc/libvirt/qemu.conf)'
+                              ": a guest that escapes into QEMU would be root on this node; "
+                              "remove the user and group lines (Debian's default is "
+                              "libvirt-qemu) and restart libvirtd")
+        return ids
+
     def _start_domain(self, slot: Slot, files: LeaseFiles, image, label: str, owner: str,
-                      shares: tuple[GuestShare, ...]) -> tuple[str, int]:
+                      shares: tuple[GuestShare, ...],
+                      servers: tuple[HomeServer, ...] = ()) -> tuple[str, int]:
         """Define and start the domain; returns the address its ssh answers on. A user-network
         VM's forward gets a port free at this moment (ports.py: a fixed one could be squatted by
         any local account); a start that fails because another process bound that port in
@@ -155,7 +183,9 @@ class ColdBoot:
         spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
                           overlay=files.overlay, seed=files.seed, console_log=files.console,
                           boot=image.boot_spec(self.cfg.image_dir), job_label=label,
-                          image=image.name, owner=owner, shares=shares)
+                          image=image.name, owner=owner, shares=shares,
+                          home_servers=tuple((s.tag, str(s.socket)) for s in servers),
+                          shared_memory=needs_shared_memory(self.cfg))
         net = spec.slot.network
         if not isinstance(net, UserNetwork):
             self.hv.start(build_domain_xml(spec))

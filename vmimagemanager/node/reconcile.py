@@ -17,6 +17,7 @@ from ..context import (
 )
 from ..domain_meta import lease_metadata
 from ..errors import TeardownIncomplete, VmimError
+from ..homeserver import servers_of, stop_servers_of
 from ..leases import Lease, is_spare_label
 from ..states import LeaseState
 from .model import lease_files
@@ -83,6 +84,7 @@ class Reconcile:
                    if (xml := self.hv.domain_xml(name)) is not None}
         files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
         contexts = list_contexts(self.cfg.run_dir)
+        servers = servers_of(self.cfg.run_dir)
         leases = {lease.slot: lease for lease in self.leases.all()}
         released = self._reclaim(dry_run)
         actions = list(released.values())
@@ -118,6 +120,11 @@ class Reconcile:
                 more.append(f"remove orphan job context {context_dir(self.cfg.run_dir, label)}")
                 if not dry_run:
                     remove_context(self.cfg.run_dir, label)
+        for label in sorted(servers):  # a prolog starts a job's server after taking its lease
+            if label not in labels:
+                more.append(f"stop the orphan file server of job {label}")
+                if not dry_run:
+                    stop_servers_of(self.cfg.run_dir, label)
         for action in more:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         if not dry_run:

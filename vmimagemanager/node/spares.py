@@ -1,13 +1,12 @@
 """Warm spares: a VM booted ahead of any job, later bound to one (docs/warm-spares.md).
 
-Provision (the agent): slot + image -> a booted, idle VM holding only the node's admin key. Its
-owner-scoped shares (the job owner's home, unknown yet) are exported as per-slot *empty*
-directories, mounted in the guest below SPARE_MOUNT_ROOT. Bind (the prolog): the job's fresh
-key goes into the image's AuthorizedKeysFile for the pool account, the owner's home is
-bind-mounted into the slot's export inside QEMU's own mount namespace (libvirt cannot hot-plug
-9p, and a host-side mount is not seen by the running QEMU), then onto the home path in the guest.
-So a spare sees no home at all, and a bound VM sees its owner's home and nothing else: the trust
-boundary of docs/shared-storage.md holds before and after bind.
+Provision (the agent): slot + image -> a booted, idle VM holding only the node's admin key and
+the read-only tree shares; its RAM is shared (memfd) when the node serves owners' homes. Bind
+(the prolog): the job's fresh key goes into the image's AuthorizedKeysFile for the pool account;
+the owner's home gets its own virtiofsd, running as the owner (homeserver.py), hot-plugged into
+the running domain and mounted at the home's path in the guest. No host path the spare's guest
+could have prepared is looked up or mounted on: a spare sees no home at all, and a bound VM
+sees its owner's home, with the owner's rights, and nothing else (docs/shared-storage.md).
 """
 
 from __future__ import annotations
@@ -17,28 +16,30 @@ import os
 import secrets
 import shlex
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import keysfiles
+from ..accounts import account
 from ..agentwake import poke
 from ..config import Config, Slot
 from ..context import context_dir, ensure_jobs_dir
 from ..domain_meta import (
-    exported_tags,
     kept_attributes,
     lease_attributes,
     lease_element,
     lease_metadata,
+    shares_memory,
+    virtiofs_device,
 )
 from ..errors import BootError, GuestError, VmimError
 from ..guest import Endpoint, connect, console_host_key, resume
+from ..homeserver import serve_homes, stop_servers_of
 from ..keysfiles import image_key
 from ..leases import SPARE_JOB_ID, Lease
 from ..seed import generate_keypair
-from ..shares import GuestShare, hypervisor_source, owner_home, resolve_shares, share_tag
+from ..shares import GuestShare, owner_home, resolve_shares, served_by_owner
 from ..states import LeaseState
 from .model import JobRequest, StartResult, lease_files
 from .state import admin_key
@@ -51,82 +52,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vmimagemanager.spares")
 
-SPARE_MOUNT_ROOT = "/run/vmim-spare"  # in the guest: where a spare mounts its empty exports
-HOME_SLOT = "home"  # the subdirectory of an export the owner's home is bound onto
+MOUNT_TRIES = 50  # the guest's tries to mount a hot-plugged home, 0.1 s apart (it takes ~2 s)
 SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
 WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
 IMAGE_KEY = "image_key"  # in a spare's lease metadata: keysfiles.image_key of what it booted
 KEYS_FILE_LINE = "vmim-keys-file"  # the bind script's report of where the job's key went
 WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
-
-
-def export_dir(cfg: Config, slot: str, tag: str) -> Path:
-    """The host directory a spare in `slot` exports for share `tag` (root's, empty until bind).
-
-    In the root-only state directory: root in a guest can write into its export through 9p (it
-    is the guest's `/run/vmim-spare/<tag>`), so it must not be on a RAM file system, and nothing
-    it leaves there may reach the next spare (provision_shares makes the slot's tree afresh)."""
-    return cfg.state_dir / "exports" / slot / tag
-
-
-def provision_shares(cfg: Config, slot: str) -> tuple[GuestShare, ...]:
-    """A spare's shares: tree shares as for any job, owner shares as the slot's empty exports.
-
-    The slot's export tree is removed and made again: whatever an earlier VM's root wrote or
-    linked there (a symlink in place of `home`, say) is gone before the new VM starts. The slot's
-    lease is ours, so no running VM uses the tree."""
-    shares = list(resolve_shares(cfg.shared_paths, "root"))  # root: tree shares only
-    slot_root = cfg.state_dir / "exports" / slot
-    if slot_root.exists() or slot_root.is_symlink():
-        shutil.rmtree(slot_root)
-    for index, item in enumerate(cfg.shared_paths):
-        if item.mode != "hypervisor" or item.scope != "owner":
-            continue
-        tag = share_tag(index, item.path)
-        root = export_dir(cfg, slot, tag)
-        root.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in (root.parent, root, root / HOME_SLOT):
-            path.mkdir(mode=0o755, exist_ok=path == root.parent)
-            os.chmod(path, 0o755)  # made just now by us (mkdir's mode is masked by umask)
-        shares.append(GuestShare(path=f"{SPARE_MOUNT_ROOT}/{tag}", mode="hypervisor", tag=tag,
-                                 accessmode=item.accessmode, readonly=item.readonly,
-                                 source=str(root)))
-    return tuple(shares)
-
-
-def owner_binds(cfg: Config, slot: str, owner_shares: tuple[GuestShare, ...],
-                exported: dict[str, str]) -> list[tuple[str, str, GuestShare]]:
-    """(host export, guest staging path, the job's share) for each owner share of the job.
-
-    `exported` is the running domain's 9p tag -> source directory: a spare made under another
-    configuration (a share added since) cannot serve the job, and the prolog boots one instead.
-    """
-    binds = []
-    for share in owner_shares:
-        if share.mode != "hypervisor" or share.scope != "owner":
-            continue
-        root = export_dir(cfg, slot, share.tag)
-        if exported.get(share.tag) != str(root):
-            raise VmimError(f"the spare in slot {slot} does not export {share.tag} from {root} "
-                            "(made under another configuration)")
-        binds.append((str(root), f"{SPARE_MOUNT_ROOT}/{share.tag}", share))
-    return binds
-
-
-def attach_home(qemu_pid: int, home: GuestShare, export: str) -> None:
-    """Bind the owner's home onto the export's HOME_SLOT inside QEMU's mount namespace."""
-    nsenter = shutil.which("nsenter") or "/usr/bin/nsenter"
-    target = f"{export}/{HOME_SLOT}"
-    commands = [[nsenter, "-t", str(qemu_pid), "-m", "--", "mount", "--bind",
-                 hypervisor_source(home), target]]
-    if home.readonly:
-        commands.append([nsenter, "-t", str(qemu_pid), "-m", "--", "mount", "-o",
-                         "remount,bind,ro", target])
-    for argv in commands:
-        done = subprocess.run(argv, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise VmimError(f"cannot bind {home.path} into the spare's export ({' '.join(argv)}:"
-                            f" {done.stderr.strip() or done.returncode})")
 
 
 def bind_script(user: str, home: str, public_key: str,
@@ -136,7 +67,8 @@ def bind_script(user: str, home: str, public_key: str,
     The job's key goes where the image's sshd reads it (`keys_file`, or else `sshd -T` names
     AuthorizedKeysFile; the script prints `KEYS_FILE_LINE path` for keysfiles to keep) and
     never into the home (the user's real, shared home: the key would outlive the VM); each
-    staged share is bind-mounted onto its home path and checked to be a file system of its own.
+    (virtiofs tag, path, read-only) of `mounts` is mounted once the hot-plugged device is there
+    and checked to be a file system of its own.
     With `keys_file` known (the first bind to this image content checked that the account
     exists) and no share, the script runs no command but shell builtins: each is a fork and
     exec under TCG, on the job's path.
@@ -168,15 +100,16 @@ def bind_script(user: str, home: str, public_key: str,
     ]
     if mounts:
         lines.append("rootdev=$(stat -c %d /)")
-    for staging, target, readonly in mounts:
+    for tag, target, readonly in mounts:
+        options = "ro" if readonly else "defaults"
         lines += [
             f"mkdir -p {q(target)}",
-            f"mount --bind {q(staging + '/' + HOME_SLOT)} {q(target)}",
+            f"i=0; until mount -t virtiofs -o {options} {q(tag)} {q(target)} 2>/dev/null; do "
+            f"i=$((i+1)); [ $i -lt {MOUNT_TRIES} ] || {{ echo vmim-bind: virtiofs {q(tag)} not "
+            f"mounted on {q(target)} >&2; exit 3; }}; sleep 0.1; done",
         ]
-        if readonly:
-            lines.append(f"mount -o remount,bind,ro {q(target)}")
-        lines.append(f'[ "$(stat -c %d {q(target)})" != "$rootdev" ] || {{ echo "vmim-bind: '
-                     f'{target} is not mounted" >&2; exit 3; }}')
+        lines.append(f'[ "$(stat -c %d {q(target)})" != "$rootdev" ] || {{ echo vmim-bind: '
+                     f'{q(target)} is not mounted >&2; exit 3; }}')
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +139,7 @@ def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
                                     secrets.token_hex(6), "", image_name, vo)
     slot = cfg.slot(lease.slot)
     try:
-        shares = provision_shares(cfg, slot.name)
+        shares = resolve_shares(cfg.shared_paths, "root")  # root: the tree shares only
         admin_path, admin_public = admin_key(cfg)
         # host and port are the VM's, set by launch: its forward gets its port at boot
         login = Endpoint(host="", port=0, user="root", key=admin_path, host_key="")
@@ -344,6 +277,23 @@ def spare_host_key(console: Path) -> str:
     return key
 
 
+def _attach_homes(life: Node, name: str, request: JobRequest, homes: list[GuestShare],
+                  xml: str) -> None:
+    """The owner's home(s), each served by a virtiofsd of the owner's, hot-plugged into the
+    spare (`xml`: its running domain's, which must share its RAM: vhost-user maps it)."""
+    if not shares_memory(xml):
+        raise VmimError(f"the spare {name} was booted without shared memory (made under "
+                        "another configuration); the job boots its own VM")
+    servers = serve_homes(life.cfg.run_dir, request.label, account(request.owner), homes,
+                          life.qemu_ids())
+    try:
+        for server in servers:
+            life.hv.attach_device(name, virtiofs_device(server.tag, str(server.socket)))
+    except BaseException:
+        stop_servers_of(life.cfg.run_dir, request.label)
+        raise
+
+
 def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, gid: int,
           shares: tuple[GuestShare, ...]) -> JobContext:
     cfg, name = life.cfg, slot.domain_name
@@ -365,11 +315,9 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
         spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
     os.replace(old.seed, new.seed)
-    binds = owner_binds(cfg, slot.name, shares, exported_tags(xml))
-    if binds:
-        pid = life.hv.process_id(name)
-        for export, _staging, share in binds:
-            attach_home(pid, share, export)
+    homes = [share for share in shares if served_by_owner(share)]
+    if homes:
+        _attach_homes(life, name, request, homes, xml)
     job_key = generate_keypair(f"vmim-job-{request.label}")
     login = life.admin_login(slot, host_key, address)
     kept = kept_login(cfg, spare.job_label)
@@ -379,8 +327,8 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
     try:
         went_to = run_bind(session, bind_script(request.owner, owner_home(request.owner),
                                                 job_key.public_line,
-                                                [(staging, share.path, share.readonly)
-                                                 for _export, staging, share in binds],
+                                                [(share.tag, share.path, share.readonly)
+                                                 for share in homes],
                                                 keys_file))
     finally:
         session.close()

@@ -18,6 +18,7 @@ from ..context import (
 from ..domain_meta import lease_metadata
 from ..errors import LeaseError, TeardownIncomplete
 from ..guest import connect
+from ..homeserver import stop_servers_of
 from ..jobs import check_label, job_label
 from ..leases import SPARE_JOB_ID, Lease, is_spare_label
 from ..states import LeaseState
@@ -60,6 +61,10 @@ class Teardown:
                 remove_context(self.cfg.run_dir, label)
             except OSError as exc:
                 problems.append(f"job context of {label} not removed: {exc.strerror}")
+            try:  # the VM is gone, so its file servers have let go already: only their files
+                stop_servers_of(self.cfg.run_dir, label)
+            except OSError as exc:
+                problems.append(f"file server of {label} not stopped: {exc.strerror}")
         if problems:
             raise TeardownIncomplete(f"slot {slot_name} (job {label}): {'; '.join(problems)}; "
                                      "the slot stays tearing-down until 'vmimagemanager "
