@@ -14,7 +14,8 @@ the same run:
            agent stopped and the spares were retired.
   idle:    what an idle spare costs: its QEMU's resident memory and CPU % over --idle-seconds.
 Usage: python -m benchmarks.spares [--jobs 100] [--latency-jobs 3] [--job-slots 2] [--spares 2]
-                                  [--payloads 0,5] [--idle-seconds 60]    (from the tree's top)
+                                  [--payloads 0,5] [--idle-seconds 60] [--shared-home]
+                                  [--latency-only]    (from the tree's top)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tests.support.sgecell import SGE_ENV, sge
 AGENT = str(REPO / "harness/agent.sh")
 
 
-def setup(job_slots: int, spares: int):
+def setup(job_slots: int, spares: int, shared_home: bool):
     from vmimagemanager.config import load_config
 
     for script in ("libvirt-up.sh", "pool-accounts.sh"):
@@ -46,7 +47,9 @@ def setup(job_slots: int, spares: int):
     base = make_base_dir("vmim-bench-")
     path = write_config(base, job_slots + 2 * spares, prefix=f"bw{os.getpid()}s", extra={
         "boot_timeout": 180, "spares": {"vos": {"atlas": spares, "cms": spares},
-                                        "interval": 1}})
+                                        "interval": 1},
+        # the owners' homes through their own virtiofsd: hot-plugged into a spare at bind
+        **({"shared_paths": [{"path": "/home", "mode": "hypervisor"}]} if shared_home else {})})
     cfg = load_config(str(path))
     import_test_images(cfg, build_images(), names=("atlas", "cms"))
     cli = str(Path(sys.executable).parent / "vmimagemanager")
@@ -148,15 +151,25 @@ def main() -> None:
                         default=[0.0, 5.0], help="seconds each job sleeps, comma-separated")
     parser.add_argument("--idle-seconds", type=float, default=60)
     parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--shared-home", action="store_true",
+                        help="jobs see their owner's home (shared_paths /home, hypervisor)")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="the latency part alone (spares_latency[_home].json)")
     args = parser.parse_args()
-    base, path, cfg, cli, script = setup(args.job_slots, args.spares)
+    base, path, cfg, cli, script = setup(args.job_slots, args.spares, args.shared_home)
+    suffix = "_home" if args.shared_home else ""
     try:
         lat = latency(cfg, script, path, cli, args.latency_jobs, False, args.spares)
         agent("start", path, cli)
         lat += latency(cfg, script, path, cli, args.latency_jobs, True, args.spares)
-        wait_spares(cli, path, args.spares)
-        idle = idle_cost(cfg, args.idle_seconds)
-        agent("stop", path, cli)
+        if args.latency_only:
+            agent("stop", path, cli)
+            args.payloads = []
+            idle = []
+        else:
+            wait_spares(cli, path, args.spares)
+            idle = idle_cost(cfg, args.idle_seconds)
+            agent("stop", path, cli)
         runs = []
         for sleep in args.payloads:
             for warm in (False, True):
@@ -193,9 +206,12 @@ def main() -> None:
            warm["jobs/min"] / cold["jobs/min"] for cold, warm in zip(runs[::2], runs[1::2],
                                                                       strict=True)},
     }
-    report("spares_latency", lat, ["path", "job", "prolog s", "qsub -> first output s"])
-    report("spares_idle_cost", idle, ["slot", "QEMU RSS MiB", "CPU % (of one core)"])
-    report("spares_stress", runs, [k for k in runs[0] if k != "samples"], {"summary": summary})
+    report(f"spares_latency{suffix}", lat, ["path", "job", "prolog s", "qsub -> first output s"],
+           {"shared_home": args.shared_home})
+    if runs:
+        report("spares_idle_cost", idle, ["slot", "QEMU RSS MiB", "CPU % (of one core)"])
+        report("spares_stress", runs, [k for k in runs[0] if k != "samples"],
+               {"summary": summary})
     for key, value in summary.items():
         print(f"{key}: {value:.2f}")
 

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vmimagemanager.spares")
 
-MOUNT_TRIES = 50  # the guest's tries to mount a hot-plugged home, 0.1 s apart (it takes ~2 s)
+# the guest's tries to mount a hot-plugged home, MOUNT_POLL seconds apart: the guest sees the
+# new device a few tenths of a second after the attach (docs/warm-spares.md)
+MOUNT_TRIES, MOUNT_POLL = 250, 0.02
 SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
 WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
 IMAGE_KEY = "image_key"  # in a spare's lease metadata: keysfiles.image_key of what it booted
@@ -106,7 +108,7 @@ def bind_script(user: str, home: str, public_key: str,
             f"mkdir -p {q(target)}",
             f"i=0; until mount -t virtiofs -o {options} {q(tag)} {q(target)} 2>/dev/null; do "
             f"i=$((i+1)); [ $i -lt {MOUNT_TRIES} ] || {{ echo vmim-bind: virtiofs {q(tag)} not "
-            f"mounted on {q(target)} >&2; exit 3; }}; sleep 0.1; done",
+            f"mounted on {q(target)} >&2; exit 3; }}; sleep {MOUNT_POLL}; done",
         ]
         lines.append(f'[ "$(stat -c %d {q(target)})" != "$rootdev" ] || {{ echo vmim-bind: '
                      f'{q(target)} is not mounted >&2; exit 3; }}')
@@ -305,6 +307,9 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
         raise VmimError(f"the spare's domain {name} is not running")
     spare_meta = lease_metadata(xml)
     address = life.ssh_address(slot, xml)  # the port its forward got when the spare booted
+    homes = [share for share in shares if served_by_owner(share)]
+    if homes:  # first: the guest finds the new device while the rest of the bind goes on
+        _attach_homes(life, name, request, homes, xml)
     _job_weight(life, name, spare_meta)
     # The domain says which job it serves now, and what it used while idle (not the job's).
     idle = life.hv.usage(name)
@@ -315,9 +320,6 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
         spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
     os.replace(old.seed, new.seed)
-    homes = [share for share in shares if served_by_owner(share)]
-    if homes:
-        _attach_homes(life, name, request, homes, xml)
     job_key = generate_keypair(f"vmim-job-{request.label}")
     login = life.admin_login(slot, host_key, address)
     kept = kept_login(cfg, spare.job_label)
