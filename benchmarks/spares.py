@@ -154,10 +154,11 @@ def main() -> None:
     parser.add_argument("--shared-home", action="store_true",
                         help="jobs see their owner's home (shared_paths /home, hypervisor)")
     parser.add_argument("--latency-only", action="store_true",
-                        help="the latency part alone (spares_latency[_home].json)")
+                        help="the latency part alone (spares_latency_home or _nohome.json)")
     args = parser.parse_args()
     base, path, cfg, cli, script = setup(args.job_slots, args.spares, args.shared_home)
-    suffix = "_home" if args.shared_home else ""
+    # the full run's latency file stays apart from a quick comparison's
+    suffix = "_home" if args.shared_home else ("_nohome" if args.latency_only else "")
     try:
         lat = latency(cfg, script, path, cli, args.latency_jobs, False, args.spares)
         agent("start", path, cli)
