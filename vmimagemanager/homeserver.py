@@ -18,18 +18,22 @@ for each job **as the job's owner**:
   another uid, no setuid-root file. The host's kernel checks each access as the owner's,
   quotas included.
 
+The owner must not be able to ptrace it: it holds the listening socket QEMU connects to and
+then the guest's RAM (the owner would be the vhost-user back end, root in its own guest without
+a kernel exploit, and a client of QEMU's back-end channel). So `unshare` and `virtiofsd` run
+from root's execute-only (0711) copies (`private_tools`): a process that runs a file its user
+cannot read is not dumpable, and the owner may then only signal it.
+
 virtiofsd exits by itself when QEMU lets go of the connection (the domain destroyed, or the
 device detached). `stop` ends one whose VM never started; reconcile ends one whose lease is gone.
-The owner may ptrace their own virtiofsd: it holds the owner's rights and the job VM's memory,
-nothing of anyone else's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -71,10 +75,9 @@ class HomeServer:
     pid: int
 
 
-def server_dir(run_dir: Path) -> Path:
-    """root's directory of the vhost-user sockets and pid files: QEMU's user may pass (0711),
-    not list; each socket is its own."""
-    path = run_dir / "vhost"
+def _root_dir(path: Path) -> Path:
+    """`path`, a directory of root's, 0711 (others may pass, not list or write), made if
+    missing; ConfigError if it is anything else."""
     path.mkdir(mode=0o711, parents=True, exist_ok=True)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
@@ -82,6 +85,12 @@ def server_dir(run_dir: Path) -> Path:
                           "to; remove it and let vmimagemanager make it again")
     os.chmod(path, 0o711)
     return path
+
+
+def server_dir(run_dir: Path) -> Path:
+    """root's directory of the vhost-user sockets and pid files: QEMU's user may pass, not
+    list; each socket is its own."""
+    return _root_dir(run_dir / "vhost")
 
 
 def socket_path(run_dir: Path, label: str, tag: str) -> Path:
@@ -110,9 +119,42 @@ def _tools() -> tuple[str, str, str]:
     return found[0], found[1], found[2]
 
 
-def command(owner: Account, home: str, fd: int) -> list[str]:
+def private_tools(image_dir: Path) -> tuple[str, str]:
+    """root's execute-only copies of unshare and virtiofsd, in image_dir/.libexec (root's,
+    0711, on disk: run_dir is often a noexec tmpfs), made again when the original changes."""
+    directory = _root_dir(image_dir / ".libexec")
+    if os.statvfs(directory).f_flag & os.ST_NOEXEC:
+        raise HomeServerError(f"{directory} is on a noexec file system: the owner's file "
+                              "server cannot run from it; put image_dir where root may run "
+                              "programs")
+    return (str(_private_copy(directory, _tools()[2])),
+            str(_private_copy(directory, VIRTIOFSD)))
+
+
+def _private_copy(directory: Path, source: str) -> Path:
+    target = directory / os.path.basename(source)
+    want = os.stat(source)
+    try:
+        have = os.lstat(target)
+        if (stat.S_ISREG(have.st_mode) and have.st_uid == 0 and have.st_size == want.st_size
+                and have.st_mtime_ns == want.st_mtime_ns and stat.S_IMODE(have.st_mode) == 0o711):
+            return target
+    except FileNotFoundError:
+        pass
+    part = directory / f".{target.name}.{os.getpid()}"
+    part.unlink(missing_ok=True)
+    out = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
+    with open(source, "rb") as src, os.fdopen(out, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        os.fchmod(dst.fileno(), 0o711)
+    os.utime(part, ns=(want.st_atime_ns, want.st_mtime_ns))
+    os.replace(part, target)
+    return target
+
+
+def command(owner: Account, home: str, fd: int, tools: tuple[str, str]) -> list[str]:
     """virtiofsd as `owner`, in a user namespace mapping only the owner, serving `home` on the
-    listening socket `fd`.
+    listening socket `fd`, `tools` the private copies of unshare and virtiofsd.
     - `--rlimit-nofile=0`: by default it raises its open-file limit (to up to 1,000,000) once
       QEMU connects, which the owner may not do, and it stops there;
     - `cache=none`: no file data cached in the guest, so what the CE writes on the host while
@@ -121,22 +163,25 @@ def command(owner: Account, home: str, fd: int) -> list[str]:
       (docs/shared-storage.md has the measurements);
     - its messages go to stderr, read while it starts: with `--syslog` its seccomp filter
       kills it at its first message after the sandbox (socket() is not allowed there)."""
-    prlimit, setpriv, unshare = _tools()
+    prlimit, setpriv, _unshare = _tools()
+    unshare, virtiofsd = tools
     # no core file: it would hold the guest's memory, and land in the owner's home
     return [prlimit, "--core=0:0", "--",
             setpriv, f"--reuid={owner.uid}", f"--regid={owner.gid}", "--clear-groups",
             "--reset-env", "--", unshare, "--user", "--map-current-user", "--keep-caps", "--",
-            VIRTIOFSD, f"--fd={fd}", "--rlimit-nofile=0", "-o", "log_level=warn", "-o",
+            virtiofsd, f"--fd={fd}", "--rlimit-nofile=0", "-o", "log_level=warn", "-o",
             f"source={home}",
             "-o", "sandbox=namespace", "-o", "cache=none", "-o", "timeout=1"]
 
 
 def start(run_dir: Path, label: str, tag: str, owner: Account, home: str,
-          qemu_ids: tuple[int, int]) -> HomeServer:
+          qemu_ids: tuple[int, int], tools: tuple[str, str]) -> HomeServer:
     """A virtiofsd serving `home` (the checked real path of the owner's home) as `owner`, its
     socket open to QEMU's user (`qemu_ids`: uid, gid) alone."""
+    if "," in home or "\\" in home:  # virtiofsd's -o parser splits at commas
+        raise HomeServerError(f"the home {home!r} cannot be served: a comma or backslash in its "
+                              "path; give the account a plain home path")
     sock = socket_path(run_dir, label, tag)
-    _tools()
     stop_stale(sock)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -146,9 +191,10 @@ def start(run_dir: Path, label: str, tag: str, owner: Account, home: str,
         listener.listen(1)
         fd = listener.fileno()
         proc = subprocess.Popen(
-            command(owner, home, fd), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, pass_fds=(fd,), start_new_session=True,
-            env=clean_environment(), cwd="/")
+            command(owner, home, fd, tools), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(fd,),
+            start_new_session=True, env=clean_environment(), cwd="/",
+            restore_signals=False)  # SIGPIPE stays ignored: its stderr is closed once it runs
     except OSError as exc:
         sock.unlink(missing_ok=True)
         raise HomeServerError(f"cannot start the file server of {home} for job {label}: {exc}"
@@ -182,13 +228,14 @@ def _wait_started(proc: subprocess.Popen, sock: Path, home: str, label: str) -> 
         if ready or (ready is None and time.monotonic() - start > STARTUP_GRACE):
             break
         if time.monotonic() - start > STARTUP_WAIT:
-            _kill(proc.pid, 1.0)
+            proc.kill()  # our own child, not reaped yet: its pid cannot be another's
+            proc.wait()
             sock.unlink(missing_ok=True)
             raise HomeServerError(f"the file server of {home} for job {label} did not start "
                                   f"within {STARTUP_WAIT:.0f} s")
         time.sleep(0.002)
     if proc.returncode is not None:
-        err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace").strip()
+        err = _read_bounded(proc.stderr).decode(errors="replace").strip()
         sock.unlink(missing_ok=True)
         last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
         raise HomeServerError(f"the file server of {home} for job {label} stopped at once "
@@ -197,14 +244,33 @@ def _wait_started(proc: subprocess.Popen, sock: Path, home: str, label: str) -> 
         proc.stderr.close()
 
 
-def running(sock: Path) -> int | None:
-    """The pid of the virtiofsd `sock`'s pid file names, if that very process still runs."""
+def _read_bounded(pipe, limit: int = 4096, wait: float = 0.5) -> bytes:
+    """What a stopped server wrote, at most `limit` bytes and `wait` seconds: another process
+    may hold the pipe's other end."""
+    if pipe is None:
+        return b""
+    os.set_blocking(pipe.fileno(), False)
+    data, deadline = b"", time.monotonic() + wait
+    while len(data) < limit and time.monotonic() < deadline:
+        ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(pipe.fileno(), limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def running(sock: Path) -> tuple[int, int] | None:
+    """(pid, start time) of the virtiofsd `sock`'s pid file names, if that very process still
+    runs."""
     try:
-        pid_text, started = _pid_file(sock).read_text().split()
-        pid = int(pid_text)
+        pid_text, started_text = _pid_file(sock).read_text().split()
+        pid, started = int(pid_text), int(started_text)
     except (OSError, ValueError):
         return None
-    if str(process_start(pid)) != started:
+    if process_start(pid) != started:
         return None
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
@@ -212,14 +278,14 @@ def running(sock: Path) -> int | None:
                 return None
     except OSError:
         return None
-    return pid
+    return pid, started
 
 
 def stop(sock: Path, wait: float = 2.0) -> None:
     """End the server behind `sock` (if it still runs) and remove its socket and pid file."""
-    pid = running(sock)
-    if pid is not None:
-        _kill(pid, wait)
+    found = running(sock)
+    if found is not None:
+        _kill(*found, wait)
     sock.unlink(missing_ok=True)
     _pid_file(sock).unlink(missing_ok=True)
 
@@ -230,21 +296,29 @@ def stop_stale(sock: Path) -> None:
         stop(sock)
 
 
-def _kill(pid: int, wait: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)  # its session: setpriv exec'ed unshare exec'ed virtiofsd
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
+def _kill(pid: int, started: int, wait: float) -> None:
+    """SIGTERM, then SIGKILL, to the process `pid` that started at `started`, through its pidfd:
+    a pid taken by another process meanwhile is never signalled. virtiofsd's sandboxed child
+    ends with it (it asks for PR_SET_PDEATHSIG)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if process_start(pid) != started:
+            return  # the pid is another process's by now
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(pidfd, sig)
+            except ProcessLookupError:
                 return
-            raise
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if process_start(pid) is None:
-                return
+            ended, _, _ = select.select([pidfd], [], [], wait)  # readable once it has ended
             with contextlib.suppress(ChildProcessError):  # our own child: reap it
                 os.waitpid(pid, os.WNOHANG)
-            time.sleep(0.02)
+            if ended:
+                return
+    finally:
+        os.close(pidfd)
 
 
 def servers_of(run_dir: Path) -> dict[str, list[Path]]:
@@ -255,7 +329,7 @@ def servers_of(run_dir: Path) -> dict[str, list[Path]]:
         return found
     for path in directory.iterdir():
         if path.suffix in (".sock", ".pid"):
-            label = path.name.rsplit(".", 2)[0]
+            label = ".".join(path.name.split(".")[:2])  # a job label has one dot: JOB.TASK
             sock = path.with_suffix(".sock")
             if sock not in found.setdefault(label, []):
                 found[label].append(sock)
@@ -268,7 +342,8 @@ def stop_servers_of(run_dir: Path, label: str) -> None:
         stop(sock)
 
 
-def serve_homes(run_dir: Path, label: str, owner: Account, shares: Iterable[GuestShare],
+def serve_homes(run_dir: Path, image_dir: Path, label: str, owner: Account,
+                shares: Iterable[GuestShare],
                 qemu_ids: tuple[int, int] | None) -> tuple[HomeServer, ...]:
     """A virtiofsd for each of the job's shares served as its owner (none started if one
     fails: the ones already running are stopped)."""
@@ -277,11 +352,12 @@ def serve_homes(run_dir: Path, label: str, owner: Account, shares: Iterable[Gues
         raise HomeServerError("libvirt does not say which user QEMU runs as (no DAC security "
                               "model), so the owner's home cannot be handed to it alone; "
                               "check 'security_driver' in /etc/libvirt/qemu.conf")
+    tools = private_tools(image_dir) if homes else ("", "")
     started: list[HomeServer] = []
     try:
         for share in homes:
             started.append(start(run_dir, label, share.tag, owner, hypervisor_source(share),
-                                 qemu_ids))
+                                 qemu_ids, tools))
     except BaseException:
         for server in started:
             stop(server.socket)

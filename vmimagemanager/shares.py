@@ -10,6 +10,7 @@ trust boundary of each mode.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ class GuestShare:
 
 
 def share_tag(index: int, path: str) -> str:
-    """9p mount tag (at most 31 bytes, unique by the entry's index): (0, '/home') -> 'v0_home'."""
-    return f"v{index}_{path.strip('/').replace('/', '_')}"[:31]
+    """Mount tag (at most 31 bytes, unique by the entry's index, letters, digits and `_` only:
+    it names a file server's socket too): (0, '/home') -> 'v0_home'."""
+    return f"v{index}_{re.sub(r'[^A-Za-z0-9_]', '_', path.strip('/'))}"[:31]
 
 
 def is_under(path: str, roots: Iterable[str]) -> bool:

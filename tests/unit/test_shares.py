@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_seed_mounts_only_for_hypervisor_shares_and_read_only_ones_say_ro(tmp_pa
     assert len(mounts) == 1
     tag, where, fstype, options, *_ = mounts[0]
     assert (where, fstype) == (str(tmp_path), "9p")
-    assert tag == ("v0_" + str(tmp_path).strip("/").replace("/", "_"))[:31]
+    assert tag == ("v0_" + re.sub(r"[^A-Za-z0-9_]", "_", str(tmp_path).strip("/")))[:31]
     assert options.split(",")[-1] == "ro" and "trans=virtio" in options
 
 

@@ -135,8 +135,8 @@ class ColdBoot:
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
-            servers = (serve_homes(self.cfg.run_dir, label, account(owner), shares,
-                                   self.qemu_ids())
+            servers = (serve_homes(self.cfg.run_dir, self.cfg.image_dir, label,
+                                   account(owner), shares, self.qemu_ids())
                        if any(served_by_owner(s) for s in shares) else ())
             try:
                 host, port = self._start_domain(slot, files, image, label, owner, shares,

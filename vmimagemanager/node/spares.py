@@ -286,8 +286,8 @@ def _attach_homes(life: Node, name: str, request: JobRequest, homes: list[GuestS
     if not shares_memory(xml):
         raise VmimError(f"the spare {name} was booted without shared memory (made under "
                         "another configuration); the job boots its own VM")
-    servers = serve_homes(life.cfg.run_dir, request.label, account(request.owner), homes,
-                          life.qemu_ids())
+    servers = serve_homes(life.cfg.run_dir, life.cfg.image_dir, request.label,
+                          account(request.owner), homes, life.qemu_ids())
     try:
         for server in servers:
             life.hv.attach_device(name, virtiofs_device(server.tag, str(server.socket)))
