@@ -119,15 +119,17 @@ def _tools() -> tuple[str, str, str]:
     return found[0], found[1], found[2]
 
 
-def private_tools(image_dir: Path) -> tuple[str, str]:
-    """root's execute-only copies of unshare and virtiofsd, in image_dir/.libexec (root's,
-    0711, on disk: run_dir is often a noexec tmpfs), made again when the original changes."""
+def private_tools(image_dir: Path) -> tuple[str, str, str, str]:
+    """prlimit and setpriv (run as root), and root's execute-only copies of unshare and
+    virtiofsd, in image_dir/.libexec (root's, 0711, on disk: run_dir is often a noexec tmpfs),
+    made again when the original changes."""
     directory = _root_dir(image_dir / ".libexec")
     if os.statvfs(directory).f_flag & os.ST_NOEXEC:
         raise HomeServerError(f"{directory} is on a noexec file system: the owner's file "
                               "server cannot run from it; put image_dir where root may run "
                               "programs")
-    return (str(_private_copy(directory, _tools()[2])),
+    prlimit, setpriv, unshare = _tools()
+    return (prlimit, setpriv, str(_private_copy(directory, unshare)),
             str(_private_copy(directory, VIRTIOFSD)))
 
 
@@ -152,9 +154,9 @@ def _private_copy(directory: Path, source: str) -> Path:
     return target
 
 
-def command(owner: Account, home: str, fd: int, tools: tuple[str, str]) -> list[str]:
+def command(owner: Account, home: str, fd: int, tools: tuple[str, str, str, str]) -> list[str]:
     """virtiofsd as `owner`, in a user namespace mapping only the owner, serving `home` on the
-    listening socket `fd`, `tools` the private copies of unshare and virtiofsd.
+    listening socket `fd`, with `tools` (private_tools).
     - `--rlimit-nofile=0`: by default it raises its open-file limit (to up to 1,000,000) once
       QEMU connects, which the owner may not do, and it stops there;
     - `cache=none`: no file data cached in the guest, so what the CE writes on the host while
@@ -163,8 +165,7 @@ def command(owner: Account, home: str, fd: int, tools: tuple[str, str]) -> list[
       (docs/shared-storage.md has the measurements);
     - its messages go to stderr, read while it starts: with `--syslog` its seccomp filter
       kills it at its first message after the sandbox (socket() is not allowed there)."""
-    prlimit, setpriv, _unshare = _tools()
-    unshare, virtiofsd = tools
+    prlimit, setpriv, unshare, virtiofsd = tools
     # no core file: it would hold the guest's memory, and land in the owner's home
     return [prlimit, "--core=0:0", "--",
             setpriv, f"--reuid={owner.uid}", f"--regid={owner.gid}", "--clear-groups",
@@ -175,7 +176,7 @@ def command(owner: Account, home: str, fd: int, tools: tuple[str, str]) -> list[
 
 
 def start(run_dir: Path, label: str, tag: str, owner: Account, home: str,
-          qemu_ids: tuple[int, int], tools: tuple[str, str]) -> HomeServer:
+          qemu_ids: tuple[int, int], tools: tuple[str, str, str, str]) -> HomeServer:
     """A virtiofsd serving `home` (the checked real path of the owner's home) as `owner`, its
     socket open to QEMU's user (`qemu_ids`: uid, gid) alone."""
     if "," in home or "\\" in home:  # virtiofsd's -o parser splits at commas
@@ -352,7 +353,7 @@ def serve_homes(run_dir: Path, image_dir: Path, label: str, owner: Account,
         raise HomeServerError("libvirt does not say which user QEMU runs as (no DAC security "
                               "model), so the owner's home cannot be handed to it alone; "
                               "check 'security_driver' in /etc/libvirt/qemu.conf")
-    tools = private_tools(image_dir) if homes else ("", "")
+    tools = private_tools(image_dir) if homes else ("", "", "", "")
     started: list[HomeServer] = []
     try:
         for share in homes:

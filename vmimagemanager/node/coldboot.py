@@ -62,7 +62,6 @@ class ColdBoot:
         uid, gid = owner.uid, owner.gid
         shares = resolve_shares(self.cfg.shared_paths, request.owner)  # ShareError, likewise
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
-        self.qemu_ids()  # QEMU as root: every job held, with the fix
         names = slots or [s.name for s in self.cfg.slots]
         if bind is not None and slots is None:
             bound = bind(self, request, uid, gid, shares)
@@ -135,8 +134,9 @@ class ColdBoot:
             raise LeaseError(f"slot {slot.name}: domain {slot.domain_name} is running without a "
                              "lease; run 'vmimagemanager reconcile'")
         with self.phase("define+start"):
+            qemu_ids = self.qemu_ids()  # QEMU as root: the start fails, the job held with the fix
             servers = (serve_homes(self.cfg.run_dir, self.cfg.image_dir, label,
-                                   account(owner), shares, self.qemu_ids())
+                                   account(owner), shares, qemu_ids)
                        if any(served_by_owner(s) for s in shares) else ())
             try:
                 host, port = self._start_domain(slot, files, image, label, owner, shares,
