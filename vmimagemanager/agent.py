@@ -27,6 +27,7 @@ from .metrics import cause_of
 from .node import Node
 from .node.spares import provision_spare
 from .rootenv import interrupt_on_sigterm
+from .shape import Shape
 from .states import LeaseState
 
 log = logging.getLogger("vmimagemanager.agent")
@@ -43,8 +44,9 @@ class Agent:
     life: Node
     make_life: Callable[[], Node]
     parallel: int = field(default_factory=lambda: os.cpu_count() or 1)
-    backoff: dict[str, tuple[float, float]] = field(default_factory=dict)  # image: until, delay
-    booting: dict[Future, str] = field(default_factory=dict)  # boot -> image
+    # (image, shape): until, delay
+    backoff: dict[tuple[str, Shape], tuple[float, float]] = field(default_factory=dict)
+    booting: dict[Future, tuple[str, Shape]] = field(default_factory=dict)  # boot -> its kind
     pool: ThreadPoolExecutor | None = None
 
     def round(self) -> list[str]:
@@ -62,9 +64,9 @@ class Agent:
             future.exception()
         return self._collect()
 
-    def outdated(self, lease: Lease, idle_of_image: int, now: float) -> str:
-        """Why an idle spare must go ('' if it may stay). `idle_of_image` counts the idle
-        spares of its image older than it, so only the surplus ones are retired."""
+    def outdated(self, lease: Lease, idle_of_kind: int, now: float) -> str:
+        """Why an idle spare must go ('' if it may stay). `idle_of_kind` counts the idle
+        spares of its image and shape older than it, so only the surplus ones are retired."""
         spares = self.life.cfg.spares
         try:
             image = self.life.images.get(lease.image)
@@ -73,8 +75,8 @@ class Agent:
             return f"its image cannot be used any more ({exc})"
         if image.imported_at > lease.created:
             return f"image {lease.image} was imported again after the spare booted"
-        if idle_of_image >= spares.count(lease.image):
-            return f"more idle spares of {lease.image} than configured"
+        if idle_of_kind >= spares.count(lease.image, lease.shape):
+            return f"more idle spares of {lease.image} with {lease.shape} than configured"
         if now - lease.created > spares.max_age:
             return f"older than spares.max_age ({spares.max_age:.0f} s)"
         return ""
@@ -84,46 +86,53 @@ class Agent:
         idle = [lease for lease in self.life.leases.all()
                 if lease.is_spare and lease.state is LeaseState.SPARE]
         for lease in sorted(idle, key=lambda lease: lease.created):
-            reason = self.outdated(lease, seen.get(lease.image, 0), now)
+            kind = (lease.image, lease.shape)
+            reason = self.outdated(lease, seen.get(kind, 0), now)
             if not reason:
-                seen[lease.image] = seen.get(lease.image, 0) + 1
+                seen[kind] = seen.get(kind, 0) + 1
                 continue
             if self.life.retire_spare(slot=lease.slot):
                 actions.append(f"retired spare {lease.job_label} in slot {lease.slot}: {reason}")
         return actions
 
     def _fill(self) -> None:
-        """Start boots so that each image has its count (idle + booting); never more boots at
-        once than `parallel`, nor than free slots (a spare never takes a job's slot)."""
+        """Start boots so that each image and shape has its count (idle + booting); never more
+        boots at once than `parallel`, nor than free places, cores and memory (a spare never
+        takes what a job holds; the lease store checks it again)."""
         leases = self.life.leases.all()
-        free = len(self.life.cfg.slots) - len(leases)
-        for image, wanted in self.life.cfg.spares.counts:
-            if time.monotonic() < self.backoff.get(image, (0.0, 0.0))[0]:
+        cfg = self.life.cfg
+        free = len(cfg.slots) - len(leases)
+        held = [lease.shape for lease in leases]
+        for image, shape, wanted in cfg.spares.counts:
+            kind = (image, shape)
+            if time.monotonic() < self.backoff.get(kind, (0.0, 0.0))[0]:
                 continue
             idle = sum(1 for lease in leases if lease.is_spare and lease.image == image
-                       and lease.state is LeaseState.SPARE)
-            coming = idle + sum(1 for i in self.booting.values() if i == image)
-            while coming < wanted and free > 0 and len(self.booting) < self.parallel:
+                       and lease.shape == shape and lease.state is LeaseState.SPARE)
+            coming = idle + sum(1 for k in self.booting.values() if k == kind)
+            while (coming < wanted and free > 0 and len(self.booting) < self.parallel
+                   and not cfg.budget.shortfall(shape, held)):
                 if self.pool is None:
                     self.pool = ThreadPoolExecutor(self.parallel, "vmim-spare-boot")
-                self.booting[self.pool.submit(self._provision, image)] = image
-                coming, free = coming + 1, free - 1
+                self.booting[self.pool.submit(self._provision, image, shape)] = kind
+                coming, free, held = coming + 1, free - 1, held + [shape]
 
-    def _provision(self, image: str) -> Lease:
+    def _provision(self, image: str, shape: Shape) -> Lease:
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
         try:
-            lease = provision_spare(life, image, vo)
+            lease = provision_spare(life, image, vo, shape)
         except NoFreeSlot:
             raise
         except Exception as exc:
             cause = cause_of(exc) if isinstance(exc, NOT_BOOT_FAILURES) else "boot_failed"
             record(life.cfg, "spare", outcome="failed", image=image, vo=vo, cause=cause,
-                   reason=str(exc))
+                   cores=shape.cores, memory_mib=shape.memory_mib, reason=str(exc))
             raise
         else:
             record(life.cfg, "spare", lease.job_label, outcome="ready", image=image, vo=vo,
-                   slot=lease.slot, phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
+                   slot=lease.slot, cores=shape.cores, memory_mib=shape.memory_mib,
+                   phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
             return lease
         finally:
             life.leases.close()
@@ -132,19 +141,21 @@ class Agent:
     def _collect(self) -> list[str]:
         actions = []
         for future in [f for f in self.booting if f.done()]:
-            image = self.booting.pop(future)
+            kind = self.booting.pop(future)
+            image, shape = kind
             exc = future.exception()
             if exc is None:
-                self.backoff.pop(image, None)
+                self.backoff.pop(kind, None)
                 lease = future.result()
                 actions.append(f"spare {lease.job_label} of {image} ready in slot {lease.slot}")
             elif isinstance(exc, NoFreeSlot):
                 pass  # a job took the last slot first: jobs come first
             else:
-                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(image, (0, 0))[1]),
+                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(kind, (0, 0))[1]),
                             BACKOFF_MAX)
-                self.backoff[image] = (time.monotonic() + delay, delay)
-                actions.append(f"spare of {image} failed, next try in {delay:.0f} s: {exc}")
+                self.backoff[kind] = (time.monotonic() + delay, delay)
+                actions.append(f"spare of {image} ({shape}) failed, next try in {delay:.0f} s: "
+                               f"{exc}")
         return actions
 
 

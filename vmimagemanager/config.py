@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .shape import MIN_VM_MEMORY_MIB, Budget, Shape
 
 DEFAULT_CONFIG_PATH = "/etc/vmimagemanager/vmimagemanager.yaml"
 
@@ -73,6 +74,10 @@ class BridgeNetwork:
 
 @dataclass(frozen=True)
 class Slot:
+    """A place for one VM on this node: its name and network (port, MAC, host name). Its size
+    is the job's (shape.py); `vcpus` and `memory_mib` are the legacy fixed size, which only
+    sizes the node's budget of a configuration without `node:`."""
+
     name: str
     vcpus: int
     memory_mib: int
@@ -109,18 +114,20 @@ class VoRule:
     groups: tuple[str, ...] = ()
     users: tuple[str, ...] = ()
     queues: tuple[str, ...] = ()
+    memory_per_core_mib: int | None = None  # a job of the VO that asks for no memory
 
 
 @dataclass(frozen=True)
 class SparePolicy:
-    """Warm spares the agent keeps booted on this node (README, "Warm spares")."""
+    """Warm spares the agent keeps booted on this node (docs/warm-spares.md): how many idle
+    ones of each image and shape; a job binds only a spare of exactly its shape."""
 
-    counts: tuple[tuple[str, int], ...] = ()  # (image, how many idle spares of it), by image
+    counts: tuple[tuple[str, Shape, int], ...] = ()  # (image, shape, how many idle spares)
     max_age: float = 86400.0  # seconds; an older idle spare is replaced by a fresh one
     interval: float = 5.0  # seconds between two agent rounds
 
-    def count(self, image: str) -> int:
-        return sum(n for name, n in self.counts if name == image)
+    def count(self, image: str, shape: Shape) -> int:
+        return sum(n for name, s, n in self.counts if name == image and s == shape)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,9 @@ class Config:
     slots: tuple[Slot, ...]
     vos: tuple[VoRule, ...]
     unmatched: str
+    budget: Budget = Budget(cores=1, memory_mib=512, vm_overhead_mib=0)
+    # a job that asks for no memory gets this much per core (a VO's own value first)
+    memory_per_core_mib: int = 512
     shared_paths: tuple[SharedPath, ...] = ()
     site_root_key: Path | None = None
     scratch_dir: str = "/tmp"
@@ -165,14 +175,30 @@ class Config:
     def leases_db(self) -> Path:
         return self.state_dir / "leases.sqlite"
 
+    def default_memory(self, vo: str, cores: int) -> int:
+        """The memory of a job of `vo` that asked for none: its cores times the VO's (else the
+        node's) memory per core."""
+        rule = next((r for r in self.vos if r.name == vo), None)
+        per_core = (rule.memory_per_core_mib if rule is not None else None) or \
+            self.memory_per_core_mib
+        return cores * per_core
+
+    def job_shape(self, vo: str, cores: int, memory_mib: int | None) -> Shape:
+        """The VM of a job of `vo` granted `cores` and `memory_mib` (None: it asked for no
+        memory), never below a bootable minimum."""
+        memory = memory_mib if memory_mib is not None else self.default_memory(vo, cores)
+        return Shape(cores=max(1, cores), memory_mib=max(MIN_VM_MEMORY_MIB, memory))
+
 
 TOP_KEYS = {
     "libvirt_uri", "domain_type", "image_dir", "overlay_dir", "state_dir", "run_dir",
     "grid_ca_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
-    "on_boot_failure", "metrics_dir", "ssh_ports",
+    "on_boot_failure", "metrics_dir", "ssh_ports", "node", "job_defaults",
 }
+DEFAULT_VM_OVERHEAD_MIB = 256  # QEMU's own memory per VM (docs/job-shapes.md: measured)
+DEFAULT_HOST_RESERVE_MIB = 2048
 
 
 class _Checker:
@@ -262,13 +288,17 @@ def _is_loopback(text: str) -> bool:
         return False
 
 
-def _parse_slots(c: _Checker, raw: Any, defaults: dict[str, Any]) -> tuple[Slot, ...]:
+def _parse_slots(c: _Checker, raw: Any, defaults: dict[str, Any],
+                 sized_by_node: bool = False) -> tuple[Slot, ...]:
     if not isinstance(raw, list) or not raw:
         raise c.fail("slots", "a non-empty list of slots", raw)
     slots: list[Slot] = []
     seen: dict[str, str] = {}
     for i, item in enumerate(raw):
         key = f"slots[{i}]"
+        if sized_by_node and isinstance(item, dict) and ({"vcpus", "memory_mib"} & set(item)):
+            raise ConfigError(f"{c.path}: {key}: with node: a slot is a place for a VM, sized "
+                              "by its job; remove its vcpus and memory_mib")
         c.mapping(item, key, {"name", "vcpus", "memory_mib", "network"})
         name = c.typed(item.get("name"), f"{key}.name", str,
                        "a name of letters, digits, '_', '.', '-'", valid_name)
@@ -349,9 +379,14 @@ def _parse_vos(c: _Checker, raw: Any, yaim_groups: dict[str, list[str]] | None =
         key = f"vos.{vo}"
         if not isinstance(vo, str) or not valid_name(vo):
             raise c.fail("vos", "VO names made of letters, digits, '_', '.', '-'", vo)
-        c.mapping(item, key, {"image", "groups", "users", "queues"})
+        c.mapping(item, key, {"image", "groups", "users", "queues", "memory_per_core_mib"})
         image = c.typed(item.get("image"), f"{key}.image", str, "an image name", valid_name)
+        per_core = item.get("memory_per_core_mib")
+        if per_core is not None:
+            per_core = c.typed(per_core, f"{key}.memory_per_core_mib", int, "MiB >= 64",
+                               lambda v: v >= 64)
         rule = VoRule(
+            memory_per_core_mib=per_core,
             name=vo, image=image,
             groups=c.string_list(item.get("groups"), f"{key}.groups")
             + tuple(g for g in (yaim_groups or {}).get(vo, [])
@@ -397,33 +432,110 @@ def _parse_shared(c: _Checker, raw: Any) -> tuple[SharedPath, ...]:
     return tuple(result)
 
 
-def _parse_spares(c: _Checker, raw: Any, vos: tuple[VoRule, ...], slots: int) -> SparePolicy:
+def _parse_spare_shapes(c: _Checker, key: str, raw: Any, default: Shape
+                        ) -> list[tuple[Shape, int]]:
+    """`N` (N spares of the default shape) or a list of {cores, memory_mib, count}."""
+    if not isinstance(raw, list):
+        return [(default, c.typed(raw, key, int, "a number of spares >= 0, or a list of "
+                                  "{cores, memory_mib, count}", lambda v: v >= 0))]
+    shapes = []
+    for i, item in enumerate(raw):
+        where = f"{key}[{i}]"
+        c.mapping(item, where, {"cores", "memory_mib", "count"})
+        cores = c.typed(item.get("cores", 1), f"{where}.cores", int, "cores >= 1",
+                        lambda v: v >= 1)
+        memory = c.typed(item.get("memory_mib", default.memory_mib * cores),
+                         f"{where}.memory_mib", int, f"MiB >= {MIN_VM_MEMORY_MIB}",
+                         lambda v: v >= MIN_VM_MEMORY_MIB)
+        shapes.append((Shape(cores, memory), c.typed(item.get("count", 1), f"{where}.count",
+                                                     int, "a number >= 0", lambda v: v >= 0)))
+    return shapes
+
+
+def _parse_spares(c: _Checker, raw: Any, vos: tuple[VoRule, ...], places: int,
+                  budget: Budget, per_core: int) -> SparePolicy:
     if raw is None:
         return SparePolicy()
     raw = c.mapping(raw, "spares", {"vos", "images", "max_age", "interval"})
-    counts: dict[str, int] = {}
-    by_vo = {rule.name: rule.image for rule in vos}
+    counts: dict[tuple[str, Shape], int] = {}
+    by_vo = {rule.name: rule for rule in vos}
     per_vo = c.mapping(raw.get("vos") or {}, "spares.vos", set(by_vo))
     per_image = raw.get("images") or {}
     if not isinstance(per_image, dict):
         raise c.fail("spares.images", "a mapping of image name to count", per_image)
-    wanted = [(f"spares.vos.{vo}", by_vo[vo], n) for vo, n in per_vo.items()]
+    wanted = [(f"spares.vos.{vo}", by_vo[vo].image,
+               by_vo[vo].memory_per_core_mib or per_core, n) for vo, n in per_vo.items()]
     wanted += [(f"spares.images.{name}", c.typed(name, f"spares.images.{name}", str,
-                                                 "an image name", valid_name), n)
+                                                 "an image name", valid_name), per_core, n)
                for name, n in per_image.items()]
-    for key, image, count in wanted:
-        count = c.typed(count, key, int, "a number of spares >= 0", lambda v: v >= 0)
-        counts[image] = counts.get(image, 0) + count
-    if sum(counts.values()) > slots:
-        raise c.fail("spares", f"at most as many spares as VM slots ({slots}): spares count "
-                     "against the node's slots", sum(counts.values()))
+    for key, image, memory, raw_count in wanted:
+        default = Shape(1, max(MIN_VM_MEMORY_MIB, memory))
+        for shape, count in _parse_spare_shapes(c, key, raw_count, default):
+            if budget.never_fits(shape):
+                raise c.fail(key, "spares that fit the node's budget (node.cores, "
+                             "node.memory_mib)", f"{shape}")
+            counts[(image, shape)] = counts.get((image, shape), 0) + count
+    total = sum(counts.values())
+    if total > places:
+        raise c.fail("spares", f"at most as many spares as VM places ({places}): spares "
+                     "take places as jobs do", total)
+    cores, memory = budget.used(s for (_, s), n in counts.items() for _ in range(n))
+    if cores > budget.cores or memory > budget.memory_mib:
+        raise c.fail("spares", f"spares that fit the node's budget together ({budget.cores} "
+                     f"cores, {budget.memory_mib} MiB with QEMU's overhead)",
+                     f"{cores} cores, {memory} MiB")
     positive = lambda v: v > 0  # noqa: E731
     return SparePolicy(
-        counts=tuple(sorted((i, n) for i, n in counts.items() if n)),
+        counts=tuple(sorted((i, s, n) for (i, s), n in counts.items() if n)),
         max_age=c.typed(raw.get("max_age", 86400), "spares.max_age", float, "seconds > 0",
                         positive),
         interval=c.typed(raw.get("interval", 5), "spares.interval", float, "seconds > 0",
                          positive))
+
+
+def _host_memory_mib() -> int:
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise ConfigError("/proc/meminfo has no MemTotal")
+
+
+def _parse_budget(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> Budget:
+    """`node:`: the cores and memory VMs may use on this node in all. Without it (a
+    configuration of fixed-size slots), the budget is what the slots' sizes add up to: every
+    slot can hold a VM of its old size at once."""
+    if raw is None:
+        overhead = 0
+        return Budget(cores=sum(s.vcpus for s in slots),
+                      memory_mib=sum(s.memory_mib + overhead for s in slots),
+                      vm_overhead_mib=overhead)
+    raw = c.mapping(raw, "node", {"cores", "memory_mib", "host_reserve_mib",
+                                  "vm_overhead_mib"})
+    overhead = c.typed(raw.get("vm_overhead_mib", DEFAULT_VM_OVERHEAD_MIB),
+                       "node.vm_overhead_mib", int, "MiB >= 0", lambda v: v >= 0)
+    reserve = c.typed(raw.get("host_reserve_mib", DEFAULT_HOST_RESERVE_MIB),
+                      "node.host_reserve_mib", int, "MiB >= 0", lambda v: v >= 0)
+    cores = raw.get("cores", "auto")
+    cores = (os.cpu_count() or 1) if cores == "auto" else c.typed(
+        cores, "node.cores", int, "a number of cores >= 1, or auto", lambda v: v >= 1)
+    memory = raw.get("memory_mib", "auto")
+    if memory == "auto":
+        memory = _host_memory_mib() - reserve
+        if memory < MIN_VM_MEMORY_MIB + overhead:
+            raise c.fail("node.host_reserve_mib", "less than this host's memory "
+                         f"({memory + reserve} MiB) by at least one VM's", reserve)
+    else:
+        memory = c.typed(memory, "node.memory_mib", int, "MiB for all VMs together, or auto",
+                         lambda v: v >= MIN_VM_MEMORY_MIB + overhead)
+    return Budget(cores=cores, memory_mib=memory, vm_overhead_mib=overhead)
+
+
+def _parse_per_core(c: _Checker, raw: Any, defaults: dict[str, Any]) -> int:
+    """`job_defaults.memory_per_core_mib`, else a legacy configuration's slot memory."""
+    raw = c.mapping(raw or {}, "job_defaults", {"memory_per_core_mib"})
+    return c.typed(raw.get("memory_per_core_mib", defaults.get("memory_mib", 512)),
+                   "job_defaults.memory_per_core_mib", int, "MiB >= 64", lambda v: v >= 64)
 
 
 def parse_config(data: Any, path: str) -> Config:
@@ -453,7 +565,12 @@ def parse_config(data: Any, path: str) -> Config:
             raise c.fail("yaim_groups_conf", "a readable YAIM groups.conf",
                          f"{groups_conf} ({exc.strerror})") from None
     vos = _parse_vos(c, data.get("vos"), yaim_groups)
-    slots = _parse_slots(c, data.get("slots"), defaults)
+    if data.get("node") is not None and data.get("slot_defaults"):
+        raise ConfigError(f"{path}: slot_defaults: with node: a VM's size is its job's; give "
+                          "a job that asks for no memory job_defaults.memory_per_core_mib")
+    slots = _parse_slots(c, data.get("slots"), defaults, data.get("node") is not None)
+    budget = _parse_budget(c, data.get("node"), slots)
+    per_core = _parse_per_core(c, data.get("job_defaults"), defaults)
     return Config(
         path=path,
         libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,
@@ -477,13 +594,15 @@ def parse_config(data: Any, path: str) -> Config:
         slots=slots,
         vos=vos,
         unmatched=unmatched,
+        budget=budget,
+        memory_per_core_mib=per_core,
         shared_paths=_parse_shared(c, data.get("shared_paths")),
         site_root_key=root_key,
         scratch_dir=c.typed(data.get("scratch_dir", "/tmp"), "scratch_dir", str,
                             "an absolute path in the guest", os.path.isabs),
         grid_ca_dir=c.directory(data.get("grid_ca_dir", "/etc/grid-security/certificates"),
                                 "grid_ca_dir"),
-        spares=_parse_spares(c, data.get("spares"), vos, len(slots)),
+        spares=_parse_spares(c, data.get("spares"), vos, len(slots), budget, per_core),
         metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
                      if data.get("metrics_dir") is not None else None),
         ssh_ports=_parse_port_range(c, data.get("ssh_ports")),

@@ -42,6 +42,8 @@ class JobContext:
     image: str = ""
     shared_paths: tuple[str, ...] = ()  # the job's shares: the starter checks each is mounted
     scratch_dir: str = "/tmp"
+    cores: int = 0  # the VM's (the job's) shape; 0: a context of an earlier version
+    memory_mib: int = 0
 
     @property
     def guest_checked_paths(self) -> tuple[str, ...]:

@@ -14,12 +14,14 @@ from lxml import etree
 from .config import BridgeNetwork, Slot, UserNetwork
 from .domain_meta import QEMU_NS, SSH_PORT_KEY, VMIM_NS, lease_attributes, virtiofs_device
 from .images import BootSpec
+from .shape import Shape
 from .shares import GuestShare, hypervisor_source
 
 
 @dataclass(frozen=True)
 class DomainSpec:
     slot: Slot
+    shape: Shape  # the job's cores and memory (the lease's)
     domain_type: str  # kvm or qemu
     overlay: Path
     seed: Path | None
@@ -101,8 +103,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", lease_attributes(
         spec.job_label, spec.image, spec.owner, spec.slot.name, **noted),
         nsmap={"vmim": VMIM_NS})
-    _sub(root, "memory", str(spec.slot.memory_mib), unit="MiB")
-    _sub(root, "vcpu", str(spec.slot.vcpus))
+    _sub(root, "memory", str(spec.shape.memory_mib), unit="MiB")
+    _sub(root, "vcpu", str(spec.shape.cores))
     if spec.shared_memory:
         backing = _sub(root, "memoryBacking")
         _sub(backing, "source", type="memfd")

@@ -42,6 +42,11 @@ class NoFreePort(RetryLater):
     processes hold them, or won every race for one."""
 
 
+class JobTooBig(VmimError):
+    """A job asks for more cores or memory than this node ever gives its VMs: it would wait
+    for ever, so it is held with the reason."""
+
+
 class LeaseDbBroken(VmimError):
     """The leases database cannot be read (corrupt, wrong file, unreadable)."""
 

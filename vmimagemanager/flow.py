@@ -61,12 +61,15 @@ def default_life(cfg: Config) -> Node:
 
 
 def start_job(cfg: Config, job: Job, interactive: bool = False,
-              make_life: Callable[[Config], Node] = default_life) -> Decision:
+              make_life: Callable[[Config], Node] = default_life,
+              granted_memory: Callable[[Job], int | None] | None = None) -> Decision:
     """Decide what happens to `job` and do it (boot its VM, or write its context); the
-    decision goes to the audit trail."""
+    decision goes to the audit trail. `granted_memory` (the adapter's) says the memory of a
+    job that needs a VM; without it, the job's own `memory_mib`."""
     known: dict = {}  # what _start learnt before it failed (VO, image): for the audit trail
     try:
-        decision = _start(cfg, job, interactive, make_life, known)
+        decision = _start(cfg, job, interactive, make_life, known,
+                          granted_memory or (lambda j: j.memory_mib))
     except KeyboardInterrupt as exc:  # the adapter's signal handler: cleanup is done
         decision = Decision.retry(f"the hook was interrupted ({exc})")
         known["cause"] = "interrupted"
@@ -97,8 +100,8 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
                  prolog_seconds=round(hook_seconds(), 3), **decision.facts)
 
 
-def _start(cfg: Config, job: Job, interactive: bool,
-           make_life: Callable[[Config], Node], known: dict) -> Decision:
+def _start(cfg: Config, job: Job, interactive: bool, make_life: Callable[[Config], Node],
+           known: dict, granted_memory: Callable[[Job], int | None]) -> Decision:
     if interactive:
         known["cause"] = "interactive"
         return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
@@ -115,8 +118,10 @@ def _start(cfg: Config, job: Job, interactive: bool,
         return Decision(Outcome.READY, facts={"mode": cfg.unmatched})
     known.update(vo=rule.name, image=rule.image)
     life = make_life(cfg)
+    shape = cfg.job_shape(rule.name, job.cores, granted_memory(job))
+    known.update(cores=shape.cores, memory_mib=shape.memory_mib)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
-                         image=rule.image, vo=rule.name)
+                         image=rule.image, vo=rule.name, shape=shape)
     bind = bind_spare if cfg.spares.counts else None  # a node with spares binds one first
     try:
         started = life.start_vm(request, bind=bind)
@@ -146,7 +151,8 @@ def _start(cfg: Config, job: Job, interactive: bool,
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
     return Decision(Outcome.READY, facts={
-        "mode": "vm", "vo": rule.name, "slot": lease.slot,
+        "mode": "vm", "vo": rule.name, "slot": lease.slot, "cores": lease.vcpus,
+        "memory_mib": lease.memory_mib,
         "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,
         "image_sha256": image.sha256.get(image.disk, "") if image else "",
         "spare": started.spare,

@@ -63,6 +63,10 @@ class Job:
     # Files the job reads from the guest's own disk (e.g. the SGE settings a CE script sources):
     # checked before the payload starts, so a job fails with a clear line, not half-way through.
     guest_files: tuple[str, ...] = ()
+    # What the batch system granted the job on this node (its VM's shape): cores, and memory
+    # in MiB (None: the job asked for none; its VO's default per core applies).
+    cores: int = 1
+    memory_mib: int | None = None
 
     @property
     def label(self) -> str:

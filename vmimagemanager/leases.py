@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import LeaseDbBroken, LeaseDbBusy, LeaseError, NoFreeSlot, NoSpace, VmimError
 from .jobs import job_label
+from .shape import Budget, Shape
 from .states import LeaseState, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
@@ -46,6 +47,8 @@ CREATE TABLE IF NOT EXISTS leases (
     pid_start INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     updated REAL NOT NULL,
+    vcpus INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
     UNIQUE (job_id, task_id)
 );
 CREATE TABLE IF NOT EXISTS boot_failures (
@@ -56,6 +59,13 @@ CREATE TABLE IF NOT EXISTS boot_failures (
     PRIMARY KEY (job_id, task_id)
 );
 """
+
+
+# Columns later versions added, with what a lease of an earlier version's database counts as
+# (a one-core slot of the old default size).
+EARLIER_SHAPE = Shape(cores=1, memory_mib=512)
+ADDED_COLUMNS = (("pid_start", 0), ("vcpus", EARLIER_SHAPE.cores),
+                 ("memory_mib", EARLIER_SHAPE.memory_mib))
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,13 @@ class Lease:
     pid_start: int
     created: float
     updated: float
+    vcpus: int = 1
+    memory_mib: int = 512
+
+    @property
+    def shape(self) -> Shape:
+        """The VM's cores and memory, held from the node's budget while the lease lives."""
+        return Shape(self.vcpus, self.memory_mib)
 
     @property
     def job_label(self) -> str:
@@ -128,9 +145,10 @@ class LeaseStore:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(SCHEMA)
             columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(leases)")}
-            if "pid_start" not in columns:  # a database made by an earlier version
-                self._conn.execute("ALTER TABLE leases ADD COLUMN pid_start INTEGER NOT NULL "
-                                   "DEFAULT 0")
+            for column, default in ADDED_COLUMNS:  # a database made by an earlier version
+                if column not in columns:
+                    self._conn.execute(f"ALTER TABLE leases ADD COLUMN {column} INTEGER NOT "
+                                       f"NULL DEFAULT {default}")
         except sqlite3.Error as exc:
             raise self._translate(exc) from None
         os.chmod(db_path, 0o600)
@@ -168,8 +186,12 @@ class LeaseStore:
 
     @_guarded
     def allocate(self, slots: Sequence[str], job_id: str, task_id: str, owner: str,
-                 image: str, vo: str = "", pid: int | None = None) -> tuple[Lease, bool]:
-        """Take a free slot for the job; returns (lease, created).
+                 image: str, vo: str = "", pid: int | None = None, *,
+                 shape: Shape = EARLIER_SHAPE, budget: Budget | None = None
+                 ) -> tuple[Lease, bool]:
+        """Take a free place for a VM of `shape` within the node's `budget` (None: places
+        only); returns (lease, created). NoFreeSlot when no place is free or the VMs there
+        already hold too many cores or too much memory.
 
         A job that already holds a lease gets it back with created=False: running the prolog
         twice for one job is harmless.
@@ -181,21 +203,26 @@ class LeaseStore:
                              (job_id, task_id)).fetchone()
             if row is not None:
                 return self._lease(row), False
-            taken = {r["slot"] for r in db.execute("SELECT slot FROM leases")}
+            held = [self._lease(r) for r in db.execute("SELECT * FROM leases")]
+            taken = {lease.slot for lease in held}
             free = [s for s in slots if s not in taken]
             if not free:
-                raise NoFreeSlot(f"all {len(slots)} VM slots on this node are in use")
+                raise NoFreeSlot(f"all {len(slots)} VM places on this node are in use")
+            short = budget.shortfall(shape, (lease.shape for lease in held)) if budget else ""
+            if short:
+                raise NoFreeSlot(short)
             check_transition(LeaseState.FREE, LeaseState.PREPARING,
                              f"job {job_label(job_id, task_id)} slot {free[0]}")
             db.execute(
                 "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
-                "pid_start, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "pid_start, created, updated, vcpus, memory_mib) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (free[0], job_id, task_id, owner, image, vo, LeaseState.PREPARING.value,
-                 holder, process_start(holder) or 0, now, now))
+                 holder, process_start(holder) or 0, now, now, shape.cores, shape.memory_mib))
             row = db.execute("SELECT * FROM leases WHERE slot=?", (free[0],)).fetchone()
         lease = self._lease(row)
-        log.info("job %s slot %s: free -> preparing (image %s, owner %s)", lease.job_label,
-                 lease.slot, image, owner)
+        log.info("job %s slot %s: free -> preparing (image %s, owner %s, %s)", lease.job_label,
+                 lease.slot, image, owner, shape)
         return lease, True
 
     @_guarded
@@ -222,10 +249,11 @@ class LeaseStore:
         return lease
 
     @_guarded
-    def claim_spare(self, image: str, job_id: str, task_id: str, owner: str, vo: str
-                    ) -> tuple[Lease, Lease] | None:
-        """Give the job the oldest idle spare of `image`: (the spare's lease as it was, the
-        job's lease, now `binding`). None if there is none, or if the job holds a lease already.
+    def claim_spare(self, image: str, job_id: str, task_id: str, owner: str, vo: str,
+                    shape: Shape | None = None) -> tuple[Lease, Lease] | None:
+        """Give the job the oldest idle spare of `image` and of exactly its `shape` (None: of
+        any): (the spare's lease as it was, the job's lease, now `binding`). None if there is
+        none, or if the job holds a lease already.
 
         One write transaction: two prologs never get the same spare, and the agent (which only
         touches `spare` leases it re-reads inside its own transaction) never replaces it.
@@ -235,9 +263,12 @@ class LeaseStore:
             if db.execute("SELECT 1 FROM leases WHERE job_id=? AND task_id=?",
                           (job_id, task_id)).fetchone() is not None:
                 return None
-            row = db.execute("SELECT * FROM leases WHERE job_id=? AND image=? AND state=? "
-                             "ORDER BY created LIMIT 1",
-                             (SPARE_JOB_ID, image, LeaseState.SPARE.value)).fetchone()
+            query = "SELECT * FROM leases WHERE job_id=? AND image=? AND state=?"
+            params: list[object] = [SPARE_JOB_ID, image, LeaseState.SPARE.value]
+            if shape is not None:
+                query += " AND vcpus=? AND memory_mib=?"
+                params += [shape.cores, shape.memory_mib]
+            row = db.execute(query + " ORDER BY created LIMIT 1", params).fetchone()
             if row is None:
                 return None
             spare = self._lease(row)
@@ -253,17 +284,19 @@ class LeaseStore:
         return spare, lease
 
     @_guarded
-    def retire_spare(self, slot: str | None = None, not_image: str | None = None
+    def retire_spare(self, slot: str | None = None, keep: tuple[str, Shape] | None = None
                      ) -> Lease | None:
-        """Move one idle spare to `tearing-down` so its slot can be used otherwise: the one in
-        `slot`, or else the oldest whose image is not `not_image`. None if there is none (it
-        was bound or retired in the meantime)."""
+        """Move one idle spare to `tearing-down` so its place, cores and memory can be used
+        otherwise: the one in `slot`, or else the oldest that is not of `keep` (image, shape).
+        None if there is none (it was bound or retired in the meantime)."""
         query = "SELECT * FROM leases WHERE job_id=? AND state=?"
-        params: list[str] = [SPARE_JOB_ID, LeaseState.SPARE.value]
+        params: list[object] = [SPARE_JOB_ID, LeaseState.SPARE.value]
         if slot is not None:
             query, params = query + " AND slot=?", params + [slot]
-        if not_image is not None:
-            query, params = query + " AND image<>?", params + [not_image]
+        if keep is not None:
+            image, shape = keep
+            query += " AND NOT (image=? AND vcpus=? AND memory_mib=?)"
+            params += [image, shape.cores, shape.memory_mib]
         with self._write() as db:
             row = db.execute(query + " ORDER BY created LIMIT 1", params).fetchone()
             if row is None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from .config import parse_config, valid_name
+from .config import DEFAULT_VM_OVERHEAD_MIB, parse_config, valid_name
 from .errors import VmimError
 
 GLOBAL = "VmImageManager"
@@ -78,6 +78,7 @@ def convert(text: str, source: str) -> tuple[str, list[str]]:
         "image_dir": "/var/lib/vmimagemanager/images",
         "overlay_dir": "/var/lib/vmimagemanager/overlays",
         "state_dir": "/var/lib/vmimagemanager/state", "run_dir": "/run/vmimagemanager",
+        **_sizes(slots, memory, warnings),
         "slots": slots,
     }
     warnings.append("the original configuration maps no VO to an image: add a 'vos:' section "
@@ -85,6 +86,26 @@ def convert(text: str, source: str) -> tuple[str, list[str]]:
     parse_config(data, f"{source} (converted)")  # the same validation as the real file's
     header = f"# converted from {source} by 'vmimagemanager config import-legacy'\n"
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None), warnings
+
+
+def _sizes(slots: list[dict[str, Any]], memory: int | None, warnings: list[str]
+           ) -> dict[str, Any]:
+    """The original's fixed VM sizes (one core, vAlocatedMemory each) as the node's budget:
+    what its slots add up to, with QEMU's overhead a VM; a job that asks for no memory gets the
+    global vAlocatedMemory (else the largest slot's). Each slot's own size goes (a VM has its
+    job's size now), with a warning where it differed."""
+    sizes = [slot.pop("memory_mib", memory or 0) for slot in slots]
+    per_core = memory or max(sizes) or 2048
+    for slot, size in zip(slots, sizes, strict=True):
+        if size and size != per_core:
+            warnings.append(f"[{slot['name']}] vAlocatedMemory = {size}: a VM has its job's "
+                            f"memory now; a job that asks for none gets {per_core} MiB "
+                            "(job_defaults.memory_per_core_mib)")
+    total = sum(size or per_core for size in sizes)
+    return {"node": {"cores": len(slots),
+                     "memory_mib": total + len(slots) * DEFAULT_VM_OVERHEAD_MIB,
+                     "vm_overhead_mib": DEFAULT_VM_OVERHEAD_MIB},
+            "job_defaults": {"memory_per_core_mib": per_core}}
 
 
 def _warn_unknown(item: dict[str, str], known: set[str], section: str,

@@ -95,6 +95,15 @@ FAMILIES = (
            "This node's VM slots by lease state (free: no lease).", ("state",)),
     Family("vmimagemanager_spares_ready", "gauge",
            "Idle warm spares per image, ready for a job.", ("image",)),
+    Family("vmimagemanager_job_core_seconds_total", "counter",
+           "Cores times wall seconds of the VMs of the jobs that ended (a job's VM has the "
+           "job's cores).", ("vo",)),
+    Family("vmimagemanager_vm_cores", "gauge",
+           "Cores of this node's VM budget: held by leases (used) and in all (total).",
+           ("state",)),
+    Family("vmimagemanager_vm_memory_bytes", "gauge",
+           "Memory of this node's VM budget, QEMU's per-VM overhead included: held by leases "
+           "(used) and in all (total).", ("state",)),
     Family("vmimagemanager_image_info", "gauge",
            "Images present on this node, with the sha256 of their disk.", ("image", "sha256")),
 )
@@ -160,6 +169,9 @@ def fold(totals: dict, event: Mapping) -> None:
         signal, status = str(event.get("signal") or "0"), str(event.get("exit_status", ""))
         result = "signal" if signal != "0" else "success" if status == "0" else "failure"
         _inc(totals, "vmimagemanager_jobs_finished_total", {"vo": vo, "status": result})
+        if event.get("cores") and event.get("wall_seconds"):
+            _inc(totals, "vmimagemanager_job_core_seconds_total", {"vo": vo},
+                 float(event["cores"]) * float(event["wall_seconds"]))
     elif kind == "spare":
         if event.get("outcome") == "ready":
             booted = boot_seconds(event.get("phases", {}))
@@ -189,13 +201,18 @@ def node_gauges(cfg: Config) -> dict:
     else:
         states = {str(s): 0 for s in LeaseState}
         states["free"] = len(cfg.slots) - len(leases)
-        spares = {image: 0 for image, _ in cfg.spares.counts}
+        spares = {image: 0 for image, _, _ in cfg.spares.counts}
         for lease in leases:
             states[str(lease.state)] += 1
             if lease.is_spare and lease.state is LeaseState.SPARE:
                 spares[lease.image] = spares.get(lease.image, 0) + 1
         gauges["vmimagemanager_slots"] = {json.dumps([s]): n for s, n in states.items()}
         gauges["vmimagemanager_spares_ready"] = {json.dumps([i]): n for i, n in spares.items()}
+        budget = cfg.budget
+        cores, memory = budget.used(lease.shape for lease in leases)
+        gauges["vmimagemanager_vm_cores"] = {'["used"]': cores, '["total"]': budget.cores}
+        gauges["vmimagemanager_vm_memory_bytes"] = {'["used"]': memory << 20,
+                                                    '["total"]': budget.memory_mib << 20}
     try:
         images = ImageStore(cfg.image_dir).list()
     except (OSError, ValueError, TypeError, VmimError) as exc:

@@ -98,6 +98,21 @@ class JobRunner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def _guest_oom_kills(self) -> int:
+        """How often the guest's OOM killer ran since the VM booted (its own counter: a job's
+        VM is fresh, so any kill was of the job); 0 where the guest cannot say."""
+        assert self.session is not None
+        try:
+            vmstat = self.session.check_call("cat /proc/vmstat")
+        except GuestError as exc:  # the VM is gone: the job's status says enough
+            log.info("job %s: no OOM count from the VM: %s", self.job.label, exc)
+            return 0
+        for line in vmstat.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+        return 0
+
     def _preparation(self, scratch: str, write: str) -> str:
         """Shell lines that make the scratch dir (private from the start: the script is written
         into it, readable by nobody else before its chmod), then `write` the job script into it,
@@ -163,8 +178,11 @@ class JobRunner:
         log.info("job %s: running %s in slot %s (image %s) as %s in %s", job.label,
                  "script" if job.is_script else "binary", ctx.slot, ctx.image, ctx.user, cwd)
         try:  # the command removes the scratch dir once the payload has ended
-            return self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch,
-                                    prepare=prepare)
+            status = self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch,
+                                      prepare=prepare)
+            if status != 0 and self._guest_oom_kills() > 0:
+                print(out_of_memory_line(job, ctx), file=sys.stderr, flush=True)
+            return status
         except GuestNotReady as exc:  # nothing ran, the scratch dir is gone
             self._refuse(exc.report, scratch)
         except BaseException:
@@ -173,6 +191,14 @@ class JobRunner:
             except Exception as exc:  # noqa: BLE001 - the VM is destroyed by the epilog anyway
                 log.info("job %s: scratch cleanup skipped: %s", job.label, exc)
             raise
+
+
+def out_of_memory_line(job: Job, ctx: JobContext) -> str:
+    """The job's one line when the guest's OOM killer ended a process of it."""
+    size = f"{ctx.memory_mib / 1024:g} GiB" if ctx.memory_mib else "memory"
+    return (f"vmimagemanager: job {job.label} ran out of its {size} (its VM's memory, "
+            f"{ctx.cores or 1} core(s)): the VM's kernel killed a process of the job; ask for "
+            "more memory (SGE: -l h_vmem per slot; Slurm: --mem)")
 
 
 def start_in_context(job: Job, context: JobContext, run_dir: Path) -> int:

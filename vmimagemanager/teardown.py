@@ -43,7 +43,9 @@ def audit_end(cfg: Config, ended: EndResult, label: str, owner: str, exit_status
     record(cfg, "end", label, owner=owner, vo=lease.vo if lease else None,
            image=lease.image if lease else None, exit_status=exit_status or None,
            signal=signal or None,
-           vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None)
+           cores=lease.vcpus if lease else None, memory_mib=lease.memory_mib if lease else None,
+           vm_cpu_seconds=round(vm["cpu_seconds"], 3) if vm is not None else None,
+           wall_seconds=round(vm["wall_seconds"], 3) if vm and "wall_seconds" in vm else None)
 
 
 def _detach_teardown(cfg: Config, slot: str, label: str) -> int:

@@ -23,7 +23,14 @@ import pytest
 import yaml
 
 from tests.support import HARNESS, import_test_images
-from tests.support.sgecell import CLI, close_vm_cell, open_vm_cell, virsh, wait_done
+from tests.support.sgecell import (
+    CLI,
+    agent_once,
+    close_vm_cell,
+    open_vm_cell,
+    virsh,
+    wait_done,
+)
 from vmimagemanager.audit import read_history, vm_starts
 from vmimagemanager.config import load_config
 from vmimagemanager.leases import SPARE_JOB_ID
@@ -59,14 +66,6 @@ def spares_cell(libvirt_system, guest_images):
     yield cell
     close_vm_cell(cell)
     SECRET.unlink(missing_ok=True)
-
-
-def agent_once(cell, config: Path | None = None) -> list[str]:
-    """One real agent round (the CLI, as cron would run it); its action lines."""
-    r = subprocess.run([CLI, "--config", str(config or cell.config_path), "agent", "--once"],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return [line for line in r.stderr.splitlines() if "agent:" in line]
 
 
 def assert_only_spares(cell, idle: int) -> None:

@@ -209,6 +209,14 @@ class VmCell(Cell):
         self.assert_queue_usable()
 
 
+def agent_once(cell: VmCell, config: Path | None = None) -> list[str]:
+    """One real agent round (the CLI, as cron would run it); its action lines."""
+    r = subprocess.run([CLI, "--config", str(config or cell.config_path), "agent", "--once"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return [line for line in r.stderr.splitlines() if "agent:" in line]
+
+
 def open_vm_cell(queue: str, prefix: str, guest_images: dict, extra: dict | None = None,
                  small_overlay_fs: bool = False, slots: int = 2,
                  queue_slots: int | None = None, hosts: tuple[str, ...] = ()) -> VmCell:

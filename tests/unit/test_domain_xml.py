@@ -12,13 +12,14 @@ from vmimagemanager.config import BridgeNetwork, Slot, UserNetwork
 from vmimagemanager.domain_meta import QEMU_NS, lease_metadata, shares_memory
 from vmimagemanager.domain_xml import DomainSpec, build_domain_xml
 from vmimagemanager.images import BootSpec
+from vmimagemanager.shape import Shape
 from vmimagemanager.shares import GuestShare
 
 libvirt = pytest.importorskip("libvirt")
 
 
 def spec(network, **kw) -> DomainSpec:
-    data = dict(slot=Slot("s1", 2, 512, network), domain_type="qemu",
+    data = dict(slot=Slot("s1", 2, 512, network), shape=Shape(2, 512), domain_type="qemu",
                 overlay=Path("/var/lib/o/s1.1.0.qcow2"), seed=Path("/var/lib/o/s1.1.0.seed.iso"),
                 console_log=Path("/var/lib/s/console/s1.log"),
                 boot=BootSpec(Path("/img/a.kernel"), Path("/img/a.initrd"), "console=ttyS0"),

@@ -87,6 +87,8 @@ def cfg(tmp_path):
 
 
 JOB = Job(job_id="42", task_id="0", owner=ME, queue="vm.q")
+# what a job that asks for nothing gets on a configuration without node: (one core, 512 MiB)
+SHAPE_FACTS = {"cores": 1, "memory_mib": 512}
 
 TABLE = [  # error, outcome, words of the reason, the audit trail's (and metrics') cause
     (NoFreeSlot("all 2 VM slots on this node are in use"), Outcome.RETRY, "slots",
@@ -119,7 +121,7 @@ def test_each_error_of_a_start_has_its_outcome_and_reason(cfg, error, outcome, w
     decision = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert decision.outcome is outcome
     assert words in decision.reason
-    assert decision.facts == {"cause": cause, "vo": "mine", "image": "img"}
+    assert decision.facts == {"cause": cause, "vo": "mine", "image": "img", **SHAPE_FACTS}
     assert life.leases.failures == {}  # only failed boots are counted
 
 
@@ -140,7 +142,7 @@ def test_failed_boots_are_retried_then_held(cfg, error):
     first = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert first.outcome is Outcome.RETRY
     assert "the VM failed to start (attempt 1 of 2, VO mine, image img)" in first.reason
-    assert first.facts == {"cause": "boot_failed", "vo": "mine", "image": "img"}
+    assert first.facts == {"cause": "boot_failed", "vo": "mine", "image": "img", **SHAPE_FACTS}
     second = start_job(cfg, JOB, make_life=lambda _cfg: life)
     assert second.outcome is Outcome.HOLD
     assert second.reason.startswith("the VM failed to start 2 times")

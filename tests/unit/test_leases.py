@@ -74,7 +74,7 @@ def test_fifty_processes_race_for_four_slots(tmp_path):
     assert len(won) == 4
     assert sorted(o[2] for o in won) == SLOTS  # no slot twice
     assert len(full) == 46
-    assert all("all 4 VM slots on this node are in use" in o[2] for o in full)
+    assert all("all 4 VM places on this node are in use" in o[2] for o in full)
     assert {lease.job_id for lease in LeaseStore(Path(db)).all()} == {str(o[1]) for o in won}
 
 
@@ -156,8 +156,8 @@ def test_two_jobs_waiting_for_slots_being_torn_down_each_get_one(test_life):
     def start(job_id: str) -> None:
         starting = open_node(cfg)  # one per process
         try:
-            got[job_id] = starting._allocate(names, JobRequest(job_id, "0", "cms001", "cms"))[
-                0].slot
+            request = JobRequest(job_id, "0", "cms001", "cms")
+            got[job_id] = starting._allocate(names, request, starting.shape_of(request))[0].slot
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             got[job_id] = exc
 

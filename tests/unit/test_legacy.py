@@ -14,6 +14,7 @@ import yaml
 from vmimagemanager.config import parse_config
 from vmimagemanager.errors import VmimError
 from vmimagemanager.legacy import convert
+from vmimagemanager.shape import Shape
 
 CLI = str(Path(sys.executable).parent / "vmimagemanager")
 
@@ -56,9 +57,14 @@ def test_enabled_slots_keep_their_network_identity_and_memory():
     cfg = parse_config(data, "converted.yaml")
     assert [s.name for s in cfg.slots] == ["wn042-vm1", "wn042-vm2"]  # vm3 is disabled
     one, two = cfg.slots
-    assert (one.network.bridge, one.network.mac, one.network.hostname, one.memory_mib) == (
-        "xenbr0", "00:16:3e:00:00:01", "wn042-vm1.grid.example.org", 1024)
-    assert (two.network.bridge, two.memory_mib) == ("xenbr1", 2048)  # the slot's own values
+    assert (one.network.bridge, one.network.mac, one.network.hostname) == (
+        "xenbr0", "00:16:3e:00:00:01", "wn042-vm1.grid.example.org")
+    assert two.network.bridge == "xenbr1"
+    # the fixed sizes became the node's budget: one core a slot, their memory and QEMU's
+    assert (cfg.budget.cores, cfg.budget.memory_mib) == (2, 1024 + 2048 + 2 * 256)
+    assert cfg.job_shape("", 1, None) == Shape(1, 1024)  # the global vAlocatedMemory
+    assert any("[wn042-vm2] vAlocatedMemory = 2048: a VM has its job's memory" in w
+               for w in warnings)
     text_warnings = "\n".join(warnings)
     for key in ("vmimages", "vmextracts", "vmconfdir", "mount", "lvmvolumegroup", "root", "swap",
                 "hostdisk", "partition"):

@@ -309,8 +309,10 @@ def test_the_port_of_a_domain_started_before_it_was_noted_comes_from_its_hostfwd
     from pathlib import Path
 
     from vmimagemanager.config import Slot, UserNetwork
+    from vmimagemanager.shape import Shape
 
-    spec = DomainSpec(slot=Slot("s1", 1, 256, UserNetwork(2201)), domain_type="qemu",
+    spec = DomainSpec(slot=Slot("s1", 1, 256, UserNetwork(2201)), shape=Shape(1, 256),
+                      domain_type="qemu",
                       overlay=Path("/o"), seed=None, console_log=Path("/c"), boot=BootSpec(),
                       job_label="1.0", image="img", owner=ME, ssh_port=24242)
     xml = build_domain_xml(spec)

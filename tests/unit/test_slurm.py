@@ -35,16 +35,16 @@ def run_hook(hook: str, argv: list[str], job_id: str, user: str = ME) -> int:
                           timeout=120).returncode
 
 
-def test_a_hold_slurmctld_refuses_ends_the_job_with_the_reason_and_the_prolog_exits_0(config):
+def test_a_retry_slurmctld_refuses_ends_the_job_with_the_reason_and_the_prolog_exits_0(config):
     from vmimagemanager.config import load_config
 
-    # a job slurmctld does not know: requeuehold fails
+    # a job slurmctld does not know: its memory cannot be asked (retry), and requeue fails
     assert run_hook("prolog", ["--config", str(config)], "4000000001") == 0
     cfg = load_config(str(config))
     context = read_context(cfg.run_dir, "4000000001.0")
     assert context.mode == "reject"
-    assert "image 'not-imported' not found" in context.message
-    assert "could not be requeued: scontrol requeuehold" in context.message
+    assert "cannot ask slurmctld for job 4000000001's memory" in context.message
+    assert "could not be requeued: scontrol requeue" in context.message
 
 
 @pytest.mark.parametrize("argv", [["--config", "/nonexistent/vmim.yaml"], ["--bogus"]])
@@ -110,3 +110,26 @@ def test_a_step_of_a_vm_job_is_refused(config):
     r = run_starter(config, "0", "/bin/echo", "must not run")
     assert r.returncode == 1 and r.stdout == ""
     assert "job steps (srun, salloc) cannot run in a job's VM" in r.stderr
+
+
+# `scontrol show job` of a real job (Slurm 22.05, this machine) whose name and comment imitate
+# Slurm's own memory field (sbatch -J and --comment with a line break)
+SHOW_JOB = """JobId=16 JobName=x
+   MinCPUsNode=1 MinMemoryNode=99G MinTmpDiskNode=0
+   UserId=atlas001(5001) GroupId=atlas(5000) MCS_label=N/A
+   NumNodes=1 NumCPUs=2 NumTasks=1 CPUs/Task=2 ReqB:S:C:T=0:0:*:*
+   MinCPUsNode=2 MinMemoryCPU=300M MinTmpDiskNode=0
+   Command=/tmp/sj.sh
+   Comment=y
+   MinCPUsNode=1 MinMemoryNode=98G
+"""
+
+
+def test_a_jobs_own_fields_can_only_make_its_vm_smaller():
+    from vmimagemanager.batch.slurmctl import cpus_on_this_node, requested_memory
+
+    sizes = requested_memory(SHOW_JOB, 2)
+    assert min(sizes) == 600 and sorted(sizes) == [600, 98 * 1024, 99 * 1024]
+    assert requested_memory("   MinCPUsNode=1 MinMemoryNode=1.5G MinTmpDiskNode=0", 1) == [1536]
+    assert requested_memory("   MinMemoryNode=0 ", 4) == [0]
+    assert [cpus_on_this_node(v) for v in ("2", "8(x3),1", "", "x")] == [2, 8, 1, 1]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from vmimagemanager.config import ConfigError, parse_config
-from vmimagemanager.leases import SPARE_JOB_ID, LeaseStore
+from vmimagemanager.leases import EARLIER_SHAPE, SPARE_JOB_ID, LeaseStore
+from vmimagemanager.shape import Shape
 from vmimagemanager.states import LeaseState
 
 
@@ -31,15 +32,17 @@ def test_spares_config_counts_by_image(tmp_path):
     cfg = parse_config(_config(tmp_path, {"vos": {"atlas": 1}, "images": {"atlas-wn": 1,
                                                                           "other": 0},
                                           "max_age": 600}), "c.yaml")
-    assert cfg.spares.counts == (("atlas-wn", 2),)
-    assert cfg.spares.count("atlas-wn") == 2 and cfg.spares.count("cms-wn") == 0
+    one = Shape(1, 512)  # a VO's default shape: one core, the default memory per core
+    assert cfg.spares.counts == (("atlas-wn", one, 2),)
+    assert cfg.spares.count("atlas-wn", one) == 2 and cfg.spares.count("cms-wn", one) == 0
+    assert cfg.spares.count("atlas-wn", Shape(2, 1024)) == 0
     assert cfg.spares.max_age == 600.0
     assert parse_config(_config(tmp_path, None), "c.yaml").spares.counts == ()
 
 
 @pytest.mark.parametrize("spares, says", [
     ({"vos": {"lhcb": 1}}, "spares.vos.lhcb: unknown key"),
-    ({"vos": {"atlas": 2}, "images": {"cms-wn": 2}}, "at most as many spares as VM slots (3)"),
+    ({"vos": {"atlas": 2}, "images": {"cms-wn": 2}}, "at most as many spares as VM places (3)"),
     ({"vos": {"atlas": -1}}, "a number of spares >= 0"),
     ({"images": {"../x": 1}}, "an image name"),
     ({"max_age": 0}, "seconds > 0"),
@@ -80,9 +83,9 @@ def test_a_spare_goes_to_exactly_one_of_racing_jobs(tmp_path):
     assert store.claim_spare("atlas", "200", "0", "atlas001", "atlas") is None
     assert store.claim_spare("cms", lease.job_id, "0", "atlas001", "atlas") is None
     # retiring takes only idle spares, and never one of the image the caller needs
-    assert store.retire_spare(not_image="cms") is None
+    assert store.retire_spare(keep=("cms", EARLIER_SHAPE)) is None
     assert store.retire_spare(slot="s1") is None  # bound: a job's now
-    assert store.retire_spare(not_image="atlas").slot == "s2"
+    assert store.retire_spare(keep=("atlas", EARLIER_SHAPE)).slot == "s2"
 
 
 def test_spare_states_follow_the_table(tmp_path):
@@ -160,8 +163,8 @@ def test_a_job_waits_for_a_slot_being_torn_down_before_it_retires_another_images
                       "<os><type>hvm</type></os></domain>")  # the spare's VM runs
         threading.Timer(0.5, lambda: LeaseStore(cfg.leases_db).transition(
             "s1", LeaseState.FREE, lease.job_label)).start()
-        got, created = life._allocate(["s1", "s2"], JobRequest("51", "0", "cms001", "cms",
-                                                                 "cms"))
+        request = JobRequest("51", "0", "cms001", "cms", "cms")
+        got, created = life._allocate(["s1", "s2"], request, life.shape_of(request))
     finally:
         teardown.kill()
         teardown.wait()

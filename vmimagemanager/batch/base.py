@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 from collections.abc import Sequence
 
 from ..logsetup import setup_logging
@@ -27,7 +28,28 @@ def root_hook_setup(program: str, keep: Sequence[str]) -> dict[str, str]:
     become_clean()
     os.umask(0o077)
     setup_logging(program, stderr_level=logging.CRITICAL)
+    lift_job_limits()
     return taken
+
+
+# The limits a batch system sets from the job's request (SGE: h_vmem, h_data, h_fsize, h_cpu;
+# Slurm's are cgroups). They are the payload's, in its VM; a root hook started under them
+# would fail for the job's choice (a file server mapping a guest's memory past h_vmem, the
+# leases database written past h_fsize: SIGXFSZ).
+JOB_LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_FSIZE,
+              resource.RLIMIT_CPU)
+
+
+def lift_job_limits() -> None:
+    """Root's own hook runs without the job's resource limits (JOB_LIMITS)."""
+    unlimited = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    for limit in JOB_LIMITS:
+        try:
+            if resource.getrlimit(limit) != unlimited:
+                resource.setrlimit(limit, unlimited)
+        except (ValueError, OSError) as exc:  # not root (a test); the hook goes on as it is
+            logging.getLogger("vmimagemanager.batch").warning(
+                "cannot lift the job's resource limit %d: %s", limit, exc)
 
 
 def starter_arguments(prog: str, description: str, argv: Sequence[str] | None,

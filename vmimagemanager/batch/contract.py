@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from ..audit import record
 from ..config import config_path, load_config
 from ..decision import Decision
-from ..errors import VmimError
+from ..errors import RetryLater, VmimError
 from ..jobs import Job
 from ..node import open_node
 from ..rootenv import interrupt_on_sigterm, use_private_tmp
@@ -63,6 +64,11 @@ class Adapter(Protocol):
         """The job as the admission decides on it (the proxy's path for the audit trail), and
         whether it is an interactive one."""
 
+    def granted_memory(self, job: Job) -> int | None:
+        """The memory the batch system granted a VM job on this node, in MiB (None: none
+        asked); asked only once the job is known to need a VM. RetryLater if it cannot be
+        read now."""
+
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         """Tell the batch system the decision (by its table); the prolog's exit status."""
 
@@ -96,8 +102,15 @@ def run_prolog(adapter: Adapter, argv: Sequence[str] | None) -> int:
     from ..flow import start_job
 
     interrupt_on_sigterm()
-    job, interactive = adapter.admission(call)
-    return adapter.report(cfg, call, start_job(cfg, job, interactive=interactive))
+    try:
+        job, interactive = adapter.admission(call)
+    except VmimError as exc:  # what the batch system granted the job could not be read
+        decision = (Decision.retry if isinstance(exc, RetryLater) else Decision.hold)(str(exc))
+        record(cfg, "start", call.job.label, owner=call.job.owner, queue=call.job.queue,
+               outcome=decision.outcome.value, reason=decision.reason, cause="admission")
+        return adapter.report(cfg, call, decision)
+    return adapter.report(cfg, call, start_job(cfg, job, interactive=interactive,
+                                               granted_memory=adapter.granted_memory))
 
 
 def run_epilog(adapter: Adapter, argv: Sequence[str] | None) -> int:

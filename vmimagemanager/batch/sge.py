@@ -28,7 +28,13 @@ from ..files import append_line
 from ..jobs import Job, check_job_id, normalise_task_id
 from .contract import HookCall, run_epilog, run_prolog
 from .sge_accounting import record_line
-from .sge_spool import is_interactive, read_spool_file, script_proxy_path, trusted_spool_dir
+from .sge_spool import (
+    granted_shape,
+    is_interactive,
+    read_spool_file,
+    script_proxy_path,
+    trusted_spool_dir,
+)
 
 if TYPE_CHECKING:
     from ..node import EndResult
@@ -103,13 +109,23 @@ class SgeHooks:
         return EXIT_HOLD
 
     def admission(self, call: HookCall) -> tuple[Job, bool]:
-        """The proxy a CE delegated, for the audit trail's Grid identity: the job's variable,
-        or the line GRAM writes into the spooled script."""
+        """The job's cores and memory on this host (its VM's shape) as execd spooled them; the
+        proxy a CE delegated, for the audit trail's Grid identity: the job's variable, or the
+        line GRAM writes into the spooled script."""
         job = call.job
         spool = read_spool_file(call.spool_dir)
+        if call.spool_dir is None:
+            log.warning("job %s: no trusted spool directory: its VM gets one core and its "
+                        "VO's default memory", job.label)
+        cores, memory = granted_shape(spool)
         proxy = call.env.get("X509_USER_PROXY") or script_proxy_path(call.spool_dir, spool,
                                                                       job.job_id)
-        return replace(job, env={"X509_USER_PROXY": proxy}), is_interactive(spool)
+        return replace(job, env={"X509_USER_PROXY": proxy}, cores=cores,
+                       memory_mib=memory), is_interactive(spool)
+
+    def granted_memory(self, job: Job) -> int | None:
+        """Read from execd's spool at admission (granted_shape)."""
+        return job.memory_mib
 
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         status, level, word, says = PROLOG_OUTCOMES[decision.outcome]

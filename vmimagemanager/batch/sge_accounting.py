@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from ..accounts import account
 from ..errors import VmimError
 from ..jobs import Job
+from .sge_spool import granted_pe, granted_shape
 
 # sge_accounting(5), gridengine 8.1.9: 45 colon-separated fields.
 FIELDS = (
@@ -56,7 +57,12 @@ def record_fields(job: Job, host: str, config: Mapping[str, str], usage: Mapping
     cpu = max(utime + stime, _number(usage, "ru_utime") + _number(usage, "ru_stime")
               + vm.get("cpu_seconds", 0.0))
     peak_kib = max(vm.get("peak_rss_kib", vm.get("rss_kib", 0.0)), _number(usage, "ru_maxrss"))
-    wall = _number(usage, "ru_wallclock")
+    # The wall time covers the period the CPU time was spent in: the VM's, from its boot (or
+    # its bind, for a warm spare), which starts before execd's start_time (docs/accounting.md).
+    wall = max(_number(usage, "ru_wallclock"), vm.get("wall_seconds", 0.0))
+    end = _number(usage, "end_time")
+    start = min(_number(usage, "start_time"), end - wall) if end else 0
+    cores = int(vm.get("cores", 0)) or granted_shape(config)[0]
     fields: dict[str, object] = dict.fromkeys(FIELDS, 0)
     fields.update({
         "qname": config.get("queue", job.queue), "hostname": config.get("host", host),
@@ -64,11 +70,13 @@ def record_fields(job: Job, host: str, config: Mapping[str, str], usage: Mapping
         "job_number": job.job_id, "account": config.get("account", "sge"),
         "priority": config.get("priority", "0"),
         "submission_time": config.get("submission_time", "0"),
-        "start_time": usage.get("start_time", "0"), "end_time": usage.get("end_time", "0"),
+        "start_time": f"{start:.0f}" if end else usage.get("start_time", "0"),
+        "end_time": usage.get("end_time", "0"),
         "exit_status": usage.get("exit_status", "0"), "ru_wallclock": f"{wall:.0f}",
         "ru_utime": f"{utime:.6f}", "ru_stime": f"{stime:.6f}", "ru_maxrss": f"{peak_kib:.0f}",
-        "project": "NONE", "department": "defaultdepartment", "granted_pe": "NONE",
-        "slots": 1, "task_number": job.task_id, "cpu": f"{cpu:.6f}",
+        "project": "NONE", "department": "defaultdepartment",
+        "granted_pe": granted_pe(config),
+        "slots": cores, "task_number": job.task_id, "cpu": f"{cpu:.6f}",
         # GB*s: the peak resident memory over the wall time, an upper bound of the integral
         "mem": f"{peak_kib / (1 << 20) * wall:.6f}", "io": "0.000000", "category": "NONE",
         "iow": "0.000000", "pe_taskid": "NONE", "maxvmem": f"{peak_kib * 1024:.6f}",

@@ -8,6 +8,7 @@ environment), then creates or updates the queue with qconf from SGE's own queue 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -121,6 +122,67 @@ def queue_definition(template: str, values: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# A VM job's cores are on one host: $pe_slots keeps a PE job's slots together.
+PE_TEMPLATE = """pe_name            {name}
+slots              99999
+user_lists         NONE
+xuser_lists        NONE
+start_proc_args    NONE
+stop_proc_args     NONE
+allocation_rule    $pe_slots
+control_slaves     FALSE
+job_is_first_task  TRUE
+urgency_slots      min
+accounting_summary FALSE
+"""
+
+
+def _qconf_file(option: str, text: str, *more: str) -> None:
+    """qconf OPTION FILE: a configuration given as a file (no editor)."""
+    with tempfile.NamedTemporaryFile("w", prefix="vmim-qconf-", delete=False) as fh:
+        fh.write(text)
+    try:
+        _qconf(option, fh.name, *more)
+    finally:
+        os.unlink(fh.name)
+
+
+def ensure_pe(name: str) -> None:
+    """The PE multicore jobs ask for: made if missing; an existing one must keep a job's slots
+    on one host (its VM is on one host)."""
+    if not PE_NAME_RE.fullmatch(name):
+        raise VmimError(f"--pe {name!r}: expected a PE name of letters, digits, '_', '.', '-'")
+    shown = _qconf("-sp", name, check=False)
+    if shown.returncode != 0:
+        _qconf_file("-Ap", PE_TEMPLATE.format(name=name))
+        return
+    rule = next((line.split()[1] for line in shown.stdout.splitlines()
+                 if line.startswith("allocation_rule") and len(line.split()) > 1), "")
+    if rule != "$pe_slots":
+        raise VmimError(f"PE {name} has allocation_rule {rule or '(none)'}: a VM job's slots "
+                        "must be on one host; set it to $pe_slots (qconf -mp) or give --pe "
+                        "another name")
+
+
+def consumable_h_vmem(cfg, hosts: Sequence[str]) -> int:
+    """h_vmem a consumable (per slot, its default the node's memory per core) and each host's
+    h_vmem what its VMs may have: node.memory_mib less QEMU's overhead of one VM a core. SGE
+    then never sends more memory than the node gives; returns that figure."""
+    lines = []
+    for line in _qconf("-sc").stdout.splitlines():
+        fields = line.split()
+        if fields[:1] == ["h_vmem"] and len(fields) >= 8:
+            fields[5], fields[6] = "YES", f"{cfg.memory_per_core_mib}M"
+            line = " ".join(fields)
+        lines.append(line)
+    _qconf_file("-Mc", "\n".join(lines) + "\n")
+    memory = cfg.budget.memory_mib - cfg.budget.cores * cfg.budget.vm_overhead_mib
+    for host in hosts:
+        _qconf("-mattr", "exechost", "complex_values", f"h_vmem={memory}M", host)
+    return memory
+
+
 def install_queue(config_path: str, args) -> int:
     config = os.path.abspath(config_path)
     cfg = load_config(config)
@@ -133,11 +195,16 @@ def install_queue(config_path: str, args) -> int:
     ensure_admin_key(cfg)  # the prolog never makes it (a job's owner could race for it)
     exists = _qconf("-sq", args.queue, check=False).returncode == 0
     template = _qconf("-sq", args.queue).stdout if exists else _qconf("-sq").stdout
+    pe = "" if (args.pe or "none").lower() == "none" else args.pe
+    if pe:
+        ensure_pe(pe)
+    if args.h_vmem:
+        sge_memory_mib = consumable_h_vmem(cfg, hosts)
     values = {
         "qname": args.queue,
         "hostlist": " ".join(hosts),
-        "slots": str(args.slots or len(cfg.slots)),
-        "pe_list": "NONE",
+        "slots": str(args.slots or cfg.budget.cores),
+        "pe_list": pe or "NONE",
         "prolog": f"root@{wrappers['prolog']} {HOOK_ARGS}",
         "epilog": f"root@{wrappers['epilog']} {HOOK_ARGS}",
         "starter_method": str(wrappers["starter"]),
@@ -156,5 +223,7 @@ def install_queue(config_path: str, args) -> int:
     finally:
         os.unlink(fh.name)
     print(f"queue {args.queue} {'updated' if exists else 'created'} on {', '.join(hosts)}: "
-          f"{values['slots']} slots, hooks in {args.wrapper_dir}")
+          f"{values['slots']} slots, hooks in {args.wrapper_dir}"
+          + (f", multicore jobs with -pe {pe} N" if pe else "")
+          + (f", h_vmem consumable ({sge_memory_mib} MiB a host)" if args.h_vmem else ""))
     return 0

@@ -110,6 +110,47 @@ def read_spool_file(spool_dir: str | None, name: str = "config") -> dict[str, st
     return values
 
 
+# gridengine's memory specifiers (sge_types(1)): k, m, g are powers of 1000, K, M, G of 1024
+MEMORY_UNITS = {"": 1, "k": 1000, "K": 1 << 10, "m": 1000 ** 2, "M": 1 << 20,
+                "g": 1000 ** 3, "G": 1 << 30}
+MEMORY_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)")
+
+
+def memory_mib(text: str) -> int | None:
+    """A gridengine memory value ("512M", "2G", "536870912") in MiB, rounded up; None for
+    INFINITY, nothing or anything that is not one."""
+    match = MEMORY_RE.fullmatch(text.strip())
+    if match is None:
+        return None
+    size = float(match.group(1)) * MEMORY_UNITS[match.group(2)]
+    return -(-int(size) // (1 << 20)) or None
+
+
+def granted_pe(spool: Mapping[str, str]) -> str:
+    """The job's PE as the accounting file names it: NONE for a serial job."""
+    pe = spool.get("pe", "")
+    return "NONE" if pe.lower() in ("", "none") else pe
+
+
+def granted_shape(spool: Mapping[str, str]) -> tuple[int, int | None]:
+    """The cores and memory (MiB, None: none asked) execd granted the job on this host, from
+    its spooled `config` (gridengine 8.1.9 writes `pe=none`, `pe_slots=1`, `host_slots=1` for
+    a serial job): a PE job's slots here (host_slots; pe_slots under allocation_rule
+    $pe_slots), else 1; h_vmem per slot times the slots (execd's own limit of the job is that
+    product), or the job's own value where the complex is consumable per JOB."""
+    cores = 1
+    if granted_pe(spool) != "NONE":
+        for key in ("host_slots", "pe_slots"):
+            if spool.get(key, "").isdigit() and int(spool[key]) > 0:
+                cores = int(spool[key])
+                break
+    per = memory_mib(spool.get("h_vmem", ""))
+    if per is None:
+        return cores, None
+    job_level = spool.get("h_vmem_is_consumable_job", "0").lower() in ("1", "true")
+    return cores, per if job_level else per * cores
+
+
 def sge_settings_path(env: Mapping[str, str]) -> str | None:
     """`$SGE_ROOT/$SGE_CELL/common/settings.sh`, the file CE job scripts source (None: no SGE)."""
     root = env.get("SGE_ROOT")

@@ -29,6 +29,7 @@ import argparse
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..accounts import account
@@ -38,7 +39,7 @@ from ..decision import Decision, Outcome
 from ..errors import VmimError
 from ..jobs import Job, check_job_id
 from .contract import HookCall, run_epilog, run_prolog
-from .slurmctl import TASK_ID, scontrol
+from .slurmctl import TASK_ID, cpus_on_this_node, job_memory_mib, scontrol
 
 if TYPE_CHECKING:
     from ..node import EndResult
@@ -48,7 +49,7 @@ log = logging.getLogger("vmimagemanager.slurm")
 # What the root hooks read of slurmd's environment (the rest is replaced by rootenv's
 # allow-list; SLURM_CONF so that scontrol finds a site's non-default slurm.conf).
 HOOK_ENV = ("SLURM_JOB_ID", "SLURM_JOB_USER", "SLURM_JOB_PARTITION", "SLURM_JOB_EXIT_CODE2",
-            "SLURM_CONF")
+            "SLURM_CONF", "SLURM_JOB_CPUS_PER_NODE")
 
 
 def _hook_args(program: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -126,7 +127,14 @@ class SlurmHooks:
         return 0
 
     def admission(self, call: HookCall) -> tuple[Job, bool]:
-        return call.job, False  # srun --pty steps are refused by the starter (steps of a VM job)
+        """The job's CPUs on this node (slurmd's SLURM_JOB_CPUS_PER_NODE). srun --pty steps
+        are refused by the starter."""
+        cores = cpus_on_this_node(call.env.get("SLURM_JOB_CPUS_PER_NODE", ""))
+        return replace(call.job, cores=cores), False
+
+    def granted_memory(self, job: Job) -> int | None:
+        """Asked of slurmctld, for VM jobs only (job_memory_mib says why)."""
+        return job_memory_mib(job.job_id, job.cores)
 
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         if action := PROLOG_ACTIONS[decision.outcome]:

@@ -62,7 +62,13 @@ def _install_queue_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wrapper-dir", default="/usr/local/libexec/vmimagemanager",
                         help="where the root-owned hook wrappers are written")
     parser.add_argument("--slots", type=int,
-                        help="job slots per host (default: VM slots configured)")
+                        help="job slots per host (default: the node's cores for VMs, node.cores)")
+    parser.add_argument("--pe", default="smp", metavar="NAME",
+                        help="the parallel environment multicore jobs ask for (qsub -pe NAME N), "
+                        "made with allocation_rule $pe_slots if missing; 'none': no PE")
+    parser.add_argument("--h-vmem", action="store_true",
+                        help="make h_vmem a consumable with each host's VM memory, so that "
+                        "SGE schedules memory as the node gives it (docs/job-shapes.md)")
 
 
 def install_queue(args: argparse.Namespace, config_path: str) -> int:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from ..leases import Lease
     from ..node import Node
 
-SLOT_COLUMNS = ["slot", "state", "job", "owner", "vo", "image", "domain", "ssh", "since"]
+SLOT_COLUMNS = ["slot", "state", "job", "owner", "vo", "image", "cores", "memory_mib", "domain",
+                "ssh", "since"]
 
 
 # -- slots (status) ---------------------------------------------------------------------------
@@ -77,16 +78,19 @@ def show_spares(cfg: Config, args: argparse.Namespace) -> int:
         while slot := life.retire_spare():
             print(f"retired the idle spare in slot {slot}")
     rows = [row for row in life.status() if row["spare"]]
-    wanted = dict(cfg.spares.counts)
+    wanted = [{"image": image, "cores": shape.cores, "memory_mib": shape.memory_mib,
+               "count": n, "ready": sum(1 for r in rows if r["image"] == image
+                                        and r["state"] == "spare" and r["cores"] == shape.cores
+                                        and r["memory_mib"] == shape.memory_mib)}
+              for image, shape, n in cfg.spares.counts]
     if args.json:
         print(json.dumps({"configured": wanted, "max_age": cfg.spares.max_age,
                           "spares": rows}, indent=2))
         return 0
-    print(table(rows, ["slot", "state", "job", "image", "vo", "domain", "age_s"]))
-    have = {image: sum(1 for r in rows if r["image"] == image and r["state"] == "spare")
-            for image in wanted}
-    print("configured: " + (", ".join(f"{image} {have[image]}/{n} ready"
-                                      for image, n in sorted(wanted.items()))
+    print(table(rows, ["slot", "state", "job", "image", "vo", "cores", "memory_mib", "domain",
+                       "age_s"]))
+    print("configured: " + (", ".join(f"{w['image']} ({w['cores']} cores, {w['memory_mib']} "
+                                      f"MiB) {w['ready']}/{w['count']} ready" for w in wanted)
                             or "no spares (spares: in the configuration)"))
     return 0
 

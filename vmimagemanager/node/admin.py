@@ -44,6 +44,8 @@ class Admin:
                 "slot": slot.name, "state": str(lease.state) if lease else "free",
                 "job": lease.job_label if lease else "", "owner": lease.owner if lease else "",
                 "image": lease.image if lease else "", "vo": lease.vo if lease else "",
+                "cores": lease.vcpus if lease else "",
+                "memory_mib": lease.memory_mib if lease else "",
                 "domain": slot.domain_name if slot.domain_name in running else "",
                 "ssh": ssh,
                 "network": "user" if isinstance(slot.network, UserNetwork) else "bridge",

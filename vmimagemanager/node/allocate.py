@@ -8,6 +8,7 @@ import time
 
 from ..errors import NoFreeSlot
 from ..leases import Lease
+from ..shape import Shape
 from ..states import LeaseState
 from .model import JobRequest
 
@@ -21,45 +22,50 @@ TEARDOWN_WAIT = 20.0  # seconds a starting job waits for a slot whose VM is bein
 class Allocation:
     """Slot allocation (a part of node.Node)."""
 
-    def _allocate(self, names: list[str], request: JobRequest) -> tuple[Lease, bool]:
+    def _allocate(self, names: list[str], request: JobRequest, shape: Shape
+                  ) -> tuple[Lease, bool]:
         """Take a slot; when none is free, first reclaim slots whose holder died (self-healing:
         a crashed prolog or epilog never costs the node a slot for longer than one job's wait),
         then wait (up to TEARDOWN_WAIT s) for a slot whose VM a live process is destroying (a
-        second or two), and only then retire a spare of another image (a boot thrown away).
+        second or two), and only then retire an idle spare of another image or shape (a boot
+        thrown away), one after the other until the job's cores and memory are free.
         Another starting job may take a slot freed so first: then the next one is waited for,
         until the deadline."""
         args = (names, request.job_id, request.task_id, request.owner, request.image, request.vo)
         deadline = time.monotonic() + TEARDOWN_WAIT
         while True:
             try:
-                return self.leases.allocate(*args)
+                return self.leases.allocate(*args, shape=shape, budget=self.cfg.budget)
             except NoFreeSlot:
                 if time.monotonic() > deadline:
                     raise
-                if (self.reclaim_stale() or self._wait_for_teardown(names, deadline)
-                        or self.retire_spare(not_image=request.image)):
+                if (self.reclaim_stale() or self._wait_for_teardown(names, shape, deadline)
+                        or self.retire_spare(keep=(request.image, shape))):
                     continue
                 raise
 
-    def _wait_for_teardown(self, names: list[str], deadline: float) -> bool:
-        """Wait until `deadline` for a slot whose VM a live process is destroying: an epilog
-        hands the destroy to a process of its own and returns, and the batch system may send
-        the next job before that VM is gone. True once some slot is free."""
+    def _wait_for_teardown(self, names: list[str], shape: Shape, deadline: float) -> bool:
+        """Wait until `deadline` for VMs a live process is destroying to leave room for one of
+        `shape`: an epilog hands the destroy to a process of its own and returns, and the batch
+        system may send the next job before that VM is gone. True once there is room."""
         while time.monotonic() < deadline:
-            leases = {lease.slot: lease for lease in self.leases.all() if lease.slot in names}
-            if len(leases) < len(names):
+            leases = self.leases.all()
+            places = {lease.slot for lease in leases}
+            if len(places & set(names)) < len(names) and not self.cfg.budget.shortfall(
+                    shape, (lease.shape for lease in leases)):
                 return True
             if not any(lease.state is LeaseState.TEARING_DOWN and lease.holder_alive()
-                       for lease in leases.values()):
+                       for lease in leases):
                 return False
             time.sleep(0.1)
         return False
 
-    def retire_spare(self, slot: str | None = None, not_image: str | None = None) -> str:
-        """Destroy one idle spare (the one in `slot`, else the oldest not of `not_image`) and
-        free its slot; returns the slot, or '' if there was none. A job never waits behind a
-        spare of another image: the cold path takes its slot."""
-        spare = self.leases.retire_spare(slot, not_image)
+    def retire_spare(self, slot: str | None = None, keep: tuple[str, Shape] | None = None
+                     ) -> str:
+        """Destroy one idle spare (the one in `slot`, else the oldest not of `keep`, an image
+        and shape) and free its place; returns it, or '' if there was none. A job never waits
+        behind a spare it cannot bind: the cold path takes its place, cores and memory."""
+        spare = self.leases.retire_spare(slot, keep)
         if spare is None:
             return ""
         self.end_vm(spare.slot, job_label=spare.job_label)

@@ -19,7 +19,7 @@ from ..context import (
     write_context,
 )
 from ..domain_meta import forwarded_port
-from ..errors import BootError, ConfigError, LeaseError, NoFreePort, NoSpace, VmimError
+from ..errors import BootError, ConfigError, JobTooBig, LeaseError, NoFreePort, NoSpace, VmimError
 from ..guest import Endpoint, wait_for_host_key, wait_for_ssh
 from ..homeserver import HomeServer, serve_homes, stop_servers_of
 from ..hypervisor import resolve_domain_type
@@ -27,6 +27,7 @@ from ..images import prepare_overlay
 from ..jobs import check_label
 from ..leases import Lease
 from ..seed import SeedData, build_seed, generate_keypair
+from ..shape import Shape
 from ..shares import (
     GuestShare,
     needs_shared_memory,
@@ -56,7 +57,8 @@ class ColdBoot:
         `bind` (spares.bind_spare) is tried first: it gives the job an idle warm spare, or None
         and the VM is booted here (the cold path)."""
         check_label(request.label)
-        image = self.images.get(request.image)  # ImageError before any slot is taken
+        shape = self.shape_of(request)  # JobTooBig, ImageError, ShareError before any lease
+        image = self.images.get(request.image)
         self.images.check_unchanged(image)
         owner = account(request.owner)
         uid, gid = owner.uid, owner.gid
@@ -64,11 +66,11 @@ class ColdBoot:
         self.hv.connect()  # libvirtd down: the job is retried later, no slot taken
         names = slots or [s.name for s in self.cfg.slots]
         if bind is not None and slots is None:
-            bound = bind(self, request, uid, gid, shares)
+            bound = bind(self, replace(request, shape=shape), uid, gid, shares)
             if bound is not None:
                 return replace(bound, image=image)
         with self.phase("lease"):
-            lease, created = self._allocate(names, request)
+            lease, created = self._allocate(names, request, shape)
         if not created:
             if lease.state is LeaseState.RUNNING and self.hv.is_running(
                     self.cfg.slot(lease.slot).domain_name):
@@ -78,10 +80,11 @@ class ColdBoot:
             log.info("job %s: stale lease in slot %s (%s); starting over", lease.job_label,
                      lease.slot, lease.state)
             self.end_vm(lease.slot, job_label=lease.job_label)
-            lease, _ = self._allocate(names, request)
+            lease, _ = self._allocate(names, request, shape)
         slot = self.cfg.slot(lease.slot)
         try:
-            context = self._boot(slot, request, image, uid, gid, shares, boot_timeout)
+            context = self._boot(slot, replace(request, shape=lease.shape), image, uid, gid,
+                                 shares, boot_timeout)
         except BaseException as exc:
             log.error("job %s slot %s: start failed: %s", request.label, slot.name, exc)
             self.abandon(slot.name, request.label)
@@ -92,6 +95,15 @@ class ColdBoot:
             raise
         return StartResult(self.leases.transition(slot.name, LeaseState.RUNNING, request.label),
                            context, image=image)
+
+    def shape_of(self, request: JobRequest) -> Shape:
+        """The request's VM: its shape, else the VO's default for one core; JobTooBig if the
+        node can never give it (the job is held with the reason, not retried for ever)."""
+        shape = request.shape or self.cfg.job_shape(request.vo, 1, None)
+        if why := self.cfg.budget.never_fits(shape):
+            raise JobTooBig(f"job {request.label} can never run on this node: {why}; ask for "
+                            "less, or send it to a bigger node")
+        return shape
 
     def _boot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
               shares: tuple[GuestShare, ...], boot_timeout: float | None) -> JobContext:
@@ -108,19 +120,20 @@ class ColdBoot:
         login = Endpoint(host="", port=0, user=request.owner, key=job_key.private_openssh,
                          host_key="")
         host_key = self.launch(slot, request.label, image, request.owner, keys, shares, login,
-                               boot_timeout)
+                               boot_timeout, shape=self.shape_of(request))
         return self.write_job_context(slot, request, host_key, job_key.private_openssh, uid,
                                       gid, shares)
 
     def launch(self, slot: Slot, label: str, image, owner: str, keys: dict[str, list[str]],
                shares: tuple[GuestShare, ...], login, boot_timeout: float | None,
                after_start: Callable[[], None] | None = None,
-               keep_login: Path | None = None) -> str:
+               keep_login: Path | None = None, *, shape: Shape) -> str:
         """Overlay, seed, domain; returns the host key once `login` (an Endpoint whose host,
         port and host key are the VM's, set here) gets in. The lease is `preparing`; it is
         `booting` when this returns.
         `after_start` runs once the domain exists, before the guest is waited for. With
-        `keep_login` that login is kept there (guest.connect) for a later process."""
+        `keep_login` that login is kept there (guest.connect) for a later process. The VM has
+        `shape` (the lease's)."""
         files = lease_files(self.cfg, slot.name, label)
         with self.phase("overlay"):
             prepare_overlay(self.images.disk_path(image), image.format, files.overlay)
@@ -140,7 +153,7 @@ class ColdBoot:
                        if any(served_by_owner(s) for s in shares) else ())
             try:
                 host, port = self._start_domain(slot, files, image, label, owner, shares,
-                                                 servers)
+                                                 servers, shape)
             except BaseException:
                 stop_servers_of(self.cfg.run_dir, label)
                 raise
@@ -170,7 +183,7 @@ class ColdBoot:
 
     def _start_domain(self, slot: Slot, files: LeaseFiles, image, label: str, owner: str,
                       shares: tuple[GuestShare, ...],
-                      servers: tuple[HomeServer, ...] = ()) -> tuple[str, int]:
+                      servers: tuple[HomeServer, ...], shape: Shape) -> tuple[str, int]:
         """Define and start the domain; returns the address its ssh answers on. A user-network
         VM's forward gets a port free at this moment (ports.py: a fixed one could be squatted by
         any local account); a start that fails because another process bound that port in
@@ -180,7 +193,8 @@ class ColdBoot:
         # epilog and reconcile open the node too and never build XML
         from ..domain_xml import DomainSpec, build_domain_xml
 
-        spec = DomainSpec(slot=slot, domain_type=resolve_domain_type(self.cfg.domain_type),
+        spec = DomainSpec(slot=slot, shape=shape,
+                          domain_type=resolve_domain_type(self.cfg.domain_type),
                           overlay=files.overlay, seed=files.seed, console_log=files.console,
                           boot=image.boot_spec(self.cfg.image_dir), job_label=label,
                           image=image.name, owner=owner, shares=shares,
@@ -233,11 +247,12 @@ class ColdBoot:
         """Written once the VM answers: the starter reads the pinned host key, the VM's address
         (`address`, else read from libvirt) and the job's key from it."""
         host, port = address or self.ssh_address(slot)
+        shape = self.shape_of(request)
         context = JobContext(
             mode="vm", label=request.label, slot=slot.name, host=host, port=port,
             user=request.owner, vo=request.vo, image=request.image, host_key=host_key,
             shared_paths=tuple(s.path for s in shares),
-            scratch_dir=self.cfg.scratch_dir)
+            scratch_dir=self.cfg.scratch_dir, cores=shape.cores, memory_mib=shape.memory_mib)
         write_context(self.cfg.run_dir, context, private, uid, gid)
         return context
 

@@ -17,6 +17,7 @@ from ..context import (
 from ..images import Image
 from ..jobs import check_label, job_label
 from ..leases import Lease
+from ..shape import Shape
 
 log = logging.getLogger("vmimagemanager.node")
 
@@ -30,6 +31,7 @@ class JobRequest:
     owner: str  # the account that logs in to the guest (a pool account, or root for `up`)
     image: str
     vo: str = ""
+    shape: Shape | None = None  # the VM's cores and memory (None: the VO's default, one core)
 
     @property
     def label(self) -> str:

@@ -39,11 +39,12 @@ from ..homeserver import serve_homes, stop_servers_of
 from ..keysfiles import image_key
 from ..leases import SPARE_JOB_ID, Lease
 from ..seed import generate_keypair
+from ..shape import Shape
 from ..shares import GuestShare, owner_home, resolve_shares, served_by_owner
 from ..states import LeaseState
 from .model import JobRequest, StartResult, lease_files
 from .state import admin_key
-from .usage import IDLE_FIGURES
+from .usage import BOUND_AT, IDLE_FIGURES
 
 if TYPE_CHECKING:
     from ..context import JobContext
@@ -130,15 +131,17 @@ def run_bind(session, script: str) -> str:
 
 
 # -- provision and bind ---------------------------------------------------------------------------
-def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
-    """Boot a spare of `image_name` in a free slot; returns its lease (`spare`). NoFreeSlot if
-    every slot is taken: a spare never takes a slot from a job."""
+def provision_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease:
+    """Boot a spare of `image_name` and `shape` in a free place; returns its lease (`spare`).
+    NoFreeSlot if no place is free or its cores and memory are not: a spare never takes what a
+    job holds."""
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
     life.hv.connect()
     lease, _ = life.leases.allocate([s.name for s in cfg.slots], SPARE_JOB_ID,
-                                    secrets.token_hex(6), "", image_name, vo)
+                                    secrets.token_hex(6), "", image_name, vo, shape=shape,
+                                    budget=cfg.budget)
     slot = cfg.slot(lease.slot)
     try:
         shares = resolve_shares(cfg.shared_paths, "root")  # root: the tree shares only
@@ -151,7 +154,7 @@ def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
         life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
                     None, after_start=lambda: _into_background(life, slot, lease.job_label,
                                                                image),
-                    keep_login=kept)
+                    keep_login=kept, shape=lease.shape)
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -161,11 +164,12 @@ def provision_spare(life: Node, image_name: str, vo: str = "") -> Lease:
 
 def bind_spare(life: Node, request: JobRequest, uid: int, gid: int,
                shares: tuple[GuestShare, ...]) -> tuple[Lease, JobContext] | None:
-    """Give the job an idle spare of its image: None if there is none, or if binding failed
-    (the spare is destroyed, the caller boots a VM for the job: slower, never failing)."""
+    """Give the job an idle spare of its image and exactly its shape (`request.shape`, set by
+    start_vm): None if there is none, or if binding failed (the spare is destroyed, the caller
+    boots a VM for the job: slower, never failing)."""
     with life.phase("lease"):
         claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
-                                          request.owner, request.vo)
+                                          request.owner, request.vo, request.shape)
     if claimed is None:
         claimed = _wait_for_booting_spare(life, request)
     if claimed is None:
@@ -219,12 +223,13 @@ def _job_weight(life: Node, name: str, meta: dict[str, str]) -> None:
         life.hv.set_cpu_weight(name, weight)
 
 
-def _booting_spares(life: Node, image: str) -> list[Lease]:
-    """Spares of `image` the agent is booting (its process alive, within boot_timeout), oldest
-    first."""
+def _booting_spares(life: Node, image: str, shape: Shape | None) -> list[Lease]:
+    """Spares of `image` and `shape` the agent is booting (its process alive, within
+    boot_timeout), oldest first."""
     now = time.time()
     return sorted((lease for lease in life.leases.all()
                    if lease.is_spare and lease.image == image
+                   and (shape is None or lease.shape == shape)
                    and lease.state in (LeaseState.PREPARING, LeaseState.BOOTING)
                    and lease.holder_alive() and now < lease.created + life.cfg.boot_timeout),
                   key=lambda lease: lease.created)
@@ -237,7 +242,7 @@ def _wait_for_booting_spare(life: Node, request: JobRequest
     a slot another image's spare holds). Meanwhile the oldest such spare boots at a job's
     weight. None as soon as none is booting any more (failed, its agent gone, taken by another
     job, or past boot_timeout): the job boots its own VM."""
-    booting = _booting_spares(life, request.image)
+    booting = _booting_spares(life, request.image, request.shape)
     if not booting:
         return None
     with life.phase("wait for a booting spare"):
@@ -251,10 +256,10 @@ def _wait_for_booting_spare(life: Node, request: JobRequest
                 pass  # the domain went away meanwhile: its lease leaves the booting states
             time.sleep(WAIT_POLL)
             claimed = life.leases.claim_spare(request.image, request.job_id, request.task_id,
-                                              request.owner, request.vo)
+                                              request.owner, request.vo, request.shape)
             if claimed is not None:
                 return claimed
-            booting = _booting_spares(life, request.image)
+            booting = _booting_spares(life, request.image, request.shape)
     return None
 
 
@@ -317,7 +322,8 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
         raise VmimError(f"the spare's domain {name} is not running")
     life.hv.set_lease_metadata(name, lease_element(lease_attributes(
         request.label, request.image, request.owner, slot.name, **kept_attributes(spare_meta),
-        spare=spare.job_label, **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
+        spare=spare.job_label, **{BOUND_AT: f"{time.time():.3f}"},
+        **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
     os.replace(old.seed, new.seed)
     job_key = generate_keypair(f"vmim-job-{request.label}")
