@@ -10,6 +10,7 @@ set -euo pipefail
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 host=$(hostname)
 conf=/etc/arc.conf
+rte_dir=$(cd "$(dirname "$0")/../ce-config/arc/rte" && pwd)
 env_clean=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin)
 
 info=/var/spool/arc/jobstatus/info.xml
@@ -59,6 +60,7 @@ sge_bin_path = /usr/bin
 controldir = /var/spool/arc/jobstatus
 sessiondir = *
 shared_filesystem = yes
+runtimedir = $rte_dir
 
 [arex/ws]
 wsurl = https://$host:443/arex
@@ -75,6 +77,11 @@ allowaccess = grid
 [queue:$queue]
 EOF
   mkdir -p /var/spool/arc/jobstatus
+  # multicore jobs: every job's count as slots of the PE smp (ce-config/arc/rte/ENV/PE-SMP)
+  # (links to this checkout's copy: one an earlier checkout made may point nowhere now)
+  rm -f /var/spool/arc/jobstatus/rte/{enabled,default}/ENV/PE-SMP
+  arcctl rte enable ENV/PE-SMP 2>/dev/null
+  arcctl rte default ENV/PE-SMP 2>/dev/null
   stop
   rm -f "$info"
   # the web service first: A-REX's first information run then finds it listening, and the CE

@@ -49,11 +49,10 @@ for vo in atlas cms; do
 done
 echo "$images" > "$source_mark"
 vmim images list
-say "configuring the SGE queue $queue (prolog, starter_method, epilog): the node's 4 cores as slots, PE smp, h_vmem consumable"
-vmim sge install-queue --queue "$queue" --h-vmem
+say "configuring the SGE queue $queue (prolog, starter_method, epilog): the node's 4 cores as slots, PE smp"
+vmim sge install-queue --queue "$queue"
 qconf -sq "$queue" | grep -E '^(hostlist|slots|pe_list|prolog|epilog|starter_method)'
 qconf -sp smp | grep -E '^(pe_name|allocation_rule)'
-qconf -se "$(hostname)" | grep -E '^complex_values'
 
 metrics_port=19100
 say "starting node_exporter on 127.0.0.1:$metrics_port: its textfile collector serves our metrics"
@@ -149,6 +148,15 @@ done
 
 echo "--- the multicore job $mc_id (qsub -pe smp 2 -l h_vmem=512M): stdout"
 sed 's/^/    /' /home/atlas001/vmim-demo-mc.out
+"$venv/bin/python" - "$mc_id" <<'PY'
+import json, sys
+for line in open("/var/lib/vmimagemanager-demo/state/audit.jsonl"):
+    e = json.loads(line)
+    if e.get("event") == "start" and e.get("job") == f"{sys.argv[1]}.0" and "cores" in e:
+        print(f"    its VM (audit trail): {e['cores']} vCPUs, {e['memory_mib']} MiB: 2 x 512 MiB, "
+              "less its home's file server's room where root cannot lift the job's h_vmem "
+              "(docs/job-shapes.md)")
+PY
 if [ -s /home/atlas001/vmim-demo-mc.err ]; then echo "--- stderr"; sed 's/^/    /' /home/atlas001/vmim-demo-mc.err; fi
 awk -F: -v j="$mc_id" '$6 == j {printf "    its accounting line (state_dir/accounting): slots %s, pe %s, wall %s s, cpu %.2f s\n", $35, $34, $14, $37}' \
   /var/lib/vmimagemanager-demo/state/accounting

@@ -538,12 +538,25 @@ def _parse_per_core(c: _Checker, raw: Any, defaults: dict[str, Any]) -> int:
                    "job_defaults.memory_per_core_mib", int, "MiB >= 64", lambda v: v >= 64)
 
 
+def _parse_places_and_budget(c: _Checker, data: dict[str, Any]
+                             ) -> tuple[tuple[Slot, ...], Budget, int]:
+    """The VM places, the node's budget and the memory per core of a job that asks for none:
+    from `node:` and `job_defaults:`, or (an earlier version's configuration) the slots' sizes
+    and `slot_defaults`."""
+    defaults = c.mapping(data.get("slot_defaults") or {}, "slot_defaults",
+                         {"vcpus", "memory_mib"})
+    if data.get("node") is not None and defaults:
+        raise ConfigError(f"{c.path}: slot_defaults: with node: a VM's size is its job's; give "
+                          "a job that asks for no memory job_defaults.memory_per_core_mib")
+    slots = _parse_slots(c, data.get("slots"), defaults, data.get("node") is not None)
+    return (slots, _parse_budget(c, data.get("node"), slots),
+            _parse_per_core(c, data.get("job_defaults"), defaults))
+
+
 def parse_config(data: Any, path: str) -> Config:
     """Validate the parsed YAML document `data` (from file `path`) and build a Config."""
     c = _Checker(path)
     data = c.mapping(data if data is not None else {}, "(top level)", TOP_KEYS)
-    defaults = c.mapping(data.get("slot_defaults") or {}, "slot_defaults",
-                         {"vcpus", "memory_mib"})
     domain_type = c.typed(data.get("domain_type", "auto"), "domain_type", str,
                           "auto, kvm or qemu", lambda v: v in ("auto", "kvm", "qemu"))
     unmatched = c.typed(data.get("unmatched", "reject"), "unmatched", str, "native or reject",
@@ -565,12 +578,7 @@ def parse_config(data: Any, path: str) -> Config:
             raise c.fail("yaim_groups_conf", "a readable YAIM groups.conf",
                          f"{groups_conf} ({exc.strerror})") from None
     vos = _parse_vos(c, data.get("vos"), yaim_groups)
-    if data.get("node") is not None and data.get("slot_defaults"):
-        raise ConfigError(f"{path}: slot_defaults: with node: a VM's size is its job's; give "
-                          "a job that asks for no memory job_defaults.memory_per_core_mib")
-    slots = _parse_slots(c, data.get("slots"), defaults, data.get("node") is not None)
-    budget = _parse_budget(c, data.get("node"), slots)
-    per_core = _parse_per_core(c, data.get("job_defaults"), defaults)
+    slots, budget, per_core = _parse_places_and_budget(c, data)
     return Config(
         path=path,
         libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
@@ -51,6 +52,17 @@ from .rootenv import clean_environment
 from .shares import GuestShare, hypervisor_source, served_by_owner
 
 log = logging.getLogger("vmimagemanager.homeserver")
+
+# What a server maps beside the guest's RAM (its code, threads, buffers): VmPeak less the guest's
+# memory, measured 222 MiB for 1 and 2 GiB guests (docs/job-shapes.md, 2026-12-02).
+SERVER_OWN_MIB = 256
+
+
+def address_space_mib() -> int | None:
+    """This process's hard address-space limit in MiB (a server started now inherits it);
+    None without one."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return None if hard == resource.RLIM_INFINITY else hard >> 20
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"  # QEMU 7.2's C virtiofsd (qemu-system-common)
 UNIX_SOCKET_PATH_MAX = 107  # sun_path without its terminating NUL

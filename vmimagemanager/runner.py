@@ -35,6 +35,10 @@ GUEST_SCRIPT = "job-script"  # the job's script, in its scratch dir in the guest
 # per job) while it and the job's environment together stay below this; the command is one
 # argument of the guest's `sh -c`, which Linux limits to 128 KiB.
 EMBED_MAX = 64 * 1024
+# A job whose VM's OOM killer ended one of its processes, and whose payload still exited 0, ends
+# with this status (a shell's for a process killed by SIGKILL): it did not get the memory it
+# needed, and a pilot or CE must see that it failed.
+OOM_STATUS = 137
 
 
 def embedded_write(target: str, script: bytes, room: int = EMBED_MAX) -> str | None:
@@ -180,8 +184,9 @@ class JobRunner:
         try:  # the command removes the scratch dir once the payload has ended
             status = self.session.run(argv, env, cwd, stdin_fd=stdin_fd, remove=scratch,
                                       prepare=prepare)
-            if status != 0 and self._guest_oom_kills() > 0:
+            if self._guest_oom_kills() > 0:  # the job ran out of its memory: it failed
                 print(out_of_memory_line(job, ctx), file=sys.stderr, flush=True)
+                return status or OOM_STATUS
             return status
         except GuestNotReady as exc:  # nothing ran, the scratch dir is gone
             self._refuse(exc.report, scratch)

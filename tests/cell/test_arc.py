@@ -13,9 +13,11 @@ import subprocess
 
 import pytest
 
-from tests.support import HARNESS, require, run_script
+from tests.support import HARNESS, node_budget, require, run_script
 from tests.support.sgecell import SGE_ENV, close_vm_cell, home, open_vm_cell, wait_for
 from tests.support.sgecell import grid_client as arc
+from vmimagemanager.audit import read_history
+from vmimagemanager.homeserver import SERVER_OWN_MIB
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge, pytest.mark.ce]
 
@@ -56,6 +58,7 @@ def arc_state(user: str, jobs_list) -> str:
 def arc_cell(libvirt_system, guest_images):
     common = f"{SGE_ENV['SGE_ROOT']}/{SGE_ENV['SGE_CELL']}/common"
     cell = open_vm_cell(QUEUE, "vmim-arc-", guest_images, extra={
+        **node_budget(cores=2, memory_mib=2048),
         "shared_paths": [{"path": "/home", "mode": "hypervisor"},
                          {"path": common, "mode": "hypervisor", "scope": "tree",
                           "readonly": True}]})
@@ -110,4 +113,31 @@ def test_arckill_of_a_running_job_leaves_no_vm(arc_cell):
     r = arc(user, "arckill", "-i", "jobs.list", cwd=d)
     assert r.returncode == 0, (r.stdout, r.stderr)
     wait_for(lambda: not arc_cell.domains(), "the VM to go", timeout=180, interval=2)
+    arc_cell.assert_clean(within=120)
+
+
+def test_an_arc_multicore_job_gets_a_vm_of_its_count_and_memory(arc_cell):
+    """xRSL count and memory (per slot, as ATLAS's pilots send them) through ARC's SGE back end
+    with the runtime environment docs/job-shapes.md gives (harness/ce-arc.sh makes it a default
+    one): `-pe smp 2 -l h_vmem=512M`, and the VM has 2 vCPUs and 1 GiB."""
+    user = "atlas001"
+    d = user_dir(user, "vmim-arc-multicore", {
+        "job.sh": "#!/bin/sh\nnproc\nawk '/^MemTotal/ {print $2}' /proc/meminfo\n",
+        "job.xrsl": '&(executable="job.sh")(inputfiles=("job.sh" ""))(stdout="stdout.txt")'
+                    '(count=2)(countpernode=2)(memory=512)(jobname="vmim-arc-mc")'})
+    r = arc(user, "arcsub", "-c", CE, "-o", "jobs.list", "job.xrsl", cwd=d)
+    assert r.returncode == 0 and "Job submitted with jobid" in r.stdout, (r.stdout, r.stderr)
+    wait_for(lambda: arc_state(user, d / "jobs.list") in ("Finished", "Failed"), "the ARC job",
+             timeout=600, interval=3)
+    r = arc(user, "arcget", "-i", "jobs.list", cwd=d)
+    assert "successfully retrieved: 1" in r.stdout, (r.stdout, r.stderr)
+    results = next(p for p in d.iterdir() if p.is_dir())
+    nproc, memtotal_kib = (results / "stdout.txt").read_text().split()[:2]
+    assert nproc == "2"
+    (start,) = [e for e in read_history(arc_cell.cfg) if e["event"] == "start"
+                and e.get("cores") == 2]
+    # 2 x 512 MiB; less the owner's file server's room where the prolog cannot lift the
+    # job's h_vmem limit (root without CAP_SYS_RESOURCE, as on this machine)
+    assert start["memory_mib"] in (1024, 1024 - SERVER_OWN_MIB), start
+    assert start["memory_mib"] - 128 <= int(memtotal_kib) // 1024 <= start["memory_mib"]
     arc_cell.assert_clean(within=120)

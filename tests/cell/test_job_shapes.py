@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.support import node_budget
 from tests.support.sgecell import (
+    CLI,
+    SGE_ENV,
     agent_once,
     close_vm_cell,
     job_state,
@@ -30,7 +36,6 @@ from vmimagemanager.leases import LeaseStore
 from vmimagemanager.shape import Shape
 
 QUEUE = "vmshape.q"
-NODE = {"cores": 4, "memory_mib": 4096, "vm_overhead_mib": 128}
 SHAPE_JOB = "/tmp/vmim-test-shape-job.sh"
 SHAPE_SCRIPT = """#!/bin/sh
 echo "nproc $(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"
@@ -47,8 +52,10 @@ def shape_cell(libvirt_system, guest_images):
     Path(SHAPE_JOB).write_text(SHAPE_SCRIPT)
     os.chmod(SHAPE_JOB, 0o755)
     cell = open_vm_cell(QUEUE, "vmim-shape-", guest_images, slots=5, queue_slots=6, extra={
-        "slot_defaults": None, "node": NODE,
-        "job_defaults": {"memory_per_core_mib": 256},
+        **node_budget(cores=4, memory_mib=4096),
+        # no home served: the payload needs none, and its VM gets all of its h_vmem (a file
+        # server under the job's limit: tests/unit/test_shapes.py)
+        "shared_paths": [],
         "spares": {"vos": {"atlas": [{"cores": 2, "memory_mib": 512, "count": 1}]}}})
     yield cell
     close_vm_cell(cell)
@@ -147,7 +154,8 @@ def test_a_job_past_its_memory_ends_non_zero_with_the_line_and_the_node_goes_on(
     cell = shape_cell
     job = cell.submit("hog", "cms001", "-l", "h_vmem=384M", "-v", "HOG=1", SHAPE_JOB)
     (record,) = wait_done(job)
-    assert record["exit_status"] != "0", record
+    # the script goes on after its hog is killed and exits 0: the job still failed
+    assert record["exit_status"].split()[0] == "137", record  # qacct: "137 (Killed)"
     _, err = cell.output("hog", "cms001")
     assert "ran out of its 0.375 GiB" in err, err
     after = cell.submit("afterhog", "cms001", SHAPE_JOB)
@@ -178,3 +186,48 @@ def test_a_job_binds_a_spare_of_its_shape_and_a_big_job_retires_it(shape_cell):
     assert all(lease.job_label != spare.job_label for lease in cell.all_leases())
     cell.cli("spares", "--retire")
     cell.assert_clean()
+
+
+def test_install_queue_h_vmem_makes_sge_schedule_the_nodes_memory(shape_cell):
+    """--h-vmem: h_vmem consumable, its default the memory per core (0 would kill every job
+    that asks for none at once), and this host's h_vmem the VMs' memory less QEMU's per core."""
+    cell, host = shape_cell, socket.gethostname()
+    complexes, exechost = sge("qconf", "-sc"), sge("qconf", "-se", host)
+    try:
+        r = subprocess.run([CLI, "--config", str(cell.config_path), "sge", "install-queue",
+                            "--queue", "vmshapeh.q", "--wrapper-dir", str(cell.base / "libexec"),
+                            "--h-vmem"], capture_output=True, text=True,
+                           env={**os.environ, **SGE_ENV})
+        assert r.returncode == 0, r.stderr
+        assert "h_vmem consumable (3584 MiB a host)" in r.stdout, r.stdout
+        h_vmem = next(line.split() for line in sge("qconf", "-sc").splitlines()
+                      if line.startswith("h_vmem "))
+        assert (h_vmem[5], h_vmem[6]) == ("YES", "256M"), h_vmem
+        assert "h_vmem=3584M" in sge("qconf", "-se", host)
+    finally:
+        sge("qconf", "-dq", "vmshapeh.q", check=False)
+        _qconf_file("-Mc", complexes)
+        _qconf_file("-Me", "\n".join(
+            _line(exechost, "complex_values") if line.startswith("complex_values") else line
+            for line in _joined(sge("qconf", "-se", host))
+            if not line.startswith(("load_values", "processors"))))
+    assert _line(sge("qconf", "-se", host), "complex_values") == \
+        _line(exechost, "complex_values")
+
+
+def _joined(text: str) -> list[str]:
+    """qconf's lines with its continuations (a backslash at the end) joined."""
+    return text.replace("\\\n", " ").splitlines()
+
+
+def _line(text: str, key: str) -> str:
+    return next(line for line in _joined(text) if line.startswith(key))
+
+
+def _qconf_file(option: str, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".conf", delete=False) as fh:
+        fh.write(text if text.endswith("\n") else text + "\n")
+    try:
+        sge("qconf", option, fh.name)
+    finally:
+        os.unlink(fh.name)

@@ -15,6 +15,7 @@ from tests.support import (
     HARNESS,
     import_test_images,
     make_base_dir,
+    node_budget,
     require,
     run_script,
     write_config,
@@ -99,6 +100,7 @@ def slurm(libvirt_system, guest_images):
     require(up.returncode == 0, f"the Slurm cluster did not come up: {up.stderr.strip()}")
     base = make_base_dir("vmim-slurm-")
     path = write_config(base, slots=2, prefix=f"sl{os.getpid()}s", extra={
+        **node_budget(cores=2, memory_mib=2048),
         "boot_timeout": 60, "max_boot_attempts": 2, "vos": BROKEN_VOS,
         "shared_paths": [{"path": "/home", "mode": "hypervisor"}]})
     cfg = load_config(str(path))
@@ -140,6 +142,21 @@ def test_each_vos_jobs_run_in_its_image_with_arguments_environment_and_exit_code
     assert starts[f"{atlas}.0"]["vo"] == "atlas" and starts[f"{cms}.0"]["queue"] == "vm"
     ends = {e["job"]: e for e in read_history(slurm.cfg) if e["event"] == "end"}
     assert ends[f"{cms}.0"]["exit_status"] == "3" and ends[f"{atlas}.0"]["exit_status"] == "0"
+    slurm.assert_clean()
+
+
+def test_a_job_with_cpus_and_memory_gets_a_vm_of_that_shape(slurm):
+    """sbatch -c 2 --mem=1G: 2 vCPUs and 1 GiB (the Prolog's SLURM_JOB_CPUS_PER_NODE, the
+    memory asked of slurmctld); the job's own SLURM_CPUS_ON_NODE unchanged."""
+    job = slurm.sbatch("atlas001", "-c", "2", "--mem=1G", "--wrap",
+                       "nproc; awk '/^MemTotal/ {print $2}' /proc/meminfo; "
+                       "echo $SLURM_CPUS_ON_NODE", name="shape")
+    assert wait_job(job)["ExitCode"] == "0:0", slurm.files("atlas001", "shape")
+    nproc, memtotal_kib, cpus_on_node = slurm.files("atlas001", "shape")[0].split()[:3]
+    assert (nproc, cpus_on_node) == ("2", "2")
+    assert 1024 - 128 <= int(memtotal_kib) // 1024 <= 1024, memtotal_kib
+    starts = {e["job"]: e for e in read_history(slurm.cfg) if e["event"] == "start"}
+    assert (starts[f"{job}.0"]["cores"], starts[f"{job}.0"]["memory_mib"]) == (2, 1024)
     slurm.assert_clean()
 
 

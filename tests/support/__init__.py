@@ -52,6 +52,15 @@ def make_base_dir(prefix: str) -> Path:
     return base
 
 
+def node_budget(cores: int, memory_mib: int, per_core_mib: int = 256) -> dict:
+    """A configuration's settings for a node of job-shaped VMs (docs/job-shapes.md): `cores`
+    and `memory_mib` for all VMs (QEMU's 128 MiB each included), `per_core_mib` for a job that
+    asks for no memory; instead of the fixed slot size write_config gives."""
+    return {"slot_defaults": None,
+            "node": {"cores": cores, "memory_mib": memory_mib, "vm_overhead_mib": 128},
+            "job_defaults": {"memory_per_core_mib": per_core_mib}}
+
+
 def write_config(base: Path, slots: int, extra: dict | None = None, prefix: str = "t") -> Path:
     """A configuration on the real libvirtd (qemu:///system) with `slots` user-network slots."""
     data = {

@@ -220,3 +220,39 @@ def test_an_out_of_memory_job_is_told_its_size():
         mode="vm", label="5.0", cores=2, memory_mib=1024))
     assert "job 5.0 ran out of its 1 GiB" in line and "2 core(s)" in line
     assert "h_vmem" in line and "--mem" in line
+
+
+CAPPED = """
+import sys
+from tests.support import testdriver
+from vmimagemanager.config import parse_config
+from vmimagemanager.hypervisor import LibvirtHypervisor
+from vmimagemanager.leases import LeaseStore
+from vmimagemanager.node import JobRequest, Node
+from vmimagemanager.shape import Shape
+from pathlib import Path
+base = Path(sys.argv[1])
+cfg = parse_config(testdriver.node_data(base, slots=1, node={"cores": 4, "memory_mib": 8192},
+                   shared_paths=[{"path": "/home", "mode": "hypervisor"}]), "c.yaml")
+node = Node(cfg, LibvirtHypervisor(testdriver.URI), LeaseStore(base / "l.sqlite"))
+print(node.shape_of(JobRequest("5", "0", "atlas001", "atlas", "atlas", Shape(2, 1024))))
+"""
+
+
+def test_a_vm_whose_file_server_inherits_a_limit_leaves_it_room(tmp_path):
+    """A hook under an address-space limit it cannot lift (SGE's h_vmem; root without
+    CAP_SYS_RESOURCE) gives the VM what leaves the owner's file server room within it."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+    from vmimagemanager.homeserver import SERVER_OWN_MIB
+
+    run = lambda *limit: subprocess.run(  # noqa: E731
+        [*limit, sys.executable, "-c", CAPPED, str(tmp_path)], capture_output=True, text=True,
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    unlimited = run()
+    assert unlimited.stdout.strip() == "2 cores and 1024 MiB", unlimited.stderr
+    limited = run("prlimit", f"--as={1 << 30}", "--")
+    assert limited.stdout.strip() == f"2 cores and {1024 - SERVER_OWN_MIB} MiB", limited.stderr

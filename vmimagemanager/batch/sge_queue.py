@@ -135,6 +135,7 @@ control_slaves     FALSE
 job_is_first_task  TRUE
 urgency_slots      min
 accounting_summary FALSE
+qsort_args         NONE
 """
 
 

@@ -21,13 +21,19 @@ from ..context import (
 from ..domain_meta import forwarded_port
 from ..errors import BootError, ConfigError, JobTooBig, LeaseError, NoFreePort, NoSpace, VmimError
 from ..guest import Endpoint, wait_for_host_key, wait_for_ssh
-from ..homeserver import HomeServer, serve_homes, stop_servers_of
+from ..homeserver import (
+    SERVER_OWN_MIB,
+    HomeServer,
+    address_space_mib,
+    serve_homes,
+    stop_servers_of,
+)
 from ..hypervisor import resolve_domain_type
 from ..images import prepare_overlay
 from ..jobs import check_label
 from ..leases import Lease
 from ..seed import SeedData, build_seed, generate_keypair
-from ..shape import Shape
+from ..shape import MIN_VM_MEMORY_MIB, Shape
 from ..shares import (
     GuestShare,
     needs_shared_memory,
@@ -98,11 +104,31 @@ class ColdBoot:
 
     def shape_of(self, request: JobRequest) -> Shape:
         """The request's VM: its shape, else the VO's default for one core; JobTooBig if the
-        node can never give it (the job is held with the reason, not retried for ever)."""
+        node can never give it (the job is held with the reason, not retried for ever).
+
+        The owner's file server maps the guest's whole RAM and inherits this process's
+        address-space limit: where the hook runs under the job's limit (SGE's h_vmem) and
+        could not lift it (root without CAP_SYS_RESOURCE), the VM gets what leaves the server
+        room within it, not a VM whose server cannot start."""
         shape = request.shape or self.cfg.job_shape(request.vo, 1, None)
         if why := self.cfg.budget.never_fits(shape):
             raise JobTooBig(f"job {request.label} can never run on this node: {why}; ask for "
                             "less, or send it to a bigger node")
+        room = address_space_mib()
+        if room is not None and needs_shared_memory(self.cfg) and \
+                shape.memory_mib > room - SERVER_OWN_MIB:
+            memory = room - SERVER_OWN_MIB
+            if memory < MIN_VM_MEMORY_MIB:
+                raise JobTooBig(f"job {request.label} runs under an address-space limit of "
+                                f"{room} MiB (its h_vmem) that root cannot lift here, and that "
+                                "leaves no room for a VM and its home's file server; ask for "
+                                f"at least {MIN_VM_MEMORY_MIB + SERVER_OWN_MIB} MiB, or give "
+                                "root CAP_SYS_RESOURCE")
+            log.warning("job %s: its VM gets %d MiB, not %d: the hook runs under an "
+                        "address-space limit of %d MiB it cannot lift, which the owner's file "
+                        "server inherits (give root CAP_SYS_RESOURCE)", request.label, memory,
+                        shape.memory_mib, room)
+            shape = Shape(shape.cores, memory)
         return shape
 
     def _boot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
