@@ -17,6 +17,7 @@ from tests.support.prometheus import parse, value
 from vmimagemanager import metrics
 from vmimagemanager.audit import read_history, record
 from vmimagemanager.images import ImageStore
+from vmimagemanager.shape import Shape
 
 
 def test_each_audit_event_moves_its_counters_once():
@@ -129,7 +130,8 @@ def test_gauges_come_from_the_leases_and_the_image_store(tmp_path):
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "1M"], check=True)
     image = ImageStore(cfg.image_dir).import_image("sl5", disk)
     store = LeaseStore(cfg.leases_db)
-    job, _ = store.allocate(["s1", "s2", "s3"], "7", "0", "atlas001", "sl5", "atlas")
+    job, _ = store.allocate(["s1", "s2", "s3"], "7", "0", "atlas001", "sl5", "atlas",
+                            shape=Shape(2, 1000))
     spare, _ = store.allocate(["s1", "s2", "s3"], SPARE_JOB_ID, "ab12", "", "sl5", "atlas")
     for state in (LeaseState.BOOTING, LeaseState.SPARE):
         store.transition(spare.slot, state, spare.job_label)
@@ -144,11 +146,17 @@ def test_gauges_come_from_the_leases_and_the_image_store(tmp_path):
     assert value(s, "vmimagemanager_spares_ready", image="sl5") == 1
     assert value(s, "vmimagemanager_image_info", image="sl5",
                  sha256=image.sha256[image.disk]) == 1
+    # the node's budget: the job's 2 cores and the spare's one, each with QEMU's overhead
+    used = cfg.budget.used([Shape(2, 1000), Shape(1, 512)])
+    assert value(s, "vmimagemanager_vm_cores", state="used") == 3 == used[0]
+    assert value(s, "vmimagemanager_vm_cores", state="total") == cfg.budget.cores
+    assert value(s, "vmimagemanager_vm_memory_bytes", state="used") == used[1] << 20
     assert not (cfg.state_dir / "metrics.json").exists()  # no event yet: no totals
-    record(cfg, "end", "7.0", vo="atlas", exit_status="0")
+    record(cfg, "end", "7.0", vo="atlas", exit_status="0", cores=2, wall_seconds=10.5)
     assert oct((cfg.state_dir / "metrics.json").stat().st_mode & 0o777) == "0o600"
     s = parse(path.read_text())
     assert value(s, "vmimagemanager_jobs_finished_total", vo="atlas", status="success") == 1
+    assert value(s, "vmimagemanager_job_core_seconds_total", vo="atlas") == 21.0
     assert value(s, "vmimagemanager_slots", state="preparing") == 1  # gauges written too
 
 
