@@ -531,10 +531,13 @@ def _parse_budget(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> Budget:
     return Budget(cores=cores, memory_mib=memory, vm_overhead_mib=overhead)
 
 
-def _parse_per_core(c: _Checker, raw: Any, defaults: dict[str, Any]) -> int:
-    """`job_defaults.memory_per_core_mib`, else a legacy configuration's slot memory."""
+def _parse_per_core(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> int:
+    """`job_defaults.memory_per_core_mib`, else (a configuration of fixed-size slots) the
+    smallest memory per vCPU of its slots: a job that asks for none gets no more than a slot
+    gave it before, and every slot's share of the budget still holds one such VM."""
     raw = c.mapping(raw or {}, "job_defaults", {"memory_per_core_mib"})
-    return c.typed(raw.get("memory_per_core_mib", defaults.get("memory_mib", 512)),
+    legacy = min(max(64, s.memory_mib // s.vcpus) for s in slots)
+    return c.typed(raw.get("memory_per_core_mib", legacy),
                    "job_defaults.memory_per_core_mib", int, "MiB >= 64", lambda v: v >= 64)
 
 
@@ -550,7 +553,7 @@ def _parse_places_and_budget(c: _Checker, data: dict[str, Any]
                           "a job that asks for no memory job_defaults.memory_per_core_mib")
     slots = _parse_slots(c, data.get("slots"), defaults, data.get("node") is not None)
     return (slots, _parse_budget(c, data.get("node"), slots),
-            _parse_per_core(c, data.get("job_defaults"), defaults))
+            _parse_per_core(c, data.get("job_defaults"), slots))
 
 
 def parse_config(data: Any, path: str) -> Config:

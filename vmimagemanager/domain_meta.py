@@ -61,6 +61,20 @@ def lease_element(attributes: dict[str, str]) -> str:
     return ElementTree.tostring(ElementTree.Element("lease", attributes), encoding="unicode")
 
 
+def domain_shape(domain_xml: str) -> tuple[int, int] | None:
+    """A running domain's vCPUs and memory in MiB, as libvirt reports them; None if it says
+    neither."""
+    root = ElementTree.fromstring(domain_xml)
+    vcpu, memory = root.findtext("vcpu", ""), root.find("memory")
+    units = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024, "b": 1 / (1 << 20), "bytes": 1 / (1 << 20)}
+    if not vcpu.strip().isdigit() or memory is None or not (memory.text or "").strip().isdigit():
+        return None
+    unit = units.get(memory.get("unit", "KiB"))
+    if unit is None:
+        return None
+    return int(vcpu), int(int(memory.text) * unit)
+
+
 def shares_memory(domain_xml: str) -> bool:
     """Whether the running domain's RAM is shared (memfd): a virtiofsd can be attached."""
     access = ElementTree.fromstring(domain_xml).find("memoryBacking/access")

@@ -62,14 +62,14 @@ def default_life(cfg: Config) -> Node:
 
 def start_job(cfg: Config, job: Job, interactive: bool = False,
               make_life: Callable[[Config], Node] = default_life,
-              granted_memory: Callable[[Job], int | None] | None = None) -> Decision:
+              granted_memory: Callable[[Job, int], int | None] | None = None) -> Decision:
     """Decide what happens to `job` and do it (boot its VM, or write its context); the
     decision goes to the audit trail. `granted_memory` (the adapter's) says the memory of a
     job that needs a VM; without it, the job's own `memory_mib`."""
     known: dict = {}  # what _start learnt before it failed (VO, image): for the audit trail
     try:
         decision = _start(cfg, job, interactive, make_life, known,
-                          granted_memory or (lambda j: j.memory_mib))
+                          granted_memory or (lambda j, _default: j.memory_mib))
     except KeyboardInterrupt as exc:  # the adapter's signal handler: cleanup is done
         decision = Decision.retry(f"the hook was interrupted ({exc})")
         known["cause"] = "interrupted"
@@ -101,7 +101,7 @@ def _audit_start(cfg: Config, job: Job, decision: Decision) -> None:
 
 
 def _start(cfg: Config, job: Job, interactive: bool, make_life: Callable[[Config], Node],
-           known: dict, granted_memory: Callable[[Job], int | None]) -> Decision:
+           known: dict, granted_memory: Callable[[Job, int], int | None]) -> Decision:
     if interactive:
         known["cause"] = "interactive"
         return Decision.hold("interactive jobs (qrsh, qlogin, srun --pty) cannot run in a VM "
@@ -118,7 +118,8 @@ def _start(cfg: Config, job: Job, interactive: bool, make_life: Callable[[Config
         return Decision(Outcome.READY, facts={"mode": cfg.unmatched})
     known.update(vo=rule.name, image=rule.image)
     life = make_life(cfg)
-    shape = cfg.job_shape(rule.name, job.cores, granted_memory(job))
+    shape = cfg.job_shape(rule.name, job.cores,
+                          granted_memory(job, cfg.default_memory(rule.name, job.cores)))
     known.update(cores=shape.cores, memory_mib=shape.memory_mib)
     request = JobRequest(job_id=job.job_id, task_id=job.task_id, owner=job.owner,
                          image=rule.image, vo=rule.name, shape=shape)

@@ -405,11 +405,17 @@ class GuestSession:
                               "the connection broke)")
         return None
 
-    def check_call(self, command: str, stdin: bytes = b"") -> str:
-        """Run a small shell command; its stdout, or GuestError with its stderr."""
+    def check_call(self, command: str, stdin: bytes = b"", timeout: float | None = None) -> str:
+        """Run a small shell command; its stdout, or GuestError with its stderr (or when it
+        takes longer than `timeout` seconds)."""
         if (closed := self._closed()) is not None:
             raise closed
-        r = subprocess.run(self._argv(command), input=stdin, capture_output=True)
+        try:
+            r = subprocess.run(self._argv(command), input=stdin, capture_output=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"in the VM, {command.splitlines()[0]!r} did not end within "
+                             f"{timeout:g} s") from None
         if r.returncode == 255 and (closed := self._closed()) is not None:
             raise closed
         if r.returncode != 0:

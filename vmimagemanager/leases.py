@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .errors import LeaseDbBroken, LeaseDbBusy, LeaseError, NoFreeSlot, NoSpace, VmimError
 from .jobs import job_label
-from .shape import Budget, Shape
+from .shape import UNKNOWN, Budget, Shape
 from .states import LeaseState, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
@@ -61,11 +61,11 @@ CREATE TABLE IF NOT EXISTS boot_failures (
 """
 
 
-# Columns later versions added, with what a lease of an earlier version's database counts as
-# (a one-core slot of the old default size).
-EARLIER_SHAPE = Shape(cores=1, memory_mib=512)
-ADDED_COLUMNS = (("pid_start", 0), ("vcpus", EARLIER_SHAPE.cores),
-                 ("memory_mib", EARLIER_SHAPE.memory_mib))
+# Columns later versions added, with their value in a lease of an earlier version's database:
+# a VM of unknown size (shape.UNKNOWN), which holds the node's whole budget until reconcile
+# reads its size from libvirt.
+ADDED_COLUMNS = (("pid_start", 0), ("vcpus", UNKNOWN.cores), ("memory_mib", UNKNOWN.memory_mib))
+DEFAULT_SHAPE = Shape(cores=1, memory_mib=512)  # what an allocation without a shape gets
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class LeaseStore:
     @_guarded
     def allocate(self, slots: Sequence[str], job_id: str, task_id: str, owner: str,
                  image: str, vo: str = "", pid: int | None = None, *,
-                 shape: Shape = EARLIER_SHAPE, budget: Budget | None = None
+                 shape: Shape = DEFAULT_SHAPE, budget: Budget | None = None
                  ) -> tuple[Lease, bool]:
         """Take a free place for a VM of `shape` within the node's `budget` (None: places
         only); returns (lease, created). NoFreeSlot when no place is free or the VMs there
@@ -320,6 +320,16 @@ class LeaseStore:
                 return
             db.execute("UPDATE leases SET pid=?, pid_start=?, updated=? WHERE slot=?",
                        (pid, process_start(pid) or 0, time.time(), slot))
+
+    @_guarded
+    def set_shape(self, slot: str, job_label: str, shape: Shape) -> None:
+        """Record the size of a lease's VM (an earlier version's lease, read from libvirt)."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM leases WHERE slot=?", (slot,)).fetchone()
+            if row is None or self._lease(row).job_label != job_label:
+                return
+            db.execute("UPDATE leases SET vcpus=?, memory_mib=? WHERE slot=?",
+                       (shape.cores, shape.memory_mib, slot))
 
     @_guarded
     def get(self, slot: str) -> Lease | None:

@@ -92,10 +92,10 @@ def _sizes(slots: list[dict[str, Any]], memory: int | None, warnings: list[str]
            ) -> dict[str, Any]:
     """The original's fixed VM sizes (one core, vAlocatedMemory each) as the node's budget:
     what its slots add up to, with QEMU's overhead a VM; a job that asks for no memory gets the
-    global vAlocatedMemory (else the largest slot's). Each slot's own size goes (a VM has its
-    job's size now), with a warning where it differed."""
+    smallest slot's (so that every slot can still hold one). Each slot's own size goes (a VM
+    has its job's size now), with a warning where it differed."""
     sizes = [slot.pop("memory_mib", memory or 0) for slot in slots]
-    per_core = memory or max(sizes) or 2048
+    per_core = min(s for s in sizes if s) if any(sizes) else 2048
     for slot, size in zip(slots, sizes, strict=True):
         if size and size != per_core:
             warnings.append(f"[{slot['name']}] vAlocatedMemory = {size}: a VM has its job's "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -39,6 +40,7 @@ EMBED_MAX = 64 * 1024
 # with this status (a shell's for a process killed by SIGKILL): it did not get the memory it
 # needed, and a pilot or CE must see that it failed.
 OOM_STATUS = 137
+OOM_CHECK_TIMEOUT = 30.0  # seconds the VM gets to say its OOM count after the payload ended
 
 
 def embedded_write(target: str, script: bytes, room: int = EMBED_MAX) -> str | None:
@@ -106,16 +108,13 @@ class JobRunner:
         """How often the guest's OOM killer ran since the VM booted (its own counter: a job's
         VM is fresh, so any kill was of the job); 0 where the guest cannot say."""
         assert self.session is not None
-        try:
-            vmstat = self.session.check_call("cat /proc/vmstat")
+        try:  # the guest answers this: bounded in time, and only digits are taken
+            vmstat = self.session.check_call("cat /proc/vmstat", timeout=OOM_CHECK_TIMEOUT)
         except GuestError as exc:  # the VM is gone: the job's status says enough
             log.info("job %s: no OOM count from the VM: %s", self.job.label, exc)
             return 0
-        for line in vmstat.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill" and value.strip().isdigit():
-                return int(value)
-        return 0
+        found = re.search(r"^oom_kill ([0-9]{1,20})$", vmstat, re.M)
+        return int(found.group(1)) if found else 0
 
     def _preparation(self, scratch: str, write: str) -> str:
         """Shell lines that make the scratch dir (private from the start: the script is written

@@ -25,6 +25,10 @@ class Shape:
         return f"{self.cores} core{'s' if self.cores != 1 else ''} and {self.memory_mib} MiB"
 
 
+# The size of a lease made by an earlier version, before leases had one (leases.ADDED_COLUMNS)
+UNKNOWN = Shape(cores=0, memory_mib=0)
+
+
 @dataclass(frozen=True)
 class Budget:
     """What VMs may use on this node in all: `cores` vCPUs and `memory_mib` of memory, each VM
@@ -35,7 +39,10 @@ class Budget:
     vm_overhead_mib: int
 
     def cost(self, shape: Shape) -> tuple[int, int]:
-        """What one VM of `shape` takes from the budget: (cores, MiB)."""
+        """What one VM of `shape` takes from the budget: (cores, MiB); one of unknown size
+        (an earlier version's, until reconcile reads it) takes all of it."""
+        if shape == UNKNOWN:
+            return self.cores, self.memory_mib
         return shape.cores, shape.memory_mib + self.vm_overhead_mib
 
     def used(self, shapes: Iterable[Shape]) -> tuple[int, int]:

@@ -11,10 +11,10 @@ import pytest
 
 from tests.support import testdriver
 from vmimagemanager.batch.sge_accounting import record_fields
-from vmimagemanager.batch.sge_spool import granted_shape, memory_mib
+from vmimagemanager.batch.sge_spool import granted_shape, memory_mib, read_spool_file
 from vmimagemanager.config import parse_config
 from vmimagemanager.context import JobContext
-from vmimagemanager.errors import ConfigError, JobTooBig, NoFreeSlot
+from vmimagemanager.errors import ConfigError, JobTooBig, NoFreeSlot, VmimError
 from vmimagemanager.hypervisor import LibvirtHypervisor
 from vmimagemanager.jobs import Job
 from vmimagemanager.leases import SPARE_JOB_ID, LeaseStore
@@ -140,17 +140,40 @@ def test_racing_processes_never_hold_more_than_the_budget(tmp_path):
     assert sum(lease.vcpus for lease in LeaseStore(Path(db)).all()) == 4
 
 
-def test_an_earlier_versions_database_counts_its_leases_as_one_core(tmp_path):
-    db = tmp_path / "l.sqlite"
-    with sqlite3.connect(db) as conn:
+def test_an_earlier_versions_lease_holds_the_budget_until_reconcile_sizes_it(tmp_path):
+    """A lease made before leases had a size: its VM's size is unknown, so it holds the whole
+    budget (no new VM can be over-allocated beside it); reconcile reads the size from the
+    running domain."""
+    from vmimagemanager.domain_meta import VMIM_NS
+    from vmimagemanager.shape import UNKNOWN
+
+    cfg = _cfg(tmp_path, node={"cores": 4, "memory_mib": 8192})
+    cfg.state_dir.mkdir(parents=True)
+    with sqlite3.connect(cfg.leases_db) as conn:
         conn.execute("CREATE TABLE leases (slot TEXT PRIMARY KEY, job_id TEXT NOT NULL, "
                      "task_id TEXT NOT NULL, owner TEXT NOT NULL, image TEXT NOT NULL, "
                      "vo TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, pid INTEGER NOT NULL, "
                      "created REAL NOT NULL, updated REAL NOT NULL, UNIQUE (job_id, task_id))")
-        conn.execute("INSERT INTO leases VALUES ('p1','7','0','atlas001','atlas','atlas',"
+        conn.execute("INSERT INTO leases VALUES ('s1','7','0','atlas001','atlas','atlas',"
                      "'running',1,0,0)")
-    (lease,) = LeaseStore(db).all()
-    assert lease.shape == Shape(1, 512)
+    node = Node(cfg, LibvirtHypervisor(testdriver.URI), LeaseStore(cfg.leases_db))
+    (lease,) = node.leases.all()
+    assert lease.shape == UNKNOWN
+    with pytest.raises(NoFreeSlot, match="free: 0 of 4 cores"):
+        node.leases.allocate(["s2"], "8", "0", "cms001", "cms", shape=Shape(1, 256),
+                             budget=cfg.budget)
+    node.hv.start(f"<domain type='test'><name>vmim-s1</name><vcpu>2</vcpu>"
+                  f"<memory unit='MiB'>1024</memory><os><type>hvm</type></os><metadata>"
+                  f"<vmim:lease xmlns:vmim='{VMIM_NS}' job='7.0' image='atlas' owner='atlas001'"
+                  f" slot='s1'/></metadata></domain>")
+    try:
+        actions = node.reconcile()
+        assert any("sized lease 7.0 in slot s1: 2 cores and 1024 MiB" in a for a in actions)
+        assert node.leases.get("s1").shape == Shape(2, 1024)
+        node.leases.allocate(["s2"], "8", "0", "cms001", "cms", shape=Shape(1, 256),
+                             budget=cfg.budget)
+    finally:
+        node.hv.destroy("vmim-s1")
 
 
 def test_a_job_binds_only_a_spare_of_its_shape_and_others_are_retired_for_it(tmp_path):
@@ -181,8 +204,9 @@ def test_a_job_larger_than_the_node_is_refused_before_anything_is_leased(tmp_pat
 # -- what the batch system granted -----------------------------------------------------------------
 @pytest.mark.parametrize("spool, shape", [
     ({}, (1, None)),
-    # as execd spools them (gridengine 8.1.9): a serial job, h_vmem consumable, none asked
-    ({"pe": "none", "pe_slots": "1", "host_slots": "1", "h_vmem": "0"}, (1, None)),
+    # as execd spools them (gridengine 8.1.9): a serial job, h_vmem consumable with default 0
+    # (gridengine itself then kills the job at its start): the smallest VM, never a default
+    ({"pe": "none", "pe_slots": "1", "host_slots": "1", "h_vmem": "0"}, (1, 0)),
     ({"pe": "none", "pe_slots": "1", "host_slots": "1", "h_vmem": "300M"}, (1, 300)),
     ({"pe": "smp", "pe_slots": "2", "host_slots": "2", "h_vmem": "512M"}, (2, 1024)),
     ({"pe": "smp", "pe_slots": "4", "host_slots": "2", "h_vmem": "1G"}, (2, 2048)),
@@ -194,11 +218,33 @@ def test_sge_grants_the_slots_here_and_h_vmem_per_slot(spool, shape):
     assert granted_shape(spool) == shape
 
 
-@pytest.mark.parametrize("text, mib", [("512M", 512), ("536870912", 512), ("2G", 2048),
-                                       ("1.5G", 1536), ("1g", 954), ("1000k", 1), ("x", None),
-                                       ("INFINITY", None), ("", None), ("-1G", None)])
+@pytest.mark.parametrize("text, mib", [
+    ("512M", 512), ("536870912", 512), ("2G", 2048), ("1.5G", 1536), ("1g", 954),
+    ("1000k", 1), ("", None), ("INFINITY", None),
+    # as gridengine reads them (strtod; strtol with base 0 for a leading 0)
+    ("1e9", 954), ("+2G", 2048), ("0x10000000", 256), ("0400M", 256), ("010G", 8192),
+    ("0", 0),  # not "none asked": the smallest VM
+])
 def test_sge_memory_values(text, mib):
     assert memory_mib(text) == mib
+
+
+@pytest.mark.parametrize("text", ["x", "-1G", "1e999", "9" * 400, "²", "1 G", "1GG"])
+def test_an_sge_memory_value_that_is_not_one_holds_the_job(text):
+    with pytest.raises(VmimError, match="h_vmem=.* in the job's spooled config"):
+        memory_mib(text)
+
+
+def test_a_spooled_config_with_a_shape_line_twice_holds_the_job(tmp_path):
+    """A job argument with a line break adds lines to execd's config (job_argN is written as
+    it is): which pe or h_vmem is execd's cannot be told. Other separators do not split."""
+    config = tmp_path / "config"
+    config.write_text("pe=none\npe_slots=1\nhost_slots=1\nh_vmem=300M\n"
+                      "job_arg1=x\x1cpe=smp\x1chost_slots=8\u2028h_vmem=4G\n")
+    assert granted_shape(read_spool_file(str(tmp_path))) == (1, 300)
+    config.write_text(config.read_text() + "job_arg2=y\nhost_slots=8\nh_vmem=4G\n")
+    with pytest.raises(VmimError, match="names h_vmem, host_slots more than once"):
+        granted_shape(read_spool_file(str(tmp_path)))
 
 
 def test_the_accounting_record_covers_the_vms_cores_and_wall_time():
@@ -256,3 +302,33 @@ def test_a_vm_whose_file_server_inherits_a_limit_leaves_it_room(tmp_path):
     assert unlimited.stdout.strip() == "2 cores and 1024 MiB", unlimited.stderr
     limited = run("prlimit", f"--as={1 << 30}", "--")
     assert limited.stdout.strip() == f"2 cores and {1024 - SERVER_OWN_MIB} MiB", limited.stderr
+
+
+def test_idle_spares_are_retired_only_when_that_makes_room(tmp_path):
+    """Jobs hold 2 of 4 cores and two 1-core spares are idle: a 4-core job cannot fit even
+    without them, so both stay (a job retried again and again must not destroy the node's
+    spares each time); a 2-core job retires one."""
+    cfg = _cfg(tmp_path, node={"cores": 4, "memory_mib": 8192})
+    node = Node(cfg, LibvirtHypervisor(testdriver.URI), LeaseStore(tmp_path / "l.sqlite"))
+    node.leases.allocate(["s1"], "1", "0", "atlas001", "atlas", shape=Shape(2, 512))
+    for place in ("s2", "s3"):
+        node.leases.allocate([place], SPARE_JOB_ID, place, "", "atlas", shape=Shape(1, 256))
+        node.leases.transition(place, LeaseState.BOOTING)
+        node.leases.transition(place, LeaseState.SPARE)
+    places = [s.name for s in cfg.slots]
+    big = JobRequest("2", "0", "cms001", "cms", "cms", Shape(4, 512))
+    assert not node._spares_make_room(places, big.shape, ("cms", big.shape))
+    two = Shape(2, 512)
+    assert node._spares_make_room(places, two, ("cms", two))
+    assert node._spares_make_room(places, Shape(1, 256), ("cms", Shape(1, 256)))
+
+
+def test_fixed_size_slots_without_defaults_give_a_job_the_smallest_slots_share(tmp_path):
+    """An earlier version's slots of 2 vCPUs and 4 GiB each: a job that asks for nothing gets
+    2 GiB a core (not the built-in 512 MiB), and the budget still holds one VM a slot."""
+    slots = [{"name": f"s{i}", "vcpus": 2, "memory_mib": 4096,
+              "network": {"type": "user", "ssh_port": 30000 + i}} for i in range(3)]
+    cfg = _cfg(tmp_path, slots=slots)
+    assert cfg.budget == Budget(cores=6, memory_mib=3 * 4096, vm_overhead_mib=0)
+    assert cfg.job_shape("cms", 1, None) == Shape(1, 2048)
+    assert cfg.job_shape("cms", 2, None) == Shape(2, 4096)

@@ -126,10 +126,15 @@ SHOW_JOB = """JobId=16 JobName=x
 
 
 def test_a_jobs_own_fields_can_only_make_its_vm_smaller():
-    from vmimagemanager.batch.slurmctl import cpus_on_this_node, requested_memory
+    from vmimagemanager.batch.slurmctl import cpus_on_this_node, granted_from_show_job
 
-    sizes = requested_memory(SHOW_JOB, 2)
-    assert min(sizes) == 600 and sorted(sizes) == [600, 98 * 1024, 99 * 1024]
-    assert requested_memory("   MinCPUsNode=1 MinMemoryNode=1.5G MinTmpDiskNode=0", 1) == [1536]
-    assert requested_memory("   MinMemoryNode=0 ", 4) == [0]
-    assert [cpus_on_this_node(v) for v in ("2", "8(x3),1", "", "x")] == [2, 8, 1, 1]
+    assert granted_from_show_job(SHOW_JOB, 2, 4096) == 600  # 2 x 300M, not the name's 99G
+    # a field that says 0 (none asked) counts as the default: it cannot enlarge a 600 MiB job
+    assert granted_from_show_job(SHOW_JOB + "   MinMemoryNode=0\n", 2, 4096) == 600
+    # nor can a field enlarge a job that asked for none
+    assert granted_from_show_job("MinMemoryNode=0 \nComment=x MinMemoryNode=99G", 1, 256) == 256
+    assert granted_from_show_job("   MinCPUsNode=1 MinMemoryNode=1.5G MinTmpDiskNode=0", 1,
+                                 256) == 1536
+    assert granted_from_show_job("JobId=5 JobName=x", 1, 256) is None
+    assert [cpus_on_this_node(v) for v in ("2", "8(x3),1", "4,2", "", "x", "123456")] == [
+        2, 8, 4, 1, 1, 1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vmimagemanager.config import ConfigError, parse_config
-from vmimagemanager.leases import EARLIER_SHAPE, SPARE_JOB_ID, LeaseStore
+from vmimagemanager.leases import DEFAULT_SHAPE, SPARE_JOB_ID, LeaseStore
 from vmimagemanager.shape import Shape
 from vmimagemanager.states import LeaseState
 
@@ -83,9 +83,9 @@ def test_a_spare_goes_to_exactly_one_of_racing_jobs(tmp_path):
     assert store.claim_spare("atlas", "200", "0", "atlas001", "atlas") is None
     assert store.claim_spare("cms", lease.job_id, "0", "atlas001", "atlas") is None
     # retiring takes only idle spares, and never one of the image the caller needs
-    assert store.retire_spare(keep=("cms", EARLIER_SHAPE)) is None
+    assert store.retire_spare(keep=("cms", DEFAULT_SHAPE)) is None
     assert store.retire_spare(slot="s1") is None  # bound: a job's now
-    assert store.retire_spare(keep=("atlas", EARLIER_SHAPE)).slot == "s2"
+    assert store.retire_spare(keep=("atlas", DEFAULT_SHAPE)).slot == "s2"
 
 
 def test_spare_states_follow_the_table(tmp_path):

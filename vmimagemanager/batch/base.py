@@ -47,9 +47,11 @@ def lift_job_limits() -> None:
         try:
             if resource.getrlimit(limit) != unlimited:
                 resource.setrlimit(limit, unlimited)
-        except (ValueError, OSError) as exc:  # not root (a test); the hook goes on as it is
+        except (ValueError, OSError) as exc:  # no CAP_SYS_RESOURCE: the soft limit up to
+            hard = resource.getrlimit(limit)[1]  # the hard one, which cannot be raised
+            resource.setrlimit(limit, (hard, hard))
             logging.getLogger("vmimagemanager.batch").warning(
-                "cannot lift the job's resource limit %d: %s", limit, exc)
+                "cannot lift the job's resource limit %d (%s): it stays at %d", limit, exc, hard)
 
 
 def starter_arguments(prog: str, description: str, argv: Sequence[str] | None,

@@ -64,10 +64,10 @@ class Adapter(Protocol):
         """The job as the admission decides on it (the proxy's path for the audit trail), and
         whether it is an interactive one."""
 
-    def granted_memory(self, job: Job) -> int | None:
+    def granted_memory(self, job: Job, default_mib: int) -> int | None:
         """The memory the batch system granted a VM job on this node, in MiB (None: none
-        asked); asked only once the job is known to need a VM. RetryLater if it cannot be
-        read now."""
+        asked, and the VM gets `default_mib`, its VO's default); asked only once the job is
+        known to need a VM. RetryLater if it cannot be read now."""
 
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         """Tell the batch system the decision (by its table); the prolog's exit status."""
@@ -104,7 +104,10 @@ def run_prolog(adapter: Adapter, argv: Sequence[str] | None) -> int:
     interrupt_on_sigterm()
     try:
         job, interactive = adapter.admission(call)
-    except VmimError as exc:  # what the batch system granted the job could not be read
+    except Exception as exc:  # noqa: BLE001 - what the job was granted could not be read
+        if not isinstance(exc, VmimError):  # a bug: the job waits, held, with the reason
+            log.exception("job %s: unexpected error in its admission", call.job.label)
+            exc = VmimError(f"unexpected error: {exc!r}; see the node's log")
         decision = (Decision.retry if isinstance(exc, RetryLater) else Decision.hold)(str(exc))
         record(cfg, "start", call.job.label, owner=call.job.owner, queue=call.job.queue,
                outcome=decision.outcome.value, reason=decision.reason, cause="admission")

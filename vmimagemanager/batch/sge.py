@@ -123,7 +123,7 @@ class SgeHooks:
         return replace(job, env={"X509_USER_PROXY": proxy}, cores=cores,
                        memory_mib=memory), is_interactive(spool)
 
-    def granted_memory(self, job: Job) -> int | None:
+    def granted_memory(self, job: Job, default_mib: int) -> int | None:
         """Read from execd's spool at admission (granted_shape)."""
         return job.memory_mib
 

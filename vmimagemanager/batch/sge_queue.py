@@ -170,6 +170,11 @@ def consumable_h_vmem(cfg, hosts: Sequence[str]) -> int:
     """h_vmem a consumable (per slot, its default the node's memory per core) and each host's
     h_vmem what its VMs may have: node.memory_mib less QEMU's overhead of one VM a core. SGE
     then never sends more memory than the node gives; returns that figure."""
+    memory = cfg.budget.memory_mib - cfg.budget.cores * cfg.budget.vm_overhead_mib
+    if memory < cfg.memory_per_core_mib:
+        raise VmimError(f"node.memory_mib ({cfg.budget.memory_mib}) less QEMU's overhead of "
+                        f"one VM a core leaves {memory} MiB for h_vmem: give VMs more memory or "
+                        "fewer cores")
     lines = []
     for line in _qconf("-sc").stdout.splitlines():
         fields = line.split()
@@ -178,7 +183,6 @@ def consumable_h_vmem(cfg, hosts: Sequence[str]) -> int:
             line = " ".join(fields)
         lines.append(line)
     _qconf_file("-Mc", "\n".join(lines) + "\n")
-    memory = cfg.budget.memory_mib - cfg.budget.cores * cfg.budget.vm_overhead_mib
     for host in hosts:
         _qconf("-mattr", "exechost", "complex_values", f"h_vmem={memory}M", host)
     return memory

@@ -9,6 +9,7 @@ never blocking): the job's owner names the directory through the job's environme
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import stat
@@ -93,37 +94,71 @@ def is_interactive(spool: Mapping[str, str]) -> bool:
         "qrsh_control_port" in spool
 
 
-def read_spool_file(spool_dir: str | None, name: str = "config") -> dict[str, str]:
+class SpoolFile(dict):
+    """A key=value file of execd's: its values (the first of a key), and the keys written more
+    than once (`repeated`)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def read_spool_file(spool_dir: str | None, name: str = "config") -> SpoolFile:
     """A key=value file of the job's spool directory: `config` (handle_as_binary, shell_path,
-    script_file, ...) or, in the epilog, `usage` (exit_status, signal, ru_*)."""
-    values: dict[str, str] = {}
+    script_file, pe, h_vmem, ...) or, in the epilog, `usage` (exit_status, signal, ru_*).
+
+    Lines end at "\n" only, as execd writes them: str.splitlines would also end one at \x1c,
+    \x85 or \u2028, which a job's name or arguments (printed there as they are) may hold.
+    A job argument with a line break still adds a line: a key found twice is in `repeated`."""
+    values = SpoolFile()
     if not spool_dir:
         return values
     try:
         text = read_untrusted(os.path.join(spool_dir, name), None, SPOOL_FILE_MAX_BYTES)
     except OSError:
         return values
-    for line in text.decode("utf-8", errors="replace").splitlines():
+    repeated = set()
+    for line in text.decode("utf-8", errors="replace").split("\n"):
         key, sep, value = line.partition("=")
-        if sep:
+        if not sep:
+            continue
+        if key in values:
+            repeated.add(key)
+        else:
             values[key] = value
+    values.repeated = frozenset(repeated)
     return values
 
 
-# gridengine's memory specifiers (sge_types(1)): k, m, g are powers of 1000, K, M, G of 1024
+# gridengine's memory values (sge_types(1)): a number as strtod reads it, or, starting with 0,
+# as strtol with base 0 does (octal, 0x hex); k, m, g are powers of 1000, K, M, G of 1024
 MEMORY_UNITS = {"": 1, "k": 1000, "K": 1 << 10, "m": 1000 ** 2, "M": 1 << 20,
                 "g": 1000 ** 3, "G": 1 << 30}
-MEMORY_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)")
+MEMORY_RE = re.compile(r"\+?(0[xX][0-9a-fA-F]{1,16}|0[0-7]{0,22}|[1-9][0-9]{0,20}(?:\.[0-9]{1,20})?"
+                       r"(?:[eE][+-]?[0-9]{1,3})?|\.[0-9]{1,20})([kKmMgG]?)")
+SHAPE_KEYS = ("pe", "pe_slots", "host_slots", "h_vmem", "h_vmem_is_consumable_job")
 
 
 def memory_mib(text: str) -> int | None:
-    """A gridengine memory value ("512M", "2G", "536870912") in MiB, rounded up; None for
-    INFINITY, nothing or anything that is not one."""
-    match = MEMORY_RE.fullmatch(text.strip())
-    if match is None:
+    """A gridengine memory value ("512M", "2G", "536870912", "1e9", "0x20000000") in MiB,
+    rounded up; None for INFINITY or nothing (none asked); 0 for 0 (the smallest VM).
+    VmimError for anything else: the job is held with the value, never given a default."""
+    text = text.strip()
+    if text in ("", "INFINITY", "infinity"):
         return None
-    size = float(match.group(1)) * MEMORY_UNITS[match.group(2)]
-    return -(-int(size) // (1 << 20)) or None
+    match = MEMORY_RE.fullmatch(text)
+    if match is None:
+        raise VmimError(f"h_vmem={text[:40]!r} in the job's spooled config is not a memory "
+                        "value; resubmit it with one such as 2G")
+    number = match.group(1)
+    if number[:2] in ("0x", "0X"):
+        size = float(int(number, 16))
+    elif number.startswith("0") and "." not in number:
+        size = float(int(number, 8))
+    else:
+        size = float(number)
+    size *= MEMORY_UNITS[match.group(2)]
+    if not math.isfinite(size):
+        raise VmimError(f"h_vmem={text[:40]!r} in the job's spooled config is too large")
+    return math.ceil(size / (1 << 20))
 
 
 def granted_pe(spool: Mapping[str, str]) -> str:
@@ -137,11 +172,18 @@ def granted_shape(spool: Mapping[str, str]) -> tuple[int, int | None]:
     its spooled `config` (gridengine 8.1.9 writes `pe=none`, `pe_slots=1`, `host_slots=1` for
     a serial job): a PE job's slots here (host_slots; pe_slots under allocation_rule
     $pe_slots), else 1; h_vmem per slot times the slots (execd's own limit of the job is that
-    product), or the job's own value where the complex is consumable per JOB."""
+    product), or the job's own value where the complex is consumable per JOB. VmimError (the
+    job is held) where a value is not one, or one of them is written twice: a job argument
+    with a line break adds lines to the file, and which is execd's cannot be told."""
+    repeated = sorted(set(getattr(spool, "repeated", ())) & set(SHAPE_KEYS))
+    if repeated:
+        raise VmimError(f"the job's spooled config names {', '.join(repeated)} more than once "
+                        "(a job name or argument with a line break adds lines there): its "
+                        "cores and memory cannot be told; resubmit it without one")
     cores = 1
     if granted_pe(spool) != "NONE":
         for key in ("host_slots", "pe_slots"):
-            if spool.get(key, "").isdigit() and int(spool[key]) > 0:
+            if re.fullmatch(r"[0-9]{1,5}", spool.get(key, "")) and int(spool[key]) > 0:
                 cores = int(spool[key])
                 break
     per = memory_mib(spool.get("h_vmem", ""))

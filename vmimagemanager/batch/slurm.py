@@ -132,9 +132,9 @@ class SlurmHooks:
         cores = cpus_on_this_node(call.env.get("SLURM_JOB_CPUS_PER_NODE", ""))
         return replace(call.job, cores=cores), False
 
-    def granted_memory(self, job: Job) -> int | None:
+    def granted_memory(self, job: Job, default_mib: int) -> int | None:
         """Asked of slurmctld, for VM jobs only (job_memory_mib says why)."""
-        return job_memory_mib(job.job_id, job.cores)
+        return job_memory_mib(job.job_id, job.cores, default_mib)
 
     def report(self, cfg: Config | None, call: HookCall, decision: Decision) -> int:
         if action := PROLOG_ACTIONS[decision.outcome]:

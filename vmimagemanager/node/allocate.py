@@ -39,8 +39,10 @@ class Allocation:
             except NoFreeSlot:
                 if time.monotonic() > deadline:
                     raise
+                keep = (request.image, shape)
                 if (self.reclaim_stale() or self._wait_for_teardown(names, shape, deadline)
-                        or self.retire_spare(keep=(request.image, shape))):
+                        or (self._spares_make_room(names, shape, keep)
+                            and self.retire_spare(keep=keep))):
                     continue
                 raise
 
@@ -59,6 +61,18 @@ class Allocation:
                 return False
             time.sleep(0.1)
         return False
+
+    def _spares_make_room(self, names: list[str], shape: Shape, keep: tuple[str, Shape]
+                          ) -> bool:
+        """Whether retiring the idle spares not of `keep` would leave a place, the cores and
+        the memory for a VM of `shape`: if not, none is destroyed for nothing (the job is
+        retried, the spares stay for the jobs that fit them)."""
+        leases = self.leases.all()
+        spare = [lease for lease in leases if lease.is_spare and lease.state is LeaseState.SPARE
+                 and (lease.image, lease.shape) != keep]
+        rest = [lease for lease in leases if lease not in spare]
+        return bool(spare) and len({lease.slot for lease in rest} & set(names)) < len(names) \
+            and not self.cfg.budget.shortfall(shape, (lease.shape for lease in rest))
 
     def retire_spare(self, slot: str | None = None, keep: tuple[str, Shape] | None = None
                      ) -> str:

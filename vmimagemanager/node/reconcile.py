@@ -15,10 +15,11 @@ from ..context import (
     remove_context,
     root_context_path,
 )
-from ..domain_meta import lease_metadata
+from ..domain_meta import domain_shape, lease_metadata
 from ..errors import TeardownIncomplete, VmimError
 from ..homeserver import servers_of, stop_servers_of
 from ..leases import Lease, is_spare_label
+from ..shape import UNKNOWN, Shape
 from ..states import LeaseState
 from .model import lease_files
 
@@ -73,6 +74,24 @@ class Reconcile:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         return actions
 
+    def _size_earlier_leases(self, live: dict[str, Lease], xmls: dict[str, str],
+                             dry_run: bool) -> list[str]:
+        """A lease an earlier version made has no size (it holds the node's whole budget):
+        its running domain's vCPUs and memory, as libvirt says, become its size."""
+        done = []
+        for slot, lease in live.items():
+            xml = xmls.get(domain_name(slot))
+            if lease.shape != UNKNOWN or xml is None or \
+                    lease_metadata(xml).get("job") != lease.job_label:
+                continue
+            if (size := domain_shape(xml)) is None:
+                continue
+            done.append(f"sized lease {lease.job_label} in slot {slot}: {Shape(*size)} (from "
+                        "its domain)")
+            if not dry_run:
+                self.leases.set_shape(slot, lease.job_label, Shape(*size))
+        return done
+
     def reconcile(self, dry_run: bool = False) -> list[str]:
         """Compare leases, libvirt domains and files; clean up what no live lease explains.
 
@@ -80,8 +99,9 @@ class Reconcile:
         are read, and a prolog takes its lease before it makes any of them, so whatever a
         starting job owns is always explained by a lease read here.
         """
-        domains = {name: lease_metadata(xml) for name in self.hv.domain_names()
-                   if (xml := self.hv.domain_xml(name)) is not None}
+        xmls = {name: xml for name in self.hv.domain_names()
+                if (xml := self.hv.domain_xml(name)) is not None}
+        domains = {name: lease_metadata(xml) for name, xml in xmls.items()}
         files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
         contexts = list_contexts(self.cfg.run_dir)
         servers = servers_of(self.cfg.run_dir)
@@ -89,7 +109,7 @@ class Reconcile:
         released = self._reclaim(dry_run)
         actions = list(released.values())
         live = {s: lease for s, lease in leases.items() if s not in released}
-        more = []
+        more = self._size_earlier_leases(live, xmls, dry_run)
         for name, meta in domains.items():
             lease = live.get(name.removeprefix(DOMAIN_PREFIX))
             # A job lease on a domain still labelled as a spare: bound while this ran (the
