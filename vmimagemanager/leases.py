@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import LeaseDbBroken, LeaseDbBusy, LeaseError, NoFreeSlot, NoSpace, VmimError
 from .jobs import job_label
 from .shape import UNKNOWN, Budget, Shape
-from .states import LeaseState, check_transition
+from .states import LeaseState, check_adoption, check_transition
 
 log = logging.getLogger("vmimagemanager.leases")
 
@@ -143,6 +143,9 @@ class LeaseStore:
             self._conn.row_factory = sqlite3.Row
             self._conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
             self._conn.execute("PRAGMA journal_mode=WAL")
+            # a damaged page is found now, not half-way through a job's transition
+            if (found := self._conn.execute("PRAGMA quick_check(1)").fetchone()[0]) != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {found}")
             self._conn.executescript(SCHEMA)
             columns = {r["name"] for r in self._conn.execute("PRAGMA table_info(leases)")}
             for column, default in ADDED_COLUMNS:  # a database made by an earlier version
@@ -162,8 +165,8 @@ class LeaseStore:
             return NoSpace(f"no space left for the leases database {self.db_path}: free space "
                            f"in {self.db_path.parent}")
         return LeaseDbBroken(f"the leases database {self.db_path} cannot be used ({text}); "
-                             "when no job runs on this node, move it aside and run "
-                             "'vmimagemanager reconcile' (it starts an empty one)")
+                             "'vmimagemanager reconcile --rebuild' keeps it aside and rebuilds "
+                             "it from the domains libvirt runs (the next hook does so too)")
 
     def close(self) -> None:
         self._conn.close()
@@ -320,6 +323,21 @@ class LeaseStore:
                 return
             db.execute("UPDATE leases SET pid=?, pid_start=?, updated=? WHERE slot=?",
                        (pid, process_start(pid) or 0, time.time(), slot))
+
+    @_guarded
+    def adopt(self, slot: str, job_id: str, task_id: str, owner: str, image: str,
+              state: LeaseState, shape: Shape) -> None:
+        """A lease for a VM that runs without one (node/rebuild.py: a database rebuilt from
+        libvirt's domains); no process works on it (pid 0)."""
+        check_adoption(state, f"job {job_label(job_id, task_id)} slot {slot}")
+        now = time.time()
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO leases (slot, job_id, task_id, owner, image, vo, state, pid, "
+                "pid_start, created, updated, vcpus, memory_mib) "
+                "VALUES (?,?,?,?,?,'',?,0,0,?,?,?,?)",
+                (slot, job_id, task_id, owner, image, state.value, now, now, shape.cores,
+                 shape.memory_mib))
 
     @_guarded
     def set_shape(self, slot: str, job_label: str, shape: Shape) -> None:

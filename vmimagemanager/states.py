@@ -54,6 +54,16 @@ ALLOWED: dict[LeaseState, frozenset[LeaseState]] = {
 }
 
 
+# A lease rebuilt from a running domain (node/rebuild.py) comes into being in the state the
+# domain shows: a job's VM or an idle spare; nothing else can be told from libvirt.
+ADOPTABLE = frozenset({LeaseState.RUNNING, LeaseState.SPARE})
+
+
 def check_transition(current: LeaseState, target: LeaseState, what: str) -> None:
     if target not in ALLOWED[current]:
         raise LeaseError(f"{what}: cannot go from {current} to {target}")
+
+
+def check_adoption(target: LeaseState, what: str) -> None:
+    if target not in ADOPTABLE:
+        raise LeaseError(f"{what}: a lease rebuilt from a running domain cannot be {target}")

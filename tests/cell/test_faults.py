@@ -34,12 +34,12 @@ from tests.support.sgecell import (
     job_state,
     open_vm_cell,
     qacct,
-    release_held,
     sge,
     virsh,
     wait_done,
     wait_for,
 )
+from vmimagemanager.audit import read_history
 from vmimagemanager.batch.sge_queue import DEFAULT_EXECD_SPOOL
 
 pytestmark = [pytest.mark.integration, pytest.mark.sge]
@@ -275,31 +275,27 @@ def test_a_leases_database_locked_for_30_s_delays_the_job_but_loses_nothing(faul
     faults.assert_clean()
 
 
-def test_a_corrupt_leases_database_holds_the_job_with_the_reason(faults):
+def test_a_corrupt_leases_database_is_rebuilt_and_jobs_go_on_without_an_admin(faults):
+    """A job runs when the database is destroyed: it finishes, the next job runs, no admin
+    command; the broken files are kept aside for the admin (node/rebuild.py)."""
     db = faults.cfg.leases_db
-    aside = db.with_name("leases.saved")
-    aside.mkdir(parents=True)
-    for suffix in ("", "-wal", "-shm"):
-        f = Path(f"{db}{suffix}")
-        if f.exists():
-            f.rename(aside / f.name)
+    running = faults.run_job("dbrunning", sleep=15)
+    faults.wait_started("dbrunning")
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
     db.write_bytes(b"this is not an SQLite database\n" * 100)
-    try:
-        job_id = faults.run_job("dbcorrupt")
-        wait_for(lambda: "E" in job_state(job_id), "the job to be held (Eqw)", timeout=120)
-        _, err = faults.output("dbcorrupt", "atlas001")
-        line = next(x for x in err.splitlines() if "leases database" in x)
-        assert f"the leases database {db} cannot be used" in line
-        assert "the job is held (Eqw)" in line and f"'qmod -cj {job_id}'" in line
-        faults.assert_queue_usable()
-    finally:  # what the admin does: put the database back, release the job
-        db.unlink()
-        for f in aside.iterdir():
-            f.rename(db.parent / f.name)
-        aside.rmdir()
-    release_held(job_id)
+    faults.run_job("dbcorrupt")
+    ran_to_the_end(faults, "dbrunning")
     ran_to_the_end(faults, "dbcorrupt")
+    assert not job_state(running)
+    (kept,) = db.parent.glob("leases.broken-*")
+    assert (kept / db.name).read_bytes().startswith(b"this is not an SQLite database")
+    history = "\n".join(e.get("action", "") for e in read_history(faults.cfg)
+                        if e["event"] == "reconcile")
+    assert "rebuilt the leases database from libvirt" in history, history
+    faults.assert_queue_usable()
     faults.assert_clean()
+    shutil.rmtree(kept)
 
 
 def test_an_image_changed_after_import_holds_its_jobs_with_the_reason(faults):

@@ -197,10 +197,20 @@ STORE = Command("store", "save a slot's current disk as a new image NAME", confi
 # -- reconcile --------------------------------------------------------------------------------
 def _reconcile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    parser.add_argument("--rebuild", action="store_true", help="move the leases database aside "
+                        "(kept in state_dir) and rebuild it from the domains libvirt runs")
 
 
 def reconcile(cfg: Config, args: argparse.Namespace) -> int:
-    actions = open_node(cfg).reconcile(dry_run=args.dry_run)
+    life = open_node(cfg)
+    if args.rebuild and not args.dry_run:
+        # lazy: the lifecycle (node.rebuild with it) is loaded by open_node, not at the CLI's start
+        from ..node.rebuild import rebuild_leases
+
+        life.leases.close()
+        life.leases = rebuild_leases(cfg, life.hv, None, "asked by 'reconcile --rebuild'",
+                                     force=True)
+    actions = life.reconcile(dry_run=args.dry_run)
     prefix = "would " if args.dry_run else ""
     for action in actions:
         print(prefix + action)

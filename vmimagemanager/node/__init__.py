@@ -24,6 +24,7 @@ from .admin import Admin
 from .allocate import Allocation
 from .coldboot import ColdBoot
 from .model import EndResult, JobRequest, PhaseTimer, StartResult
+from .rebuild import open_leases
 from .reconcile import Reconcile
 from .state import ensure_state_dirs
 from .teardown import Teardown
@@ -49,6 +50,5 @@ def open_node(cfg: Config, db_wait: float | None = None) -> Node:
     root's temporary directory set), libvirt at cfg.libvirt_uri, the leases database
     (`db_wait`: how long to wait for another process's lock, if not the default)."""
     ensure_state_dirs(cfg)
-    leases = LeaseStore(cfg.leases_db) if db_wait is None else LeaseStore(cfg.leases_db,
-                                                                          wait=db_wait)
-    return Node(cfg, LibvirtHypervisor(cfg.libvirt_uri), leases)
+    hv = LibvirtHypervisor(cfg.libvirt_uri)
+    return Node(cfg, hv, open_leases(cfg, hv, db_wait))
