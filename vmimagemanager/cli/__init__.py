@@ -19,7 +19,8 @@ from . import images, node_setup, report, slots
 from .command import Command, Group
 
 COMMANDS: tuple[Command | Group, ...] = (
-    slots.SLOTS, slots.SPARES, slots.AGENT, report.HISTORY, report.METRICS, images.IMAGES,
+    slots.SLOTS, slots.SPARES, slots.AGENT, report.HEALTH, report.HISTORY, report.METRICS,
+    images.IMAGES,
     slots.UP, slots.DOWN, slots.KILL, slots.STORE, slots.RECONCILE, report.PRINT_CONFIG,
     node_setup.ADMIN_KEY, node_setup.CONFIG, slots.EXEC, node_setup.SGE, node_setup.SLURM,
 )

@@ -14,6 +14,34 @@ from .command import Command, configured
 from .output import table
 
 
+# -- health -----------------------------------------------------------------------------------
+def _health_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true")
+
+
+def health(cfg: Config, args: argparse.Namespace) -> int:
+    """Each check, its state and since when; exit 0 healthy, 1 degraded, 2 out of service."""
+    # lazy: the checks open the node (libvirt, leases, images): this command's alone
+    from ..health import as_json, run_checks, status
+    from .command import open_node
+
+    results = run_checks(open_node(cfg))
+    if args.json:
+        print(as_json(results))
+        return status(results)
+    rows = [{"check": r.check, "scope": r.scope, "state": "ok" if r.ok else "FAILED",
+             "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.since)),
+             "detail": r.detail} for r in results]
+    print(table(rows, ["check", "scope", "state", "since", "detail"]))
+    print(["healthy", "degraded: a VO's jobs are held (see its check)",
+           "out of service: no VM job can start on this node"][status(results)])
+    return status(results)
+
+
+HEALTH = Command("health", "the node's health checks: each one's state and since when",
+                 configured(health), _health_arguments)
+
+
 # -- history ----------------------------------------------------------------------------------
 def _history_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", help="one job: ID or ID.TASK")
