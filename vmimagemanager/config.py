@@ -506,10 +506,8 @@ def _parse_budget(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> Budget:
     configuration of fixed-size slots), the budget is what the slots' sizes add up to: every
     slot can hold a VM of its old size at once."""
     if raw is None:
-        overhead = 0
         return Budget(cores=sum(s.vcpus for s in slots),
-                      memory_mib=sum(s.memory_mib + overhead for s in slots),
-                      vm_overhead_mib=overhead)
+                      memory_mib=sum(s.memory_mib for s in slots), vm_overhead_mib=0)
     raw = c.mapping(raw, "node", {"cores", "memory_mib", "host_reserve_mib",
                                   "vm_overhead_mib"})
     overhead = c.typed(raw.get("vm_overhead_mib", DEFAULT_VM_OVERHEAD_MIB),
