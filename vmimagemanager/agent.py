@@ -17,11 +17,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import agentwake, metrics
 from .audit import record
+from .config import Config
 from .errors import NoFreeSlot, RetryLater, VmimError
 from .flow import NOT_BOOT_FAILURES
+from .health import back_in_service, failing, reason, run_checks
 from .leases import Lease
 from .metrics import cause_of
 from .node import Node
@@ -36,6 +39,17 @@ BACKOFF_FIRST = 30.0  # seconds before an image whose spare failed to boot is tr
 BACKOFF_MAX = 900.0
 
 
+class Scheduling(Protocol):
+    """The batch system's side of taking this node out of scheduling for VM jobs and back
+    (batch/service.py, given by the front end: the core never imports an adapter)."""
+
+    def take_out(self, cfg: Config, reason: str) -> list[str]: ...
+
+    def put_back(self, cfg: Config) -> list[str]: ...
+
+    def out_of_service(self, cfg: Config) -> dict: ...
+
+
 @dataclass
 class Agent:
     """`make_life` gives each boot its own life cycle (a lease-store and a libvirt connection of
@@ -48,15 +62,40 @@ class Agent:
     backoff: dict[tuple[str, Shape], tuple[float, float]] = field(default_factory=dict)
     booting: dict[Future, tuple[str, Shape]] = field(default_factory=dict)  # boot -> its kind
     pool: ThreadPoolExecutor | None = None
+    scheduling: Scheduling | None = None  # None: the checks are kept and reported, no action
 
     def round(self) -> list[str]:
-        """One round; returns what was done, one line each."""
+        """One round; returns what was done, one line each. The node's health is checked
+        last, whatever failed before (libvirtd down ends the round early)."""
         actions = self._collect()
-        actions += self.life.reconcile()
-        actions += self._replace_outdated()
-        self._fill()  # what it starts is reported by _collect once done
-        metrics.observe(self.life.cfg)  # the gauges, fresh each round
+        try:
+            actions += self.life.reconcile()
+            actions += self._replace_outdated()
+            self._fill()  # what it starts is reported by _collect once done
+        finally:
+            for line in self._health():
+                log.warning("agent: %s", line)
+            metrics.observe(self.life.cfg)  # the gauges, fresh each round
         return actions
+
+    def _health(self) -> list[str]:
+        """Take the node out of scheduling for VM jobs while a node check fails; put it back
+        once they have all passed for health.back_after (batch/service.py); each change in the
+        audit trail."""
+        cfg, switch = self.life.cfg, self.scheduling
+        results = run_checks(self.life)
+        if switch is None:
+            done = []
+        elif failing(results):
+            done = switch.take_out(cfg, reason(results))
+        elif switch.out_of_service(cfg) and back_in_service(results, cfg.health.back_after,
+                                                             time.time()):
+            done = switch.put_back(cfg)
+        else:
+            done = []
+        for line in done:
+            record(cfg, "health", action=line)
+        return done
 
     def wait(self) -> list[str]:
         """Let the boots under way finish (agent --once, shutdown)."""
@@ -160,7 +199,7 @@ class Agent:
 
 
 def run(life: Node, make_life: Callable[[], Node], once: bool = False,
-        interval: float | None = None) -> int:
+        interval: float | None = None, scheduling: Scheduling | None = None) -> int:
     """The agent's main loop; one instance per node (a lock in the state directory)."""
     lock_path = life.cfg.state_dir / "agent.lock"
     lock = open(lock_path, "w")  # noqa: SIM115 - held for the process's life
@@ -170,7 +209,7 @@ def run(life: Node, make_life: Callable[[], Node], once: bool = False,
         raise VmimError(f"another vmimagemanager agent runs on this node ({lock_path} is "
                         "locked); stop it first") from None
     interrupt_on_sigterm()
-    agent = Agent(life, make_life)
+    agent = Agent(life, make_life, scheduling=scheduling)
     pause = interval or life.cfg.spares.interval
     wake = None if once else agentwake.listen(life.cfg)
     try:

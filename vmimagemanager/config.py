@@ -131,6 +131,15 @@ class SparePolicy:
 
 
 @dataclass(frozen=True)
+class HealthPolicy:
+    """What the node's health checks demand, and when a node that took itself out of
+    scheduling puts itself back (docs/troubleshooting.md, "Is the node healthy?")."""
+
+    min_free_mib: int = 1024  # in overlay_dir and in state_dir
+    back_after: float = 60.0  # seconds every node check must have passed before it is back
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     libvirt_uri: str
@@ -163,6 +172,7 @@ class Config:
     # Loopback ports a user-network VM's ssh forward may get at boot (ports.py); below Linux's
     # ephemeral range (32768-60999), so outgoing connections do not take them.
     ssh_ports: tuple[int, int] = DEFAULT_SSH_PORTS
+    health: HealthPolicy = HealthPolicy()
 
     def slot(self, name: str) -> Slot:
         for slot in self.slots:
@@ -195,7 +205,7 @@ TOP_KEYS = {
     "grid_ca_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
-    "on_boot_failure", "metrics_dir", "ssh_ports", "node", "job_defaults",
+    "on_boot_failure", "metrics_dir", "ssh_ports", "node", "job_defaults", "health",
 }
 DEFAULT_VM_OVERHEAD_MIB = 256  # QEMU's own memory per VM (docs/job-shapes.md: measured)
 DEFAULT_HOST_RESERVE_MIB = 2048
@@ -539,6 +549,15 @@ def _parse_per_core(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> int:
                    "job_defaults.memory_per_core_mib", int, "MiB >= 64", lambda v: v >= 64)
 
 
+def _parse_health(c: _Checker, raw: Any) -> HealthPolicy:
+    raw = c.mapping(raw or {}, "health", {"min_free_mib", "back_after"})
+    return HealthPolicy(
+        min_free_mib=c.typed(raw.get("min_free_mib", 1024), "health.min_free_mib", int,
+                             "MiB >= 0", lambda v: v >= 0),
+        back_after=c.typed(raw.get("back_after", 60), "health.back_after", float,
+                           "seconds >= 0", lambda v: v >= 0))
+
+
 def _parse_places_and_budget(c: _Checker, data: dict[str, Any]
                              ) -> tuple[tuple[Slot, ...], Budget, int]:
     """The VM places, the node's budget and the memory per core of a job that asks for none:
@@ -615,6 +634,7 @@ def parse_config(data: Any, path: str) -> Config:
         metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
                      if data.get("metrics_dir") is not None else None),
         ssh_ports=_parse_port_range(c, data.get("ssh_ports")),
+        health=_parse_health(c, data.get("health")),
     )
 
 

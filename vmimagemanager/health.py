@@ -2,11 +2,13 @@
 what one VO needs to run its jobs.
 
 A failed **node** check (libvirtd, the free space of overlay_dir and state_dir, the leases
-database, leases and domains agreeing) means no VM job can start here; a failed **vo** check
-(one image missing or changed) concerns that VO's jobs only, which are held per job with the
-reason as before. Each check's state is kept with the time it last changed
-(`state_dir/health.json`, root-only), so the report says since when. This module checks and
-reports; taking the node out of scheduling on a failed node check is the next step (issue 31).
+database) means no VM job can start here: the agent takes the node out of scheduling for VM
+jobs (batch/service.py) and puts it back once every node check has passed for
+`health.back_after` seconds. Leases and domains disagreeing is reported (the agent's own
+reconcile mends it each round) but takes nothing out. A failed **vo** check (one image missing
+or changed) concerns that VO's jobs only, which are held per job with the reason as before.
+Each check's state is kept with the time it last changed (`state_dir/health.json`,
+root-only), so the report says since when.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from .files import write_private_file
 if TYPE_CHECKING:
     from .node import Node
 
-MIN_FREE_MIB = 1024  # below this in overlay_dir or state_dir, no job's VM can be started safely
 HEALTHY, DEGRADED, OUT_OF_SERVICE = 0, 1, 2  # the command's exit status
 
 
@@ -34,17 +35,19 @@ class CheckResult:
     ok: bool
     detail: str
     since: float = 0.0
+    acts: bool = True  # a failed node check takes the node out (leases_agree: reported only)
 
 
-def _free_space(name: str, path) -> CheckResult:
+def _free_space(name: str, path, floor: int) -> CheckResult:
+    """At least `floor` MiB free (health.min_free_mib): below, no VM can be started safely."""
     try:
         st = os.statvfs(path)
     except OSError as exc:
         return CheckResult(name, "node", False, f"{path}: {exc.strerror}")
     free = st.f_bavail * st.f_frsize >> 20
-    ok = free >= MIN_FREE_MIB
+    ok = free >= floor
     return CheckResult(name, "node", ok, f"{free} MiB free in {path}"
-                       + ("" if ok else f" (less than {MIN_FREE_MIB} MiB: free space)"))
+                       + ("" if ok else f" (less than {floor} MiB: free space)"))
 
 
 def _libvirt(life: Node) -> CheckResult:
@@ -73,7 +76,7 @@ def _leases(life: Node) -> list[CheckResult]:
         CheckResult("leases_agree", "node", not disagree,
                     "leases, domains and files agree" if not disagree else
                     f"{len(disagree)} to reconcile, e.g. {disagree[0]} ('vmimagemanager "
-                    "reconcile' or the agent's next round)")]
+                    "reconcile' or the agent's next round)", acts=False)]
 
 
 def _images(life: Node) -> list[CheckResult]:
@@ -92,8 +95,10 @@ def _images(life: Node) -> list[CheckResult]:
 
 def run_checks(life: Node) -> list[CheckResult]:
     """Every check, now; each with the time its state last changed (kept in state_dir)."""
-    results = [_libvirt(life), _free_space("overlay_dir", life.cfg.overlay_dir),
-               _free_space("state_dir", life.cfg.state_dir), *_leases(life), *_images(life)]
+    floor = life.cfg.health.min_free_mib
+    results = [_libvirt(life), _free_space("overlay_dir", life.cfg.overlay_dir, floor),
+               _free_space("state_dir", life.cfg.state_dir, floor), *_leases(life),
+               *_images(life)]
     return _with_since(life, results)
 
 
@@ -108,7 +113,7 @@ def _with_since(life: Node, results: list[CheckResult]) -> list[CheckResult]:
     for r in results:
         seen = before.get(r.check, {})
         since = seen.get("since", now) if seen.get("ok") == r.ok else now
-        dated.append(CheckResult(r.check, r.scope, r.ok, r.detail, float(since)))
+        dated.append(CheckResult(r.check, r.scope, r.ok, r.detail, float(since), r.acts))
     fresh = path.with_name(f".{path.name}.{os.getpid()}")
     fresh.unlink(missing_ok=True)
     write_private_file(fresh, json.dumps({r.check: {"ok": r.ok, "since": r.since}
@@ -117,14 +122,31 @@ def _with_since(life: Node, results: list[CheckResult]) -> list[CheckResult]:
     return dated
 
 
-def status(results: list[CheckResult]) -> int:
-    """0 healthy; 1 degraded (a VO's check failed: its jobs are held, the others run); 2 a
-    node check failed (no VM job can start here)."""
-    if any(not r.ok and r.scope == "node" for r in results):
+def failing(results: list[CheckResult]) -> list[CheckResult]:
+    """The failed node checks that take the node out of scheduling."""
+    return [r for r in results if not r.ok and r.scope == "node" and r.acts]
+
+
+def back_in_service(results: list[CheckResult], back_after: float, now: float) -> bool:
+    """Every node check has passed for `back_after` seconds."""
+    return not failing(results) and all(now - r.since >= back_after for r in results
+                                        if r.scope == "node" and r.acts)
+
+
+def reason(results: list[CheckResult]) -> str:
+    return "; ".join(f"{r.check}: {r.detail}" for r in failing(results))
+
+
+def status(results: list[CheckResult], out: bool = False) -> int:
+    """0 healthy; 1 degraded (a VO's check failed: its jobs are held, the others run; or
+    leases and domains disagree); 2 out of service: a node check failed (no VM job can start
+    here) or the node took itself out and is not back yet (`out`)."""
+    if failing(results) or out:
         return OUT_OF_SERVICE
     return DEGRADED if any(not r.ok for r in results) else HEALTHY
 
 
-def as_json(results: list[CheckResult]) -> str:
-    return json.dumps({"status": ["healthy", "degraded", "out of service"][status(results)],
-                       "checks": [asdict(r) for r in results]}, indent=2)
+def as_json(results: list[CheckResult], out_of_service: dict) -> str:
+    return json.dumps({"status": ["healthy", "degraded", "out of service"][
+        status(results, bool(out_of_service))], "out_of_service": out_of_service or None,
+        "checks": [asdict(r) for r in results]}, indent=2)

@@ -64,9 +64,8 @@ def test_node_checks_that_fail_put_it_out_of_service(tmp_path):
     assert health.status(results) == health.OUT_OF_SERVICE
 
 
-def test_free_space_below_the_floor_fails(tmp_path, monkeypatch):
-    monkeypatch.setattr(health, "MIN_FREE_MIB", 1 << 40)  # more than any disk here has
-    result = health._free_space("overlay_dir", tmp_path)
+def test_free_space_below_the_floor_fails(tmp_path):
+    result = health._free_space("overlay_dir", tmp_path, 1 << 40)  # more than any disk has
     assert not result.ok and "free space" in result.detail
 
 

@@ -21,6 +21,7 @@ from ..config import load_config
 from ..errors import VmimError
 from ..node.state import ensure_admin_key
 from . import wrappers
+from .service import register
 from .sge import HOOK_ENV
 from .wrappers import HookSystem
 
@@ -227,6 +228,7 @@ def install_queue(config_path: str, args) -> int:
         _qconf("-Mq" if exists else "-Aq", fh.name)
     finally:
         os.unlink(fh.name)
+    register(cfg, "sge", queue=args.queue)  # the agent takes it out on a failed health check
     print(f"queue {args.queue} {'updated' if exists else 'created'} on {', '.join(hosts)}: "
           f"{values['slots']} slots, hooks in {args.wrapper_dir}"
           + (f", multicore jobs with -pe {pe} N" if pe else "")

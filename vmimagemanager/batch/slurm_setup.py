@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from ..config import load_config
 from ..errors import VmimError
 from ..node.state import ensure_admin_key
 from . import wrappers
+from .service import register
 from .slurm import HOOK_ENV
 from .wrappers import HookSystem
 
@@ -86,7 +88,9 @@ def slurmd_settings() -> dict[str, str]:
 def install_hooks(config_path: str, args) -> int:
     config = os.path.abspath(config_path)
     # a configuration that does not load never reaches slurmd; the Prolog never makes the key
-    ensure_admin_key(load_config(config))
+    cfg = load_config(config)
+    ensure_admin_key(cfg)
+    register(cfg, "slurm", node=socket.gethostname().split(".")[0])  # drained when unhealthy
     directory = Path(args.dir)
     bindir = Path(sys.executable).parent
     bodies = {}

@@ -22,20 +22,26 @@ def _health_arguments(parser: argparse.ArgumentParser) -> None:
 def health(cfg: Config, args: argparse.Namespace) -> int:
     """Each check, its state and since when; exit 0 healthy, 1 degraded, 2 out of service."""
     # lazy: the checks open the node (libvirt, leases, images): this command's alone
+    from ..batch.service import out_of_service
     from ..health import as_json, run_checks, status
     from .command import open_node
 
-    results = run_checks(open_node(cfg))
+    results, out = run_checks(open_node(cfg)), out_of_service(cfg)
+    code = status(results, bool(out))
     if args.json:
-        print(as_json(results))
-        return status(results)
+        print(as_json(results, out))
+        return code
     rows = [{"check": r.check, "scope": r.scope, "state": "ok" if r.ok else "FAILED",
              "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.since)),
              "detail": r.detail} for r in results]
     print(table(rows, ["check", "scope", "state", "since", "detail"]))
-    print(["healthy", "degraded: a VO's jobs are held (see its check)",
-           "out of service: no VM job can start on this node"][status(results)])
-    return status(results)
+    if out:
+        print(f"taken out of scheduling by the agent since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(out['since']))}: "
+              f"{out['reason']} ({', '.join(out['sge']) or out['slurm'] or 'nothing to take'})")
+    print(["healthy", "degraded: see the failed check (a VO's jobs are held, or reconcile is "
+           "owed)", "out of service: no VM job can start on this node"][code])
+    return code
 
 
 HEALTH = Command("health", "the node's health checks: each one's state and since when",

@@ -110,6 +110,7 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
 def run_agent(cfg: Config, args: argparse.Namespace) -> int:
     # lazy: the agent's loop and its thread pool serve this long-running command only
     from ..agent import run
+    from ..batch import service
     from ..node.state import ensure_admin_key
     from ..rootenv import become_clean
 
@@ -118,7 +119,8 @@ def run_agent(cfg: Config, args: argparse.Namespace) -> int:
     become_clean()
     ensure_admin_key(cfg)  # spares log in as root: the key is made here, never by a hook
     setup_logging("vmimagemanager-agent", verbose=args.verbose, stderr_level=logging.INFO)
-    return run(open_node(cfg), lambda: open_node(cfg), once=args.once, interval=args.interval)
+    return run(open_node(cfg), lambda: open_node(cfg), once=args.once, interval=args.interval,
+               scheduling=service)
 
 
 AGENT = Command("agent", "keep warm spares ready and heal the node (long-running)",
