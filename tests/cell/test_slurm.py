@@ -100,7 +100,7 @@ def slurm(libvirt_system, guest_images):
     require(up.returncode == 0, f"the Slurm cluster did not come up: {up.stderr.strip()}")
     base = make_base_dir("vmim-slurm-")
     path = write_config(base, slots=2, prefix=f"sl{os.getpid()}s", extra={
-        **node_budget(cores=2, memory_mib=2048),
+        **node_budget(cores=2, memory_mib=2048), "health": {"back_after": 0},
         "boot_timeout": 60, "max_boot_attempts": 2, "vos": BROKEN_VOS,
         "shared_paths": [{"path": "/home", "mode": "hypervisor"}]})
     cfg = load_config(str(path))
@@ -226,3 +226,23 @@ def test_a_job_step_of_a_vm_job_is_refused_with_the_reason(slurm):
     assert r.returncode != 0
     assert "job steps (srun, salloc) cannot run in a job's VM" in r.stderr, r.stderr
     slurm.assert_clean()
+
+
+def test_libvirtd_down_drains_the_node_with_the_reason_and_resumes_it(slurm):
+    """The agent's round drains this Slurm node while libvirtd is down (`sinfo -R` says why)
+    and resumes it once it is back (health.back_after 0 here: the next round)."""
+    from tests.support.sgecell import agent_once
+
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
+             "libvirtd to stop", timeout=60, interval=0.5)
+    try:
+        agent_once(slurm)
+        reasons = subprocess.run(["sinfo", "-R", "-h", "-o", "%E"], capture_output=True,
+                                 text=True).stdout
+        assert reasons.startswith("vmimagemanager: libvirtd"), reasons
+        assert "drain" in node_state(), node_state()
+    finally:
+        assert run_script(str(HARNESS / "libvirt-up.sh")).returncode == 0
+    agent_once(slurm)
+    assert settled_node_state() == "idle"
