@@ -65,18 +65,21 @@ def _leases(life: Node) -> list[CheckResult]:
     with libvirt: what reconcile would do is what is leaked or left over."""
     try:
         leases = life.leases.all()
-        disagree = life.reconcile(dry_run=True)
     except VmimError as exc:
         return [CheckResult("leases_db", "node", False, str(exc))]
     cores, memory = life.cfg.budget.used(lease.shape for lease in leases)
-    return [
-        CheckResult("leases_db", "node", True, f"{len(leases)} leases, {cores} of "
-                    f"{life.cfg.budget.cores} cores and {memory} of {life.cfg.budget.memory_mib} "
-                    "MiB held"),
-        CheckResult("leases_agree", "node", not disagree,
-                    "leases, domains and files agree" if not disagree else
-                    f"{len(disagree)} to reconcile, e.g. {disagree[0]} ('vmimagemanager "
-                    "reconcile' or the agent's next round)", acts=False)]
+    held = CheckResult("leases_db", "node", True, f"{len(leases)} leases, {cores} of "
+                       f"{life.cfg.budget.cores} cores and {memory} of "
+                       f"{life.cfg.budget.memory_mib} MiB held")
+    try:
+        disagree = life.reconcile(dry_run=True)
+    except VmimError as exc:  # libvirtd: its own check says so
+        return [held, CheckResult("leases_agree", "node", False, f"cannot be compared: {exc}",
+                                  acts=False)]
+    return [held, CheckResult(
+        "leases_agree", "node", not disagree, "leases, domains and files agree" if not disagree
+        else f"{len(disagree)} to reconcile, e.g. {disagree[0]} ('vmimagemanager reconcile' or "
+        "the agent's next round)", acts=False)]
 
 
 def _images(life: Node) -> list[CheckResult]:
