@@ -104,6 +104,12 @@ FAMILIES = (
     Family("vmimagemanager_vm_memory_bytes", "gauge",
            "Memory of this node's VM budget, QEMU's per-VM overhead included: held by leases "
            "(used) and in all (total).", ("state",)),
+    Family("vmimagemanager_node_healthy", "gauge",
+           "Each health check's last state (1 passed, 0 failed), as the agent's round or "
+           "'vmimagemanager health' found it.", ("check",)),
+    Family("vmimagemanager_node_in_service", "gauge",
+           "0 while the node has taken itself out of scheduling for VM jobs (a node check "
+           "failed), else 1.", ()),
     Family("vmimagemanager_image_info", "gauge",
            "Images present on this node, with the sha256 of their disk.", ("image", "sha256")),
 )
@@ -220,6 +226,22 @@ def node_gauges(cfg: Config) -> dict:
     else:
         gauges["vmimagemanager_image_info"] = {
             json.dumps([i.name, i.sha256.get(i.disk, "")]): 1 for i in images}
+    gauges.update(_health_gauges(cfg))
+    return gauges
+
+
+def _health_gauges(cfg: Config) -> dict:
+    """Each health check's last state (health.py writes it) and whether the node took itself
+    out of scheduling (batch/service.py's marker): files of root's, read, never run."""
+    gauges: dict = {}
+    try:
+        checks = json.loads((cfg.state_dir / "health.json").read_text())
+        gauges["vmimagemanager_node_healthy"] = {
+            json.dumps([str(name)]): int(bool(c.get("ok"))) for name, c in checks.items()}
+    except (OSError, ValueError, AttributeError):
+        pass  # no check has run yet: no series
+    gauges["vmimagemanager_node_in_service"] = {
+        "[]": int(not (cfg.state_dir / "out-of-service.json").exists())}
     return gauges
 
 

@@ -151,6 +151,7 @@ def test_gauges_come_from_the_leases_and_the_image_store(tmp_path):
     assert value(s, "vmimagemanager_vm_cores", state="used") == 3 == used[0]
     assert value(s, "vmimagemanager_vm_cores", state="total") == cfg.budget.cores
     assert value(s, "vmimagemanager_vm_memory_bytes", state="used") == used[1] << 20
+    assert value(s, "vmimagemanager_node_in_service") == 1  # no health marker: in service
     assert not (cfg.state_dir / "metrics.json").exists()  # no event yet: no totals
     record(cfg, "end", "7.0", vo="atlas", exit_status="0", cores=2, wall_seconds=10.5)
     assert oct((cfg.state_dir / "metrics.json").stat().st_mode & 0o777) == "0o600"
