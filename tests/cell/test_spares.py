@@ -271,8 +271,9 @@ def test_a_job_of_another_image_takes_a_spares_slot_and_a_broken_spare_is_no_fai
 
     cell = spares_cell
     life = open_node(cell.cfg)
+    (_, shape, _), = cell.cfg.spares.counts  # the configured spare's shape
     while len(spares(cell)) < len(cell.cfg.slots):  # every slot holds an idle atlas spare
-        provision_spare(life, "atlas", "atlas")
+        provision_spare(life, "atlas", "atlas", shape)
     life.start_vm(JobRequest("7001", "0", "cms001", "cms", "cms"), bind=bind_spare)
     assert "guest boot (to host key on console)" in life.phase.seconds  # booted cold
     assert sum(1 for s in spares(cell) if s["state"] == "spare") == 2
