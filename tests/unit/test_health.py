@@ -79,4 +79,4 @@ def test_the_command_prints_json_and_exits_with_the_status(tmp_path):
     assert {c["check"] for c in report["checks"] if not c["ok"]} == {"image:atlas", "image:cms"}
     r = subprocess.run([CLI, "--config", str(path), "health"], capture_output=True, text=True,
                        timeout=60)
-    assert r.returncode == 1 and "degraded: a VO's jobs are held" in r.stdout
+    assert r.returncode == 1 and "degraded: see the failed check (a VO's jobs are held" in r.stdout
