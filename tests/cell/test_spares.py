@@ -324,7 +324,8 @@ def test_outdated_spares_are_replaced_and_a_removed_image_takes_its_spares(spare
     lines = agent_once(cell)
     assert any("its image cannot be used any more" in line and "changed after import" in line
                for line in lines), lines
-    assert any("spare of atlas failed, next try in 30 s" in line for line in lines)
+    assert any("spare of atlas (1 core and 256 MiB) failed, next try in 30 s" in line
+               for line in lines), lines
     assert spares(cell) == []
     cell.assert_clean(within=30)
     assert cell.cli("images", "remove", "atlas").returncode == 0
