@@ -20,6 +20,15 @@ def write_private_file(path: Path, data: bytes, uid: int = 0, gid: int = 0,
         os.close(fd)
 
 
+def replace_private_file(path: Path, data: bytes) -> None:
+    """Write root's private file `path` anew: made beside it (write_private_file) and renamed
+    over it, so a reader never sees half of it."""
+    fresh = path.with_name(f".{path.name}.{os.getpid()}")
+    fresh.unlink(missing_ok=True)
+    write_private_file(fresh, data)
+    os.replace(fresh, path)
+
+
 def append_line(path: Path, line: str, mode: int = 0o600) -> None:
     """Append one record in a single write (O_APPEND): concurrent hooks never interleave."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, mode)

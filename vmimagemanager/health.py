@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from .errors import VmimError
-from .files import write_private_file
+from .files import replace_private_file
 
 if TYPE_CHECKING:
     from .node import Node
@@ -117,11 +117,8 @@ def _with_since(life: Node, results: list[CheckResult]) -> list[CheckResult]:
         seen = before.get(r.check, {})
         since = seen.get("since", now) if seen.get("ok") == r.ok else now
         dated.append(CheckResult(r.check, r.scope, r.ok, r.detail, float(since), r.acts))
-    fresh = path.with_name(f".{path.name}.{os.getpid()}")
-    fresh.unlink(missing_ok=True)
-    write_private_file(fresh, json.dumps({r.check: {"ok": r.ok, "since": r.since}
-                                          for r in dated}).encode())
-    os.replace(fresh, path)
+    replace_private_file(path, json.dumps({r.check: {"ok": r.ok, "since": r.since}
+                                           for r in dated}).encode())
     return dated
 
 

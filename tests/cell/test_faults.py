@@ -35,6 +35,7 @@ from tests.support.sgecell import (
     open_vm_cell,
     qacct,
     sge,
+    stop_libvirtd,
     virsh,
     wait_done,
     wait_for,
@@ -199,11 +200,6 @@ def test_a_starter_killed_mid_job_fails_the_job_with_a_reason(faults):
 
 
 # -- daemons stop and restart ----------------------------------------------------------------
-def _stop_libvirtd() -> None:
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
-             "libvirtd to stop", timeout=30, interval=0.2)
-
 
 def _start_libvirtd() -> None:
     r = run_script(str(HARNESS / "libvirt-up.sh"))
@@ -211,7 +207,7 @@ def _start_libvirtd() -> None:
 
 
 def test_libvirtd_down_at_prolog_time_reschedules_until_it_is_back(faults):
-    _stop_libvirtd()
+    stop_libvirtd(timeout=30)
     try:
         faults.run_job("nolibvirt")
         wait_for(lambda: "libvirtd is not answering" in faults.output("nolibvirt", "atlas001")[1],
@@ -228,7 +224,7 @@ def test_libvirtd_down_at_prolog_time_reschedules_until_it_is_back(faults):
 def test_libvirtd_restarted_mid_job(faults):
     faults.run_job("libvirtrestart", sleep=20)
     faults.wait_started("libvirtrestart")
-    _stop_libvirtd()
+    stop_libvirtd(timeout=30)
     _start_libvirtd()
     ran_to_the_end(faults, "libvirtrestart")
     faults.assert_clean()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import time
 
 import pytest
@@ -19,8 +18,8 @@ from tests.support.sgecell import (
     job_state,
     open_vm_cell,
     sge,
+    stop_libvirtd,
     wait_done,
-    wait_for,
 )
 from vmimagemanager.audit import read_history
 
@@ -52,17 +51,11 @@ def health(cell) -> tuple[int, dict]:
     return r.returncode, json.loads(r.stdout)
 
 
-def _stop_libvirtd() -> None:
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
-             "libvirtd to stop", timeout=60, interval=0.5)
-
-
 def test_libvirtd_down_takes_the_node_out_and_back_with_the_reason(health_cell):
     cell = health_cell
     agent_once(cell)
     assert not disabled()
-    _stop_libvirtd()
+    stop_libvirtd()
     try:
         agent_once(cell)
         assert disabled()
@@ -94,7 +87,7 @@ def test_an_admins_qmod_d_is_left_alone(health_cell):
     try:
         agent_once(cell)
         assert disabled()  # healthy, but the admin's: not enabled
-        _stop_libvirtd()
+        stop_libvirtd()
         try:
             agent_once(cell)
         finally:

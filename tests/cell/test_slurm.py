@@ -231,11 +231,9 @@ def test_a_job_step_of_a_vm_job_is_refused_with_the_reason(slurm):
 def test_libvirtd_down_drains_the_node_with_the_reason_and_resumes_it(slurm):
     """The agent's round drains this Slurm node while libvirtd is down (`sinfo -R` says why)
     and resumes it once it is back (health.back_after 0 here: the next round)."""
-    from tests.support.sgecell import agent_once
+    from tests.support.sgecell import agent_once, stop_libvirtd
 
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
-             "libvirtd to stop", timeout=60, interval=0.5)
+    stop_libvirtd()
     try:
         agent_once(slurm)
         reasons = subprocess.run(["sinfo", "-R", "-h", "-o", "%E"], capture_output=True,

@@ -209,6 +209,14 @@ class VmCell(Cell):
         self.assert_queue_usable()
 
 
+def stop_libvirtd(timeout: float = 60) -> None:
+    """Kill libvirtd as a fault would, and wait until it is gone (harness/libvirt-up.sh starts
+    it again)."""
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
+             "libvirtd to stop", timeout=timeout, interval=0.2)
+
+
 def agent_once(cell: VmCell, config: Path | None = None) -> list[str]:
     """One real agent round (the CLI, as cron would run it); its action lines."""
     r = subprocess.run([CLI, "--config", str(config or cell.config_path), "agent", "--once"],

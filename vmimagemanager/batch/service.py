@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from ..config import Config
-from ..files import write_private_file
+from ..files import replace_private_file
 
 log = logging.getLogger("vmimagemanager.batch")
 
@@ -42,10 +41,7 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, data: dict) -> None:
-    fresh = path.with_name(f".{path.name}.{os.getpid()}")
-    fresh.unlink(missing_ok=True)
-    write_private_file(fresh, json.dumps(data, indent=1).encode())
-    os.replace(fresh, path)
+    replace_private_file(path, json.dumps(data, indent=1).encode())
 
 
 def register(cfg: Config, system: str, **what: object) -> None:
