@@ -88,7 +88,8 @@ def owned(path: Path, text: str | bytes, mode: int = 0o644) -> Path:
 @pytest.fixture(scope="module")
 def hostile_files(cell):
     """What the owner leaves in its home: a provider module, an OpenSSL configuration naming
-    it, a gconv module list, and a self-signed certificate as its "proxy"."""
+    it, a gconv module list, a self-signed certificate as its "proxy", and a library
+    directory of its own (copies of the system's libc)."""
     h = home(OWNER)
     marker = Path("/var/tmp") / f"vmim-security-ran-{os.getpid()}"
     marker.unlink(missing_ok=True)
@@ -108,8 +109,16 @@ def hostile_files(cell):
                    env={"PATH": "/usr/bin:/bin"})
     proxy = owned(h / "vmim-sec-proxy.pem", cert.read_text() + (cell.base / "self-signed.key")
                   .read_text(), 0o600)
-    files = {"marker": marker, "module": module, "conf": conf, "gconv": gconv, "proxy": proxy}
+    libs = h / "vmim-sec-lib"
+    libs.mkdir(exist_ok=True)
+    for name in ("libc.so.6", "libpthread.so.0", "libdl.so.2", "libm.so.6"):
+        system = Path("/lib/x86_64-linux-gnu") / name
+        if system.exists():  # the system's own libraries: found here, they show in the maps
+            owned(libs / name, system.read_bytes(), 0o755)
+    files = {"marker": marker, "module": module, "conf": conf, "gconv": gconv, "proxy": proxy,
+             "libs": libs}
     yield files
+    shutil.rmtree(libs, ignore_errors=True)
     marker.unlink(missing_ok=True)
     for path in (module, conf, proxy):
         path.unlink(missing_ok=True)
@@ -117,10 +126,14 @@ def hostile_files(cell):
 
 
 class RootEnvironWatch:
-    """Samples /proc during a job: every process of uid 0 whose environment holds MARKER_VAR,
-    other than gridengine's shepherd and our hook wrapper (/bin/sh, which only runs `env -i`)."""
+    """Samples /proc during a job, for every process of uid 0:
+    - one whose environment holds MARKER_VAR and that runs a dynamically linked program (the
+      loader read the job's LD_LIBRARY_PATH, LD_AUDIT, ...), other than gridengine's shepherd
+      (loaded before it sets the job's environment for its child);
+    - one that maps a file under `home` (a library the job's environment named was loaded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, home: Path) -> None:
+        self.home = str(home).rstrip("/") + "/"
         self.offenders: dict[int, str] = {}
         self.samples = 0
         self._stop = threading.Event()
@@ -135,25 +148,36 @@ class RootEnvironWatch:
         self._thread.join()
 
     def _run(self) -> None:
-        me = os.getpid()
-        needle = MARKER_VAR.encode() + b"="
+        me = str(os.getpid())
         while not self._stop.is_set():
             for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    if os.stat(f"/proc/{pid}").st_uid != 0 or int(pid) == me:
-                        continue
-                    with open(f"/proc/{pid}/environ", "rb") as fh:
-                        if needle not in fh.read():
-                            continue
-                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                        cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if "sge_shepherd" in cmdline or cmdline.startswith("/bin/sh "):
-                    continue
-                self.offenders[int(pid)] = cmdline
+                if pid != me:
+                    self._sample(pid)
             self.samples += 1
             time.sleep(0.005)
+
+    def _sample(self, pid: str) -> None:
+        needle = MARKER_VAR.encode() + b"="
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != 0:
+                return
+            exe = os.readlink(f"/proc/{pid}/exe")
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                marked = needle in fh.read()
+            with open(f"/proc/{pid}/maps") as fh:
+                files = {line.split(None, 5)[5].strip() for line in fh
+                         if len(line.split(None, 5)) == 6}
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            if os.readlink(f"/proc/{pid}/exe") != exe:
+                return  # it ran exec between the reads: its environment and maps disagree
+        except OSError:
+            return
+        foreign = sorted(f for f in files if f.startswith(self.home))
+        if foreign:
+            self.offenders[int(pid)] = f"{cmdline} maps {foreign}"
+        elif marked and "sge_shepherd" not in cmdline and any("/ld-linux" in f for f in files):
+            self.offenders[int(pid)] = f"{cmdline} ({exe}, dynamically linked)"
 
 
 def start_event(cell, job_id: str) -> dict:
@@ -164,16 +188,21 @@ def start_event(cell, job_id: str) -> dict:
 
 def test_no_variable_of_the_job_reaches_root_code_and_the_job_still_runs(cell, hostile_files):
     """`qsub -v OPENSSL_CONF=~/o.cnf,X509_USER_PROXY=~/cert.pem` made the prolog's `openssl`
-    load the user's module as uid 0 (seen on the code before this test)."""
+    load the user's module as uid 0 (seen on the code before this test). Debian's gridengine
+    strips LD_LIBRARY_PATH and the loader's other variables before the root prolog, but not
+    GLIBC_TUNABLES, MALLOC_CHECK_ or BASH_FUNC_*, and not every gridengine strips: at dd60899
+    the wrapper's /bin/sh and /usr/bin/env, both dynamically linked, ran as root with the
+    job's variables (this watch found both)."""
     h = home(OWNER)
     hostile = {
         "OPENSSL_CONF": hostile_files["conf"], "OPENSSL_MODULES": h,
         "X509_USER_PROXY": hostile_files["proxy"], "GCONV_PATH": hostile_files["gconv"],
         "LOCPATH": h, "TMPDIR": h, "TMP": h, "HOME": "/tmp", "SSH_AUTH_SOCK": h / "agent",
-        "LD_LIBRARY_PATH": h, "OPENSSL_ENGINES": h, "SSL_CERT_DIR": h, MARKER_VAR: "1",
+        "LD_LIBRARY_PATH": hostile_files["libs"], "OPENSSL_ENGINES": h, "SSL_CERT_DIR": h,
+        MARKER_VAR: "1",
     }
     variables = ",".join(f"{k}={v}" for k, v in hostile.items())
-    with RootEnvironWatch() as watch:
+    with RootEnvironWatch(h) as watch:
         job_id = cell.submit("hostile-env", OWNER, "-v", variables, "-v", "SLEEP=0", JOB)
         records = wait_done(job_id, timeout=300)
     out, err = cell.output("hostile-env", OWNER)

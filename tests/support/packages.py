@@ -25,6 +25,9 @@ def source_tree(dest: Path) -> Path:
     return dest
 
 
-def packaged_hooks(bindir: str = "/usr/bin", python: str = "/usr/bin/python3") -> dict:
-    return {h: hook_script(h, f"{bindir}/vmim-sge-{h}", DEFAULT_CONFIG_PATH, python)
+def packaged_hooks(bindir: str = "/usr/bin", python: str = "/usr/bin/python3",
+                   busybox: str = "/bin/busybox") -> dict:
+    """The SGE wrappers a package ships; the RPM's BusyBox is EPEL's /usr/sbin/busybox."""
+    return {h: hook_script(h, f"{bindir}/vmim-sge-{h}", DEFAULT_CONFIG_PATH, python,
+                           shell=busybox)
             for h in HOOKS}

@@ -36,10 +36,10 @@ def test_the_rpm_spec_builds_a_package_with_the_commands_hooks_units_and_example
     assert "/etc/vmimagemanager/vmimagemanager.yaml.example" in config  # %config(noreplace)
     requires = subprocess.run(["rpm", "-qRp", str(rpm)], capture_output=True, text=True,
                               check=True).stdout
-    for name in ("python3-libvirt", "python3-lxml", "python3-pyyaml", "qemu-img"):
+    for name in ("python3-libvirt", "python3-lxml", "python3-pyyaml", "qemu-img", "busybox"):
         assert name in requires
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     subprocess.run(f"rpm2cpio {rpm} | cpio -idm --quiet", shell=True, cwd=unpacked, check=True)
-    for hook, text in packaged_hooks().items():
+    for hook, text in packaged_hooks(busybox="/usr/sbin/busybox").items():
         assert (unpacked / f"usr/lib/vmimagemanager/sge/{hook}").read_text() == text

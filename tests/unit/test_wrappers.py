@@ -4,6 +4,7 @@ queue instance into E (prolog: 0, 99, 100; epilog: 0). Run with the real /bin/sh
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pytest
 
 from tests.support import REPO
 from vmimagemanager.batch.sge_queue import hook_script, wrapper_script
+from vmimagemanager.batch.wrappers import DEFAULT_STATIC_SHELL, static_shell
+from vmimagemanager.errors import VmimError
 
 
 def wrapper(tmp_path: Path, hook: str, body: str | None) -> Path:
@@ -167,21 +170,63 @@ def test_root_hook_setup_leaves_the_allow_list_and_returns_what_the_hook_reads(m
 def test_a_function_the_job_exports_replaces_no_command_of_the_wrapper(tmp_path):
     """Where /bin/sh is bash (EL nodes), bash imports `BASH_FUNC_name%%` variables as functions
     even as sh, and SGE passes them from `qsub -v` to root's wrapper: a `wait` of the job's
-    ran as root there. The wrapper runs `sh -p`, which imports none."""
-    import shutil
-
+    ran as root there (found in review). The wrapper's BusyBox sh imports none."""
     sh = tmp_path / "sh"
     sh.symlink_to(shutil.which("bash"))
     path = wrapper(tmp_path, "prolog", "sys.exit(0)\n")
     first, rest = path.read_text().split("\n", 1)
-    assert first == "#!/bin/sh -p"
+    assert first == f"#!{DEFAULT_STATIC_SHELL} sh"
     marker = tmp_path / "ran-as-root"
     env = {"PATH": "/usr/bin:/bin",
            "BASH_FUNC_wait%%": f'() {{ id -u > {marker}; builtin wait "$@"; }}'}
-    path.write_text(f"#!{sh}\n{rest}")  # without -p: the attack works (the test can fail)
+    path.write_text(f"#!{sh}\n{rest}")  # bash as sh: the attack works (the test can fail)
     run(path, "7", "0", "atlas001", env=env)
     assert marker.read_text().strip() == str(os.getuid())
     marker.unlink()
-    path.write_text(f"#!{sh} -p\n{rest}")
+    path.write_text(f"{first}\n{rest}")
     r = run(path, "7", "0", "atlas001", env=env)
     assert r.returncode == 0 and not marker.exists(), r.stderr
+
+
+@pytest.mark.parametrize("hook", ["prolog", "epilog"])
+def test_no_program_of_the_wrapper_loads_a_library_the_jobs_environment_names(tmp_path, hook):
+    """Root's prolog gets the job's environment. Debian's gridengine strips LD_* first, a
+    gridengine whose shepherd does not would hand root's /bin/sh (dash, dynamically linked)
+    the owner's ~/lib/libc.so.6. Here that libc is junk: a program that loads it cannot
+    start."""
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    for name in ("libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1"):
+        (libs / name).write_bytes(b"\x7fELF junk: the job's own library")
+    ran = tmp_path / "ran"
+    path = wrapper(tmp_path, hook, f"open({str(ran)!r}, 'w').write(os.environ.get("
+                                   "'LD_LIBRARY_PATH', 'unset'))\n")
+    hostile = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(libs),
+               "LD_AUDIT": str(libs / "libc.so.6"), "LD_PRELOAD": str(libs / "libm.so.6")}
+    dash = tmp_path / "dash-wrapper"  # the wrapper as it was: the test can fail
+    dash.write_text("#!/bin/sh -p\n" + path.read_text().split("\n", 1)[1])
+    dash.chmod(0o755)
+    assert "libc.so.6" in run(dash, "7", "0", "atlas001", env=hostile).stderr
+    assert not ran.exists()
+    r = run(path, "7", "0", "atlas001", env=hostile)
+    assert r.returncode == 0 and ran.read_text() == "unset", r.stderr
+
+
+def test_the_wrappers_shell_is_a_static_program_only_root_changes(tmp_path):
+    assert static_shell() == DEFAULT_STATIC_SHELL  # install-deps installs busybox-static
+    writable = tmp_path / "busybox"
+    shutil.copy(DEFAULT_STATIC_SHELL, writable)
+    writable.chmod(0o777)
+    script = tmp_path / "script"
+    script.write_text("#!/bin/sh\n")
+    cases = {"/bin/dash": "is dynamically linked", str(writable): "only root can change",
+             str(script): "is not an ELF program", str(tmp_path): "not a regular file"}
+    with pytest.raises(VmimError) as caught:
+        static_shell((*cases, str(tmp_path / "absent")))
+    message = str(caught.value)
+    assert message.startswith("no statically linked BusyBox found (")
+    assert "install busybox-static (Debian)" in message and "absent" not in message
+    for path, why in cases.items():
+        assert f"{path} " in message and why in message
+    assert static_shell((str(tmp_path / "absent"), str(script), DEFAULT_STATIC_SHELL)) \
+        == DEFAULT_STATIC_SHELL

@@ -60,11 +60,12 @@ DEFAULT_EXECD_SPOOL = "/var/spool/gridengine/execd"
 
 
 def wrapper_script(hook: str, target: str, config: str, python: str,
-                   execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> str:
+                   execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,),
+                   shell: str = wrappers.DEFAULT_STATIC_SHELL) -> str:
     """The prolog or epilog wrapper a queue calls (the starter is exec'ed: see STARTER); the
     hooks trust $SGE_JOB_SPOOL_DIR only below `execd_spools` (sge_spool.trusted_spool_dir)."""
     args = [a for spool in execd_spools for a in ("--execd-spool", spool)]
-    return wrappers.wrapper_script(SGE, hook, target, config, python, args)
+    return wrappers.wrapper_script(SGE, hook, target, config, python, args, shell)
 
 
 STARTER = """#!/bin/sh
@@ -76,20 +77,22 @@ exec {python} -I {target} --config {config} -- "$@"
 
 
 def hook_script(hook: str, target: str, config: str, python: str,
-                execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> str:
+                execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,),
+                shell: str = wrappers.DEFAULT_STATIC_SHELL) -> str:
     if hook == "starter":
         return STARTER.format(target=shlex.quote(target), config=shlex.quote(config),
                               python=shlex.quote(python))
-    return wrapper_script(hook, target, config, python, execd_spools)
+    return wrapper_script(hook, target, config, python, execd_spools, shell)
 
 
 def write_wrappers(directory: Path, config: str, bindir: Path,
                    execd_spools: Sequence[str] = (DEFAULT_EXECD_SPOOL,)) -> dict[str, Path]:
+    shell = wrappers.static_shell()
     bodies = {}
     for hook in ("prolog", "starter", "epilog"):
         target = bindir / f"vmim-sge-{hook}"
         bodies[hook] = hook_script(hook, str(target), config, wrappers.hook_interpreter(target),
-                                   execd_spools)
+                                   execd_spools, shell)
     return wrappers.write_root_scripts(directory, bodies)
 
 

@@ -93,11 +93,12 @@ def install_hooks(config_path: str, args) -> int:
     register(cfg, "slurm", node=socket.gethostname().split(".")[0])  # drained when unhealthy
     directory = Path(args.dir)
     bindir = Path(sys.executable).parent
+    shell = wrappers.static_shell()
     bodies = {}
     for hook in ("prolog", "epilog"):
         target = bindir / f"vmim-slurm-{hook}"
         bodies[hook] = wrappers.wrapper_script(SLURM, hook, str(target), config,
-                                              wrappers.hook_interpreter(target))
+                                              wrappers.hook_interpreter(target), shell=shell)
     starter = bindir / "vmim-slurm-starter"
     python = wrappers.hook_interpreter(starter)
     line = plugstack_line(directory / PLUGIN, python, starter, config)
