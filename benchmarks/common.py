@@ -21,12 +21,19 @@ def build_images() -> dict:
     return manifest
 
 
-def scratch_config(slots: int, prefix: str = "b"):
-    """A configuration under /var/tmp with `slots` user-network slots and atlas/cms imported."""
+def scratch_config(slots: int, prefix: str = "b", extra: dict | None = None,
+                   overlay_tmpfs_mib: int = 0):
+    """A configuration under /var/tmp with `slots` user-network slots and atlas/cms imported;
+    `extra` settings added; overlay_dir a tmpfs of its own (to be filled) if a size is given."""
     from vmimagemanager.config import load_config
 
     base = make_base_dir("vmim-bench-")
-    path = write_config(base, slots, extra={"boot_timeout": 180}, prefix=prefix)
+    if overlay_tmpfs_mib:
+        (base / "overlays").mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={overlay_tmpfs_mib}m,mode=0711",
+                        "vmim-bench", str(base / "overlays")], check=True)
+    path = write_config(base, slots, extra={"boot_timeout": 180, **(extra or {})},
+                        prefix=prefix)
     cfg = load_config(str(path))
     import_test_images(cfg, build_images(), names=("atlas", "cms"))
     return base, path, cfg

@@ -48,11 +48,12 @@ def submit(user: str, script: Path, tag: str, sleep: float = 0) -> tuple[str, Pa
     return job, out
 
 
-def setup(slots: int):
+def setup(slots: int, extra: dict | None = None, overlay_tmpfs_mib: int = 0):
     for script in ("libvirt-up.sh", "pool-accounts.sh"):
         subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
     subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
-    base, path, cfg = scratch_config(slots, prefix=f"bn{os.getpid()}s")
+    base, path, cfg = scratch_config(slots, prefix=f"bn{os.getpid()}s", extra=extra,
+                                     overlay_tmpfs_mib=overlay_tmpfs_mib)
     cli = str(Path(sys.executable).parent / "vmimagemanager")
     subprocess.run([cli, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
                     "--wrapper-dir", str(base / "libexec")], check=True,
@@ -66,6 +67,7 @@ def setup(slots: int):
 def teardown(base: Path, path: Path, cli: str) -> None:
     sge("qconf", "-dq", QUEUE, check=False)
     subprocess.run([cli, "--config", str(path), "reconcile"], capture_output=True)
+    subprocess.run(["umount", "-l", str(base / "overlays")], capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
 
 

@@ -11,8 +11,10 @@ prolog boots a VM itself (the cold path).
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,8 +25,10 @@ from . import agentwake, metrics
 from .audit import record
 from .config import Config
 from .errors import NoFreeSlot, RetryLater, VmimError
+from .files import replace_private_file
 from .flow import NOT_BOOT_FAILURES
 from .health import back_in_service, failing, reason, run_checks
+from .jobs import JOB_ID_RE
 from .leases import Lease
 from .metrics import cause_of
 from .node import Node
@@ -37,6 +41,8 @@ log = logging.getLogger("vmimagemanager.agent")
 
 BACKOFF_FIRST = 30.0  # seconds before an image whose spare failed to boot is tried again
 BACKOFF_MAX = 900.0
+# in state_dir: the running leases whose job the batch system did not know last round
+JOBS_MISSING = "jobs-missing.json"
 
 
 class Scheduling(Protocol):
@@ -48,6 +54,8 @@ class Scheduling(Protocol):
     def put_back(self, cfg: Config) -> list[str]: ...
 
     def out_of_service(self, cfg: Config) -> dict: ...
+
+    def live_jobs(self, cfg: Config, job_ids: set[str]) -> set[str] | None: ...
 
 
 @dataclass
@@ -63,13 +71,17 @@ class Agent:
     booting: dict[Future, tuple[str, Shape]] = field(default_factory=dict)  # boot -> its kind
     pool: ThreadPoolExecutor | None = None
     scheduling: Scheduling | None = None  # None: the checks are kept and reported, no action
+    # boot thread -> the label of the lease it works on (set once allocated, gone when done)
+    working: dict[int, str] = field(default_factory=dict)
+    working_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def round(self) -> list[str]:
         """One round; returns what was done, one line each. The node's health is checked
         last, whatever failed before (libvirtd down ends the round early)."""
         actions = self._collect()
         try:
-            actions += self.life.reconcile()
+            actions += self.life.reconcile(abandoned=self.abandoned(self.life.leases.all()))
+            actions += self._end_jobs_gone()
             actions += self._replace_outdated()
             self._fill()  # what it starts is reported by _collect once done
         finally:
@@ -96,6 +108,60 @@ class Agent:
         for line in done:
             record(cfg, "health", action=line)
         return done
+
+    def _end_jobs_gone(self) -> list[str]:
+        """Tear down the VMs of running leases whose batch job the batch system has not known
+        in two answers in a row, health.gone_after seconds apart at least (its epilog never
+        ran or could not end the lease: `qdel -f`, a lost execd, the database unreachable).
+        Only batch jobs' leases: an admin's `up` VM or an image check has no job to ask
+        about. The leases are read before the batch system is asked: a job that starts
+        meanwhile is known to it already."""
+        cfg, switch = self.life.cfg, self.scheduling
+        running = [lease for lease in self.life.leases.all()
+                   if lease.state is LeaseState.RUNNING and JOB_ID_RE.fullmatch(lease.job_id)]
+        path = cfg.state_dir / JOBS_MISSING
+        if switch is None or not running:
+            path.unlink(missing_ok=True)
+            return []
+        try:
+            alive = switch.live_jobs(cfg, {lease.job_id for lease in running})
+        except Exception as exc:  # noqa: BLE001 - the round goes on; nothing is torn down
+            log.error("agent: asking the batch system which jobs it knows failed: %s", exc)
+            return []
+        if alive is None:
+            return []
+        before = _read_missing(path)
+        now = time.time()
+        missing = {lease.job_label: before.get(lease.job_label, now) for lease in running
+                   if lease.job_id not in alive}
+        gone = [lease for lease in running if lease.job_label in before
+                and lease.job_label in missing
+                and now - missing[lease.job_label] >= cfg.health.gone_after]
+        replace_private_file(path, json.dumps(
+            {label: since for label, since in missing.items()
+             if label not in {lease.job_label for lease in gone}}).encode())
+        return [self._end_gone(lease, now - missing[lease.job_label]) for lease in gone]
+
+    def _end_gone(self, lease: Lease, seconds: float) -> str:
+        action = (f"tear down the VM of job {lease.job_label} in slot {lease.slot}: the batch "
+                  f"system has not known its job for two rounds ({seconds:.0f} s)")
+        try:
+            self.life.end_vm(lease.slot, job_label=lease.job_label)
+        except VmimError as exc:
+            action += f" (incomplete: {exc})"
+        record(self.life.cfg, "reconcile", lease.job_label, action=action)
+        return action
+
+    def abandoned(self, leases: list[Lease]) -> frozenset[tuple[str, str]]:
+        """(slot, job label) of the tearing-down leases this agent holds and no boot of its
+        works on: a start or a retirement whose teardown failed (libvirtd down). Nothing else
+        finishes them while the agent lives: reconcile leaves a lease whose holder is alive."""
+        with self.working_lock:
+            busy = set(self.working.values())
+        me = os.getpid()
+        return frozenset((lease.slot, lease.job_label) for lease in leases
+                         if lease.pid == me and lease.state is LeaseState.TEARING_DOWN
+                         and lease.job_label not in busy)
 
     def wait(self) -> list[str]:
         """Let the boots under way finish (agent --once, shutdown)."""
@@ -159,8 +225,14 @@ class Agent:
     def _provision(self, image: str, shape: Shape) -> Lease:
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
+        thread = threading.get_ident()
+
+        def allocated(lease: Lease) -> None:
+            with self.working_lock:
+                self.working[thread] = lease.job_label
+
         try:
-            lease = provision_spare(life, image, vo, shape)
+            lease = provision_spare(life, image, vo, shape, allocated)
         except NoFreeSlot:
             raise
         except Exception as exc:
@@ -174,6 +246,8 @@ class Agent:
                    phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
             return lease
         finally:
+            with self.working_lock:
+                self.working.pop(thread, None)
             life.leases.close()
             life.hv.close()
 
@@ -196,6 +270,17 @@ class Agent:
                 actions.append(f"spare of {image} ({shape}) failed, next try in {delay:.0f} s: "
                                f"{exc}")
         return actions
+
+
+def _read_missing(path) -> dict[str, float]:
+    """JOBS_MISSING: job label -> when the batch system first did not know it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, float)}
 
 
 def run(life: Node, make_life: Callable[[], Node], once: bool = False,

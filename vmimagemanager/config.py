@@ -137,6 +137,9 @@ class HealthPolicy:
 
     min_free_mib: int = 1024  # in overlay_dir and in state_dir
     back_after: float = 60.0  # seconds every node check must have passed before it is back
+    # seconds a running VM's batch job must have been unknown (in two answers at least)
+    # before the agent tears the VM down
+    gone_after: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -550,11 +553,13 @@ def _parse_per_core(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> int:
 
 
 def _parse_health(c: _Checker, raw: Any) -> HealthPolicy:
-    raw = c.mapping(raw or {}, "health", {"min_free_mib", "back_after"})
+    raw = c.mapping(raw or {}, "health", {"min_free_mib", "back_after", "gone_after"})
     return HealthPolicy(
         min_free_mib=c.typed(raw.get("min_free_mib", 1024), "health.min_free_mib", int,
                              "MiB >= 0", lambda v: v >= 0),
         back_after=c.typed(raw.get("back_after", 60), "health.back_after", float,
+                           "seconds >= 0", lambda v: v >= 0),
+        gone_after=c.typed(raw.get("gone_after", 60), "health.gone_after", float,
                            "seconds >= 0", lambda v: v >= 0))
 
 

@@ -360,6 +360,54 @@ def test_twenty_jobs_deleted_at_random_moments_leave_nothing_behind(faults):
     faults.assert_clean()
 
 
+def _kill_every(pattern: bytes, *, uid: int | None = None) -> list[int]:
+    """SIGKILL every process whose command line holds `pattern` (of `uid`, if given)."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            if uid is not None and proc.stat().st_uid != uid:
+                continue
+            if pattern in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
+def test_after_a_simulated_reboot_the_agents_first_round_leaves_the_node_clean(faults):
+    """A node restarts with a job in its VM: every process of ours, gridengine's execd and
+    shepherds and the job's QEMU die at once (SIGKILL), libvirtd goes; then libvirtd and execd
+    start again and the agent runs its first round (systemd: ordered after libvirtd) before
+    any job arrives. The lease, the overlay, the seed and the job's context are left from
+    before: the round removes them all, and the next job runs."""
+    job_id = faults.run_job("rebooted", sleep=600)
+    faults.wait_started("rebooted")
+    slot = faults.lease(job_id).slot
+    qemu = _kill_every(f"guest=vmim-{slot},".encode())
+    assert qemu, f"no QEMU for slot {slot}"
+    for name in (b"sge_execd", b"sge_shepherd", str(faults.config_path).encode(),
+                 b"vmim-sge-"):
+        _kill_every(name)
+    stop_libvirtd()
+    assert faults.lease(job_id) is not None  # what a reboot leaves behind
+    # gridengine's view of the job is its own: forgotten here, so execd does not start it
+    # again beside the round
+    sge("qdel", "-f", job_id, check=False)
+    wait_for(lambda: not job_state(job_id), "the job from before the reboot to go",
+             timeout=120)
+    assert run_script(str(HARNESS / "libvirt-up.sh")).returncode == 0
+    assert run_script(str(HARNESS / "sge-cell.sh"), "up").returncode == 0
+    r = faults.cli("agent", "--once")
+    assert r.returncode == 0, r.stderr
+    assert faults.leftovers() == [], (faults.leftovers(), r.stderr)
+    faults.run_job("afterreboot")
+    ran_to_the_end(faults, "afterreboot")
+    faults.assert_clean()
+
+
 def test_reconcile_agrees_after_all_faults(faults):
     r = faults.cli("reconcile", "--dry-run")
     assert r.stdout.strip() == "nothing to do: leases, domains and files agree", r.stdout

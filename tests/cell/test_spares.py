@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support import HARNESS, import_test_images
+from tests.support import HARNESS, import_test_images, run_script
 from tests.support.sgecell import (
     CLI,
     agent_once,
     close_vm_cell,
     open_vm_cell,
+    stop_libvirtd,
     virsh,
     wait_done,
+    wait_for,
 )
 from vmimagemanager.audit import read_history, vm_starts
 from vmimagemanager.config import load_config
@@ -62,7 +64,7 @@ def spares_cell(libvirt_system, guest_images):
     os.chmod(SECRET, 0o644)  # world-readable on the host: only the VM boundary hides it
     os.chown(SECRET, pwd.getpwnam("cms001").pw_uid, pwd.getpwnam("cms001").pw_gid)
     cell = open_vm_cell(QUEUE, "vmim-spare-", guest_images, slots=3, queue_slots=2,
-                        extra={"spares": {"vos": {"atlas": 1}}})
+                        extra={"spares": {"vos": {"atlas": 1}}, "health": {"back_after": 0}})
     yield cell
     close_vm_cell(cell)
     SECRET.unlink(missing_ok=True)
@@ -111,6 +113,14 @@ def spare_facts(cell) -> dict:
     return {"slot": slot, "label": row["job"], "boot": boot, "root_logins": int(root_logins),
             "uuid": virsh("domuuid", f"vmim-{slot}").stdout.strip(),
             "host_key": parse_console_host_keys(console)[0]}
+
+
+def agent_sh(cell, action: str) -> None:
+    """The long-running agent as the harness (and, in its place, systemd) runs it."""
+    r = subprocess.run(["bash", str(HARNESS / "agent.sh"), action, str(cell.config_path)],
+                       capture_output=True, text=True,
+                       env={**os.environ, "VMIM_VENV": str(Path(CLI).parent.parent)})
+    assert r.returncode == 0, r.stderr
 
 
 def kept_login_dir(cell, label: str) -> Path:
@@ -337,11 +347,7 @@ def test_the_running_agent_keeps_a_spare_ready_for_each_next_job(spares_cell):
     """The long-running agent as the harness (and systemd) runs it: jobs from the cell bind its
     spares one after the other, it boots a replacement after each, and TERM stops it cleanly."""
     cell = spares_cell
-    agent = ["bash", str(HARNESS / "agent.sh")]
-    started = subprocess.run([*agent, "start", str(cell.config_path)], capture_output=True,
-                             text=True, env={**os.environ,
-                                             "VMIM_VENV": str(Path(CLI).parent.parent)})
-    assert started.returncode == 0, started.stderr
+    agent_sh(cell, "start")
     try:
         labels = []
         for n in range(2):
@@ -356,9 +362,63 @@ def test_the_running_agent_keeps_a_spare_ready_for_each_next_job(spares_cell):
             labels.append(record["spare"])
         assert labels[0] != labels[1]
     finally:
-        stopped = subprocess.run([*agent, "stop", str(cell.config_path)], capture_output=True,
-                                 text=True)
-    assert stopped.returncode == 0, stopped.stderr
+        agent_sh(cell, "stop")
     retired = cell.cli("spares", "--retire")
     assert retired.returncode == 0, retired.stderr
     cell.assert_clean(within=30)
+
+
+def qemu_of(slot: str) -> int | None:
+    for proc in Path("/proc").iterdir():
+        try:
+            if f"guest=vmim-{slot},".encode() in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+@pytest.mark.integration
+def test_a_spare_whose_start_fails_while_libvirtd_is_down_is_cleaned_once_it_answers(
+        spares_cell):
+    """Seen on the demo cell (issue 31): libvirtd went while the agent booted a spare, the
+    spare's cleanup could not reach it, and its slot stayed tearing-down with the domain
+    running for as long as the agent lived (its holder, the agent, was alive). Its QEMU is
+    held with SIGSTOP while libvirtd goes, so the boot fails with libvirtd down."""
+    cell = spares_cell
+    assert cell.cli("spares", "--retire").returncode == 0
+    cell.assert_clean(within=30)
+    agent_sh(cell, "start")
+    try:
+        booting = wait_for(lambda: next((lease for lease in cell.all_leases()
+                                         if lease.state is LeaseState.BOOTING
+                                         and qemu_of(lease.slot)), None),
+                           "a spare's QEMU", timeout=120, interval=0.2)
+        qemu = qemu_of(booting.slot)
+        os.kill(qemu, signal.SIGSTOP)
+        try:
+            stop_libvirtd()
+        finally:
+            os.kill(qemu, signal.SIGCONT)
+        wait_for(lambda: all(lease.state is not LeaseState.BOOTING
+                             or lease.job_label != booting.job_label
+                             for lease in cell.all_leases()),
+                 "the spare's start to fail", timeout=300, interval=1)
+        left = [lease for lease in cell.all_leases() if lease.job_label == booting.job_label]
+        assert not left or left[0].state is not LeaseState.SPARE, left
+        assert run_script(str(HARNESS / "libvirt-up.sh")).returncode == 0
+        answered = time.monotonic()
+        # two rounds (5 s apart) after libvirtd answers: the failed spare is gone, and no
+        # slot is tearing-down; a domain has a lease (the agent's new spare may be booting)
+        wait_for(lambda: not any(lease.job_label == booting.job_label
+                                 or lease.state is LeaseState.TEARING_DOWN
+                                 for lease in cell.all_leases()),
+                 "the failed spare's lease to go", timeout=60, interval=0.5)
+        assert time.monotonic() - answered < 30
+        slots = {lease.slot for lease in cell.all_leases()}
+        assert all(d.removeprefix("vmim-") in slots for d in cell.domains()), cell.domains()
+    finally:
+        run_script(str(HARNESS / "libvirt-up.sh"))
+        agent_sh(cell, "stop")
+    assert cell.cli("spares", "--retire").returncode == 0
+    cell.assert_clean(within=60)

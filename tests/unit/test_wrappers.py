@@ -230,3 +230,8 @@ def test_the_wrappers_shell_is_a_static_program_only_root_changes(tmp_path):
         assert f"{path} " in message and why in message
     assert static_shell((str(tmp_path / "absent"), str(script), DEFAULT_STATIC_SHELL)) \
         == DEFAULT_STATIC_SHELL
+    # a static program that is no BusyBox with sh and env: ldconfig (static in glibc's Debian
+    # packaging) answers `--list` with no applet
+    ldconfig = "/sbin/ldconfig"
+    with pytest.raises(VmimError, match=f"{ldconfig} has no sh and no env applet"):
+        static_shell((ldconfig,))

@@ -10,12 +10,16 @@ It undoes only what it did: what it disabled is kept in `state_dir/out-of-servic
 queue instance that was disabled already (an admin's `qmod -d`) or a node drained already is
 neither marked nor enabled later. Which queues and node this configuration serves is noted by
 `sge install-queue` and `slurm install-hooks` in `state_dir/batch.json`.
+
+`live_jobs` tells the agent which jobs the batch system still knows (one qstat or squeue a
+round): a VM whose job is gone without its epilog is torn down (agent.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import subprocess
 import time
@@ -144,3 +148,111 @@ def put_back(cfg: Config) -> list[str]:
             done.append(f"Slurm node {node} has another reason now ({reason!r}): left as it is")
     (cfg.state_dir / MARKER).unlink(missing_ok=True)
     return done
+
+
+def _output(*argv: str) -> tuple[int, bytes, str] | None:
+    """Exit status, stdout (bytes: job names in it are users' and need not be UTF-8) and
+    stderr of the command; None if it could not run."""
+    try:
+        r = subprocess.run(argv, capture_output=True, timeout=COMMAND_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("%s: %s", argv[0], exc)
+        return None
+    return r.returncode, r.stdout, r.stderr.decode(errors="replace").strip()
+
+
+# what XML 1.0 forbids and gridengine prints as it is in a job's name
+XML_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _sge_running(host: str) -> set[str] | None:
+    """The jobs the qmaster has running (being deleted, suspended) in any queue instance of
+    this host: a small answer from every node each round. `-s rs` named, so a site's
+    sge_qstat file cannot narrow it."""
+    ran = _output("qstat", "-u", "*", "-s", "rs", "-q", f"*@{host}", "-xml")
+    if ran is None or ran[0] != 0:
+        log.warning("qstat failed: %s", ran[2][:200] if ran else "did not run")
+        return None
+    return job_numbers(ran[1])
+
+
+def job_numbers(qstat_xml: bytes) -> set[str] | None:
+    """The job numbers in `qstat -xml` output; None if it is no XML. Job names in it are
+    users' bytes, in any encoding, control characters included."""
+    from lxml import etree  # here: packaging/sge-hooks.py imports this module at build time
+
+    try:
+        # as UTF-8 (qstat declares no encoding), what is not replaced, then what XML forbids
+        text = qstat_xml.decode("utf-8", "replace").encode()
+        root = etree.fromstring(XML_FORBIDDEN.sub(b"?", text), etree.XMLParser(
+            resolve_entities=False, no_network=True, huge_tree=False, recover=False))
+    except etree.XMLSyntaxError as exc:
+        log.warning("qstat -xml printed what is not XML (%s)", exc)
+        return None
+    return {number.text.strip() for number in root.iter("JB_job_number") if number.text}
+
+
+def _sge_gone(job_id: str) -> bool:
+    """The qmaster says the job does not exist (nothing else counts: a site's sge_qstat file
+    or a failed call must never make a live job look gone)."""
+    ran = _output("qstat", "-j", job_id)
+    return ran is not None and ran[0] != 0 and "do not exist" in ran[2] + \
+        ran[1].decode(errors="replace")
+
+
+# squeue's states of a job that has ended (its epilog, if any, has run: COMPLETING before)
+SLURM_ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED",
+                         "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})
+
+
+def _slurm_states(*selection: str) -> dict[str, str] | None:
+    """Job id -> state for the jobs `selection` names (squeue's default leaves out suspended
+    and stopped ones, --all the hidden partitions'); %A: an array task's own id, the
+    SLURM_JOB_ID its prolog saw."""
+    ran = _output("squeue", "--all", "--array", "--noheader", "--states=all", *selection,
+                  "--format=%A %T")
+    if ran is None or ran[0] != 0:
+        return None
+    return {fields[0]: fields[1] for line in ran[1].decode(errors="replace").splitlines()
+            if len(fields := line.split()) == 2}
+
+
+def _slurm_running(node: str) -> set[str] | None:
+    states = _slurm_states(f"--nodelist={node}")
+    if states is None:
+        log.warning("squeue failed for node %s", node)
+        return None
+    return {job for job, state in states.items() if state not in SLURM_ENDED}
+
+
+def _slurm_gone(job_id: str) -> bool:
+    ran = _output("squeue", "--noheader", "--states=all", f"--jobs={job_id}",
+                  "--format=%T")
+    if ran is None:
+        return False
+    if ran[0] != 0:
+        return "Invalid job id" in ran[2]  # slurmctld has purged it
+    states = ran[1].decode(errors="replace").split()
+    return not states or all(state in SLURM_ENDED for state in states)
+
+
+def live_jobs(cfg: Config, job_ids: set[str]) -> set[str] | None:
+    """Which of `job_ids` (of this node's running VMs) the batch systems serving this
+    configuration have not ended, or None if one cannot say. One query for this host's
+    running jobs a round; a job missing from it is gone only once asked about by itself
+    (never a guess: nothing is torn down on an unknown)."""
+    registry = _read(cfg.state_dir / REGISTRY)
+    systems = []
+    if registry.get("sge", {}).get("queues"):
+        systems.append((lambda: _sge_running(_host()), _sge_gone))
+    if node := registry.get("slurm", {}).get("node"):
+        systems.append((lambda: _slurm_running(node), _slurm_gone))
+    if not systems:
+        return None
+    alive: set[str] = set()
+    for running, gone in systems:
+        known = running()
+        if known is None:
+            return None
+        alive |= {job for job in job_ids if job in known or not gone(job)}
+    return alive

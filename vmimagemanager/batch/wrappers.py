@@ -13,7 +13,8 @@ Until that `env -i`, no dynamically linked program may run: its loader reads the
 LD_LIBRARY_PATH, LD_AUDIT and GLIBC_TUNABLES. Debian's gridengine strips LD_* (not
 GLIBC_TUNABLES) before the root prolog; the wrappers do not rely on a deny-list some
 gridengine builds lack, so their shell and `env` are a statically linked BusyBox
-(`static_shell`).
+(`static_shell`). Its static glibc still reads GLIBC_TUNABLES and MALLOC_* at start (malloc
+tuning: no file is loaded and no code of the job's runs).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shlex
 import stat
 import struct
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,7 +152,19 @@ def _not_a_static_root_program(path: str) -> str | None:
                     return "is dynamically linked"
     except (OSError, struct.error) as exc:
         return f"cannot be read ({exc})"
-    return None
+    return _lacks_applets(path)
+
+
+def _lacks_applets(path: str) -> str | None:
+    """A BusyBox built without sh or env would fail every hook (exit 127: each job
+    rescheduled for ever)."""
+    try:
+        listed = subprocess.run([path, "--list"], capture_output=True, text=True, timeout=10,
+                                env={"PATH": SAFE_PATH}).stdout.split()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot be run ({exc})"
+    missing = [applet for applet in ("sh", "env") if applet not in listed]
+    return f"has no {' and no '.join(missing)} applet" if missing else None
 
 
 def hook_interpreter(target: Path) -> str:

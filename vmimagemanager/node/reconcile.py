@@ -4,7 +4,9 @@ live lease explains is cleaned up."""
 from __future__ import annotations
 
 import logging
+import os
 import time
+from dataclasses import dataclass
 
 from ..audit import record
 from ..config import DOMAIN_PREFIX, domain_name
@@ -32,12 +34,25 @@ CONTEXT_GRACE = 3600.0  # seconds a lease-less (native/reject) job context is ke
 
 
 
+@dataclass(frozen=True)
+class Known:
+    """What reconcile knows beside the leases: the configured slots, and the slots whose
+    tearing-down lease names a live holder that works on it no more (the agent's own: a
+    spare whose start failed while libvirtd was down; its holder stays alive for days)."""
+
+    slots: frozenset[str]
+    abandoned: frozenset[tuple[str, str]] = frozenset()  # (slot, job label)
+
+
 # When a lease is stale (nothing live explains it), first match wins: (rule, reason). The
 # checks are ordered cheapest first; the last asks libvirt.
 STALE_RULES = (
-    (lambda node, lease, known: lease.slot not in known, "slot is no longer configured"),
+    (lambda node, lease, known: lease.slot not in known.slots, "slot is no longer configured"),
     (lambda node, lease, known: lease.state is LeaseState.FAILED,
      "a start failed and was not cleaned up"),
+    (lambda node, lease, known: lease.state is LeaseState.TEARING_DOWN
+     and (lease.slot, lease.job_label) in known.abandoned and lease.pid == os.getpid(),
+     "its holder (pid {pid}, the agent) works on it no more"),
     (lambda node, lease, known: lease.state in TRANSIENT and not lease.holder_alive(),
      "the process (pid {pid}) that was {state} it died"),
     (lambda node, lease, known: lease.state in (LeaseState.RUNNING, LeaseState.SPARE)
@@ -52,12 +67,14 @@ class Reconcile:
         """End the leases no live process or VM explains (holder died, start failed, VM gone)."""
         return list(self._reclaim(dry_run).values())
 
-    def _reclaim(self, dry_run: bool) -> dict[str, str]:
+    def _reclaim(self, dry_run: bool, abandoned: frozenset[tuple[str, str]] = frozenset()
+                 ) -> dict[str, str]:
         """reclaim_stale's work: slot -> what was done (or would be) about its lease."""
         actions: dict[str, str] = {}
-        known_slots = {s.name for s in self.cfg.slots}
+        known = Known(frozenset(s.name for s in self.cfg.slots), abandoned)
+        known_slots = known.slots
         for lease in self.leases.all():
-            reason = self._stale_reason(lease, known_slots)
+            reason = self._stale_reason(lease, known)
             if not reason:
                 continue
             actions[lease.slot] = f"release slot {lease.slot} (job {lease.job_label}): {reason}"
@@ -92,8 +109,10 @@ class Reconcile:
                 self.leases.set_shape(slot, lease.job_label, Shape(*size))
         return done
 
-    def reconcile(self, dry_run: bool = False) -> list[str]:
+    def reconcile(self, dry_run: bool = False,
+                  abandoned: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
         """Compare leases, libvirt domains and files; clean up what no live lease explains.
+        `abandoned`: see Known (the agent's, for the leases it holds itself).
 
         Safe beside running hooks: domains, files and contexts are listed *before* the leases
         are read, and a prolog takes its lease before it makes any of them, so whatever a
@@ -106,7 +125,7 @@ class Reconcile:
         contexts = list_contexts(self.cfg.run_dir)
         servers = servers_of(self.cfg.run_dir)
         leases = {lease.slot: lease for lease in self.leases.all()}
-        released = self._reclaim(dry_run)
+        released = self._reclaim(dry_run, abandoned)
         actions = list(released.values())
         live = {s: lease for s, lease in leases.items() if s not in released}
         more = self._size_earlier_leases(live, xmls, dry_run)
@@ -164,10 +183,10 @@ class Reconcile:
         except (VmimError, OSError, TypeError):  # unreadable or half-written: not ours to keep
             return True
 
-    def _stale_reason(self, lease: Lease, known_slots: set[str]) -> str:
+    def _stale_reason(self, lease: Lease, known: Known) -> str:
         """The first rule of STALE_RULES the lease meets (its reason), or '' if it is live."""
         for applies, reason in STALE_RULES:
-            if applies(self, lease, known_slots):
+            if applies(self, lease, known):
                 return reason.format(pid=lease.pid, state=lease.state)
         return ""
 

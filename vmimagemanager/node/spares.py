@@ -17,6 +17,7 @@ import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,10 +132,12 @@ def run_bind(session, script: str) -> str:
 
 
 # -- provision and bind ---------------------------------------------------------------------------
-def provision_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease:
+def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
+                    allocated: Callable[[Lease], None] = lambda lease: None) -> Lease:
     """Boot a spare of `image_name` and `shape` in a free place; returns its lease (`spare`).
     NoFreeSlot if no place is free or its cores and memory are not: a spare never takes what a
-    job holds."""
+    job holds. `allocated` learns the lease as soon as it is taken (the agent: which of the
+    leases it holds a boot is working on)."""
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
@@ -142,6 +145,7 @@ def provision_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease
     lease, _ = life.leases.allocate([s.name for s in cfg.slots], SPARE_JOB_ID,
                                     secrets.token_hex(6), "", image_name, vo, shape=shape,
                                     budget=cfg.budget)
+    allocated(lease)
     slot = cfg.slot(lease.slot)
     try:
         shares = resolve_shares(cfg.shared_paths, "root")  # root: the tree shares only
