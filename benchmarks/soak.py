@@ -29,7 +29,7 @@ from pathlib import Path
 from benchmarks.chaos import PAYLOAD, inject, queue_in_error, reason, states, virsh
 from benchmarks.common import REPO, report
 from benchmarks.sge_stress import QUEUE, setup, teardown
-from tests.support.sgecell import final_records, sge
+from tests.support.sgecell import final_records, pids_matching, sge
 
 TIMED = ("libvirtd-down", "overlay-full")  # node-wide, FAULT_SECONDS long
 FAULTS = ("destroy", "qdel", "prolog-kill", "libvirtd-restart", *TIMED, "db-corrupt",
@@ -117,14 +117,14 @@ class Soak:
             self.filler = None
 
     def _kill_epilog(self) -> str:
-        for proc in Path("/proc").iterdir():
+        epilogs = set(pids_matching(b"vmim-sge-epilog")) & set(
+            pids_matching(str(self.path).encode()))
+        for pid in sorted(epilogs)[:1]:
             try:
-                if b"vmim-sge-epilog" in (proc / "cmdline").read_bytes() and \
-                        str(self.path).encode() in (proc / "cmdline").read_bytes():
-                    os.kill(int(proc.name), signal.SIGKILL)
-                    return f"SIGKILLed epilog process {proc.name}"
-            except (OSError, ValueError):
-                continue
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return ""  # it ended meanwhile
+            return f"SIGKILLed epilog process {pid}"
         return ""
 
     def _agent(self, action: str) -> None:

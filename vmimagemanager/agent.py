@@ -25,7 +25,7 @@ from . import agentwake, metrics
 from .audit import record
 from .config import Config
 from .errors import NoFreeSlot, RetryLater, VmimError
-from .files import replace_private_file
+from .files import read_private_json, replace_private_file
 from .flow import NOT_BOOT_FAILURES
 from .health import back_in_service, failing, reason, run_checks
 from .jobs import JOB_ID_RE
@@ -130,17 +130,18 @@ class Agent:
             return []
         if alive is None:
             return []
-        before = _read_missing(path)
+        # job label -> when the batch system first did not know it
+        before = {label: since for label, since in read_private_json(path).items()
+                  if isinstance(since, float)}
         now = time.time()
         missing = {lease.job_label: before.get(lease.job_label, now) for lease in running
                    if lease.job_id not in alive}
-        gone = [lease for lease in running if lease.job_label in before
-                and lease.job_label in missing
+        gone = [lease for lease in running if lease.job_label in missing.keys() & before
                 and now - missing[lease.job_label] >= cfg.health.gone_after]
-        replace_private_file(path, json.dumps(
-            {label: since for label, since in missing.items()
-             if label not in {lease.job_label for lease in gone}}).encode())
-        return [self._end_gone(lease, now - missing[lease.job_label]) for lease in gone]
+        for lease in gone:
+            del missing[lease.job_label]
+        replace_private_file(path, json.dumps(missing).encode())
+        return [self._end_gone(lease, now - before[lease.job_label]) for lease in gone]
 
     def _end_gone(self, lease: Lease, seconds: float) -> str:
         action = (f"tear down the VM of job {lease.job_label} in slot {lease.slot}: the batch "
@@ -270,17 +271,6 @@ class Agent:
                 actions.append(f"spare of {image} ({shape}) failed, next try in {delay:.0f} s: "
                                f"{exc}")
         return actions
-
-
-def _read_missing(path) -> dict[str, float]:
-    """JOBS_MISSING: job label -> when the batch system first did not know it."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, float)}
 
 
 def run(life: Node, make_life: Callable[[], Node], once: bool = False,

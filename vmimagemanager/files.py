@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -27,6 +28,16 @@ def replace_private_file(path: Path, data: bytes) -> None:
     fresh.unlink(missing_ok=True)
     write_private_file(fresh, data)
     os.replace(fresh, path)
+
+
+def read_private_json(path: Path) -> dict:
+    """A JSON object root wrote with replace_private_file; {} if it is absent, unreadable or
+    not an object (the next write makes it anew)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def append_line(path: Path, line: str, mode: int = 0o600) -> None:

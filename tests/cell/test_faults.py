@@ -12,6 +12,7 @@ ended job is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -33,6 +34,7 @@ from tests.support.sgecell import (
     close_vm_cell,
     job_state,
     open_vm_cell,
+    pids_matching,
     qacct,
     sge,
     stop_libvirtd,
@@ -360,20 +362,13 @@ def test_twenty_jobs_deleted_at_random_moments_leave_nothing_behind(faults):
     faults.assert_clean()
 
 
-def _kill_every(pattern: bytes, *, uid: int | None = None) -> list[int]:
-    """SIGKILL every process whose command line holds `pattern` (of `uid`, if given)."""
+def _kill_every(pattern: bytes) -> list[int]:
+    """SIGKILL every process whose command line holds `pattern`."""
     killed = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            if uid is not None and proc.stat().st_uid != uid:
-                continue
-            if pattern in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
+    for pid in pids_matching(pattern):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
     return killed
 
 

@@ -28,6 +28,7 @@ from tests.support.sgecell import (
     agent_once,
     close_vm_cell,
     open_vm_cell,
+    pids_matching,
     stop_libvirtd,
     virsh,
     wait_done,
@@ -369,13 +370,7 @@ def test_the_running_agent_keeps_a_spare_ready_for_each_next_job(spares_cell):
 
 
 def qemu_of(slot: str) -> int | None:
-    for proc in Path("/proc").iterdir():
-        try:
-            if f"guest=vmim-{slot},".encode() in (proc / "cmdline").read_bytes():
-                return int(proc.name)
-        except (OSError, ValueError):
-            continue
-    return None
+    return next(iter(pids_matching(f"guest=vmim-{slot},".encode())), None)
 
 
 @pytest.mark.integration

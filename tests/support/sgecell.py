@@ -209,6 +209,19 @@ class VmCell(Cell):
         self.assert_queue_usable()
 
 
+def pids_matching(pattern: bytes) -> list[int]:
+    """The processes (other than this one) whose command line holds `pattern`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and \
+                    pattern in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
 def stop_libvirtd(timeout: float = 60) -> None:
     """Kill libvirtd as a fault would, and wait until it is gone (harness/libvirt-up.sh starts
     it again)."""

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
-from ..files import replace_private_file
+from ..files import read_private_json, replace_private_file
 
 log = logging.getLogger("vmimagemanager.batch")
 
@@ -34,14 +34,6 @@ REGISTRY = "batch.json"  # in state_dir: {"sge": {"queues": [...]}, "slurm": {"n
 MARKER = "out-of-service.json"  # in state_dir: what this node took out, why, since when
 REASON_PREFIX = "vmimagemanager: "
 COMMAND_TIMEOUT = 30
-
-
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _write(path: Path, data: dict) -> None:
@@ -52,7 +44,7 @@ def register(cfg: Config, system: str, **what: object) -> None:
     """Note what a batch system's set-up made serve this configuration (install-queue: its
     queue; install-hooks: this Slurm node)."""
     cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    registry = _read(cfg.state_dir / REGISTRY)
+    registry = read_private_json(cfg.state_dir / REGISTRY)
     entry = registry.setdefault(system, {})
     for key, value in what.items():
         if isinstance(value, str) and key == "queue":
@@ -65,15 +57,13 @@ def register(cfg: Config, system: str, **what: object) -> None:
 def out_of_service(cfg: Config) -> dict:
     """What this node took out of scheduling itself (empty: it is in service, as far as it
     is concerned)."""
-    return _read(cfg.state_dir / MARKER)
+    return read_private_json(cfg.state_dir / MARKER)
 
 
 def _run(*argv: str) -> tuple[int, str]:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return 1, str(exc)
-    return r.returncode, (r.stdout + r.stderr).strip()
+    """Exit status and what the command printed (stdout, then stderr)."""
+    code, out, err = _output(*argv)
+    return code, (out.decode(errors="replace") + err).strip()
 
 
 def _host() -> str:
@@ -98,7 +88,7 @@ def take_out(cfg: Config, reason: str) -> list[str]:
     already; returns what was done."""
     if out_of_service(cfg):
         return []
-    registry, done = _read(cfg.state_dir / REGISTRY), []
+    registry, done = read_private_json(cfg.state_dir / REGISTRY), []
     marker: dict = {"since": time.time(), "reason": reason, "sge": [], "slurm": ""}
     for queue in registry.get("sge", {}).get("queues", []):
         instance = f"{queue}@{_host()}"
@@ -150,14 +140,13 @@ def put_back(cfg: Config) -> list[str]:
     return done
 
 
-def _output(*argv: str) -> tuple[int, bytes, str] | None:
+def _output(*argv: str) -> tuple[int, bytes, str]:
     """Exit status, stdout (bytes: job names in it are users' and need not be UTF-8) and
-    stderr of the command; None if it could not run."""
+    stderr of the command; a command that cannot run is status 1 with the reason."""
     try:
         r = subprocess.run(argv, capture_output=True, timeout=COMMAND_TIMEOUT)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        log.warning("%s: %s", argv[0], exc)
-        return None
+        return 1, b"", str(exc)
     return r.returncode, r.stdout, r.stderr.decode(errors="replace").strip()
 
 
@@ -169,11 +158,11 @@ def _sge_running(host: str) -> set[str] | None:
     """The jobs the qmaster has running (being deleted, suspended) in any queue instance of
     this host: a small answer from every node each round. `-s rs` named, so a site's
     sge_qstat file cannot narrow it."""
-    ran = _output("qstat", "-u", "*", "-s", "rs", "-q", f"*@{host}", "-xml")
-    if ran is None or ran[0] != 0:
-        log.warning("qstat failed: %s", ran[2][:200] if ran else "did not run")
+    code, out, err = _output("qstat", "-u", "*", "-s", "rs", "-q", f"*@{host}", "-xml")
+    if code != 0:
+        log.warning("qstat failed: %s", err[:200])
         return None
-    return job_numbers(ran[1])
+    return job_numbers(out)
 
 
 def job_numbers(qstat_xml: bytes) -> set[str] | None:
@@ -195,9 +184,8 @@ def job_numbers(qstat_xml: bytes) -> set[str] | None:
 def _sge_gone(job_id: str) -> bool:
     """The qmaster says the job does not exist (nothing else counts: a site's sge_qstat file
     or a failed call must never make a live job look gone)."""
-    ran = _output("qstat", "-j", job_id)
-    return ran is not None and ran[0] != 0 and "do not exist" in ran[2] + \
-        ran[1].decode(errors="replace")
+    code, out, err = _output("qstat", "-j", job_id)
+    return code != 0 and "do not exist" in err + out.decode(errors="replace")
 
 
 # squeue's states of a job that has ended (its epilog, if any, has run: COMPLETING before)
@@ -209,11 +197,11 @@ def _slurm_states(*selection: str) -> dict[str, str] | None:
     """Job id -> state for the jobs `selection` names (squeue's default leaves out suspended
     and stopped ones, --all the hidden partitions'); %A: an array task's own id, the
     SLURM_JOB_ID its prolog saw."""
-    ran = _output("squeue", "--all", "--array", "--noheader", "--states=all", *selection,
-                  "--format=%A %T")
-    if ran is None or ran[0] != 0:
+    code, out, _ = _output("squeue", "--all", "--array", "--noheader", "--states=all",
+                           *selection, "--format=%A %T")
+    if code != 0:
         return None
-    return {fields[0]: fields[1] for line in ran[1].decode(errors="replace").splitlines()
+    return {fields[0]: fields[1] for line in out.decode(errors="replace").splitlines()
             if len(fields := line.split()) == 2}
 
 
@@ -226,13 +214,11 @@ def _slurm_running(node: str) -> set[str] | None:
 
 
 def _slurm_gone(job_id: str) -> bool:
-    ran = _output("squeue", "--noheader", "--states=all", f"--jobs={job_id}",
-                  "--format=%T")
-    if ran is None:
-        return False
-    if ran[0] != 0:
-        return "Invalid job id" in ran[2]  # slurmctld has purged it
-    states = ran[1].decode(errors="replace").split()
+    code, out, err = _output("squeue", "--noheader", "--states=all", f"--jobs={job_id}",
+                             "--format=%T")
+    if code != 0:
+        return "Invalid job id" in err  # slurmctld has purged it
+    states = out.decode(errors="replace").split()
     return not states or all(state in SLURM_ENDED for state in states)
 
 
@@ -241,7 +227,7 @@ def live_jobs(cfg: Config, job_ids: set[str]) -> set[str] | None:
     configuration have not ended, or None if one cannot say. One query for this host's
     running jobs a round; a job missing from it is gone only once asked about by itself
     (never a guess: nothing is torn down on an unknown)."""
-    registry = _read(cfg.state_dir / REGISTRY)
+    registry = read_private_json(cfg.state_dir / REGISTRY)
     systems = []
     if registry.get("sge", {}).get("queues"):
         systems.append((lambda: _sge_running(_host()), _sge_gone))

@@ -72,7 +72,6 @@ class Reconcile:
         """reclaim_stale's work: slot -> what was done (or would be) about its lease."""
         actions: dict[str, str] = {}
         known = Known(frozenset(s.name for s in self.cfg.slots), abandoned)
-        known_slots = known.slots
         for lease in self.leases.all():
             reason = self._stale_reason(lease, known)
             if not reason:
@@ -81,7 +80,7 @@ class Reconcile:
             if dry_run:
                 continue
             try:
-                if lease.slot in known_slots:
+                if lease.slot in known.slots:
                     self.end_vm(lease.slot, job_label=lease.job_label)
                 else:
                     self._forget_unknown_slot(lease)
