@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from .accel import VM_OVERHEAD_MIB, resolve_domain_type
 from .errors import ConfigError
 from .shape import MIN_VM_MEMORY_MIB, Budget, Shape
 
@@ -210,7 +211,6 @@ TOP_KEYS = {
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
     "on_boot_failure", "metrics_dir", "ssh_ports", "node", "job_defaults", "health",
 }
-DEFAULT_VM_OVERHEAD_MIB = 256  # QEMU's own memory per VM (docs/job-shapes.md: measured)
 DEFAULT_HOST_RESERVE_MIB = 2048
 
 
@@ -514,17 +514,19 @@ def _host_memory_mib() -> int:
     raise ConfigError("/proc/meminfo has no MemTotal")
 
 
-def _parse_budget(c: _Checker, raw: Any, slots: tuple[Slot, ...]) -> Budget:
+def _parse_budget(c: _Checker, raw: Any, slots: tuple[Slot, ...], domain_type: str) -> Budget:
     """`node:`: the cores and memory VMs may use on this node in all. Without it (a
     configuration of fixed-size slots), the budget is what the slots' sizes add up to: every
-    slot can hold a VM of its old size at once."""
+    slot can hold a VM of its old size at once. QEMU's overhead per VM (`auto`, the default)
+    is the one of the accelerator `domain_type` gives on this host."""
     if raw is None:
         return Budget(cores=sum(s.vcpus for s in slots),
                       memory_mib=sum(s.memory_mib for s in slots), vm_overhead_mib=0)
     raw = c.mapping(raw, "node", {"cores", "memory_mib", "host_reserve_mib",
                                   "vm_overhead_mib"})
-    overhead = c.typed(raw.get("vm_overhead_mib", DEFAULT_VM_OVERHEAD_MIB),
-                       "node.vm_overhead_mib", int, "MiB >= 0", lambda v: v >= 0)
+    overhead = raw.get("vm_overhead_mib", "auto")
+    overhead = VM_OVERHEAD_MIB[resolve_domain_type(domain_type)] if overhead == "auto" else (
+        c.typed(overhead, "node.vm_overhead_mib", int, "MiB >= 0, or auto", lambda v: v >= 0))
     reserve = c.typed(raw.get("host_reserve_mib", DEFAULT_HOST_RESERVE_MIB),
                       "node.host_reserve_mib", int, "MiB >= 0", lambda v: v >= 0)
     cores = raw.get("cores", "auto")
@@ -563,7 +565,7 @@ def _parse_health(c: _Checker, raw: Any) -> HealthPolicy:
                            "seconds >= 0", lambda v: v >= 0))
 
 
-def _parse_places_and_budget(c: _Checker, data: dict[str, Any]
+def _parse_places_and_budget(c: _Checker, data: dict[str, Any], domain_type: str
                              ) -> tuple[tuple[Slot, ...], Budget, int]:
     """The VM places, the node's budget and the memory per core of a job that asks for none:
     from `node:` and `job_defaults:`, or (an earlier version's configuration) the slots' sizes
@@ -574,7 +576,7 @@ def _parse_places_and_budget(c: _Checker, data: dict[str, Any]
         raise ConfigError(f"{c.path}: slot_defaults: with node: a VM's size is its job's; give "
                           "a job that asks for no memory job_defaults.memory_per_core_mib")
     slots = _parse_slots(c, data.get("slots"), defaults, data.get("node") is not None)
-    return (slots, _parse_budget(c, data.get("node"), slots),
+    return (slots, _parse_budget(c, data.get("node"), slots, domain_type),
             _parse_per_core(c, data.get("job_defaults"), slots))
 
 
@@ -603,7 +605,7 @@ def parse_config(data: Any, path: str) -> Config:
             raise c.fail("yaim_groups_conf", "a readable YAIM groups.conf",
                          f"{groups_conf} ({exc.strerror})") from None
     vos = _parse_vos(c, data.get("vos"), yaim_groups)
-    slots, budget, per_core = _parse_places_and_budget(c, data)
+    slots, budget, per_core = _parse_places_and_budget(c, data, domain_type)
     return Config(
         path=path,
         libvirt_uri=c.typed(data.get("libvirt_uri", "qemu:///system"), "libvirt_uri", str,

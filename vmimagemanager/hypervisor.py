@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
-import os
 import re
 import time
 from xml.etree import ElementTree
@@ -20,32 +19,6 @@ from .domain_meta import VMIM_NS
 from .errors import BootError, HypervisorUnavailable
 
 log = logging.getLogger("vmimagemanager.hypervisor")
-
-
-def kvm_usable(cpuinfo: str = "/proc/cpuinfo", device: str = "/dev/kvm") -> bool:
-    """True only where KVM can really run guests.
-
-    A /dev/kvm node is no proof: on nested or emulated hosts it exists while the CPU offers no
-    virtualisation extensions, and QEMU with -enable-kvm then hangs.
-    """
-    if not os.path.exists(device) or not os.access(device, os.R_OK | os.W_OK):
-        return False
-    try:
-        with open(cpuinfo, encoding="ascii", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "vmx" in flags or "svm" in flags
-    except OSError:
-        return False
-    return False
-
-
-def resolve_domain_type(setting: str) -> str:
-    """'auto' -> 'kvm' where KVM works, else 'qemu' (TCG); explicit settings win."""
-    if setting != "auto":
-        return setting
-    return "kvm" if kvm_usable() else "qemu"
 
 
 class Hypervisor(abc.ABC):

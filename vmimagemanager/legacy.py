@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from .config import DEFAULT_VM_OVERHEAD_MIB, parse_config, valid_name
+from .accel import VM_OVERHEAD_MIB
+from .config import parse_config, valid_name
 from .errors import VmimError
 
 GLOBAL = "VmImageManager"
@@ -103,8 +104,9 @@ def _sizes(slots: list[dict[str, Any]], memory: int | None, warnings: list[str]
                             "(job_defaults.memory_per_core_mib)")
     total = sum(size or per_core for size in sizes)
     return {"node": {"cores": len(slots),
-                     "memory_mib": total + len(slots) * DEFAULT_VM_OVERHEAD_MIB,
-                     "vm_overhead_mib": DEFAULT_VM_OVERHEAD_MIB},
+                     # every slot holds a VM under either accelerator's overhead
+                     "memory_mib": total + len(slots) * max(VM_OVERHEAD_MIB.values()),
+                     "vm_overhead_mib": "auto"},
             "job_defaults": {"memory_per_core_mib": per_core}}
 
 

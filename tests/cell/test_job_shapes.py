@@ -42,6 +42,13 @@ echo "nproc $(nproc 2>/dev/null || grep -c ^processor /proc/cpuinfo)"
 echo "memtotal_kib $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
 echo "nslots ${NSLOTS:-unset} pe ${PE:-unset}"
 if [ -n "$HOG" ]; then tail /dev/zero; fi
+if [ -n "$BURN" ]; then  # every vCPU busy for $BURN seconds of the guest's clock
+  end=$(( $(date +%s) + BURN ))
+  for cpu in $(seq "$(nproc)"); do
+    ( while [ "$(date +%s)" -lt "$end" ]; do :; done ) &
+  done
+  wait
+fi
 sleep ${SLEEP:-0}
 echo finished
 """
@@ -97,7 +104,9 @@ def test_a_pe_job_gets_its_cores_and_memory_and_a_serial_job_one_core(shape_cell
 
 def test_the_accounting_record_of_a_cold_job_has_its_cores_and_covers_its_cpu(shape_cell):
     cell = shape_cell
-    job = cell.submit("acct", "cms001", "-pe", "smp", "2", SHAPE_JOB)
+    """The payload keeps both vCPUs busy for 3 s: the record's CPU is the job's and its boot's,
+    and its wall time covers both (docs/accounting.md, "Cores and wall time")."""
+    job = cell.submit("acct", "cms001", "-pe", "smp", "2", "-v", "BURN=3", SHAPE_JOB)
     wait_done(job)
     lines = [line.split(":") for line in (cell.cfg.state_dir / "accounting").read_text()
              .splitlines() if line.split(":")[5] == job]
@@ -105,6 +114,7 @@ def test_the_accounting_record_of_a_cold_job_has_its_cores_and_covers_its_cpu(sh
     fields = lines[0]
     slots, pe, wall, cpu = int(fields[34]), fields[33], float(fields[13]), float(fields[36])
     assert (slots, pe) == (2, "smp")
+    assert cpu >= 3, f"the record misses the payload's CPU: {cpu} s"
     assert cpu <= wall * slots * 1.05, (cpu, wall, slots)
 
 
@@ -204,6 +214,8 @@ def test_install_queue_h_vmem_makes_sge_schedule_the_nodes_memory(shape_cell):
                       if line.startswith("h_vmem "))
         assert (h_vmem[5], h_vmem[6]) == ("YES", "256M"), h_vmem
         assert "h_vmem=3584M" in sge("qconf", "-se", host)
+        # no --slots: the queue's slots are the node's cores
+        assert re.search(r"^slots\s+4$", sge("qconf", "-sq", "vmshapeh.q"), re.M)
     finally:
         sge("qconf", "-dq", "vmshapeh.q", check=False)
         _qconf_file("-Mc", complexes)

@@ -61,7 +61,9 @@ def test_enabled_slots_keep_their_network_identity_and_memory():
         "xenbr0", "00:16:3e:00:00:01", "wn042-vm1.grid.example.org")
     assert two.network.bridge == "xenbr1"
     # the fixed sizes became the node's budget: one core a slot, their memory and QEMU's
-    assert (cfg.budget.cores, cfg.budget.memory_mib) == (2, 1024 + 2048 + 2 * 256)
+    # (room for TCG's overhead: the overhead is the accelerator's, `auto`)
+    assert (cfg.budget.cores, cfg.budget.memory_mib) == (2, 1024 + 2048 + 2 * 384)
+    assert data["node"]["vm_overhead_mib"] == "auto"
     assert cfg.job_shape("", 1, None) == Shape(1, 1024)  # the smallest slot's
     assert any("[wn042-vm2] vAlocatedMemory = 2048: a VM has its job's memory" in w
                for w in warnings)

@@ -46,6 +46,17 @@ def test_a_node_section_gives_the_budget_and_the_defaults(tmp_path):
     assert cfg.job_shape("cms", 1, 10) == Shape(1, 128)  # never below a bootable VM
 
 
+@pytest.mark.parametrize("domain_type, overhead", [("kvm", 256), ("qemu", 384)])
+def test_qemus_overhead_is_the_accelerators_unless_given(tmp_path, domain_type, overhead):
+    """TCG's translation buffer makes QEMU's own memory larger than under KVM
+    (docs/performance.md): `auto`, the default, counts the one the domains run with."""
+    cfg = _cfg(tmp_path, node={"cores": 2, "memory_mib": 4096}, domain_type=domain_type)
+    assert cfg.budget.vm_overhead_mib == overhead
+    cfg = _cfg(tmp_path, node={"cores": 2, "memory_mib": 4096, "vm_overhead_mib": "auto"},
+               domain_type=domain_type)
+    assert cfg.budget.vm_overhead_mib == overhead
+
+
 def test_auto_takes_the_hosts_cores_and_memory_less_the_reserve(tmp_path):
     import os
 

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import ports
+from ..accel import resolve_domain_type
 from ..accounts import account
 from ..config import Slot, UserNetwork
 from ..context import (
@@ -28,7 +29,6 @@ from ..homeserver import (
     serve_homes,
     stop_servers_of,
 )
-from ..hypervisor import resolve_domain_type
 from ..images import prepare_overlay
 from ..jobs import check_label
 from ..leases import Lease
