@@ -23,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.common import REPO, report
 from benchmarks.sge_stress import setup, teardown
+from tests.support import THIS_HOST
 from tests.support.sgecell import final_records, job_state, sge
 
 QUEUE = "vmbench.q"
@@ -68,8 +69,9 @@ def inject(kind: str, rnd: random.Random, cfg, jobs: dict, deleted: set) -> str:
         except ProcessLookupError:
             return ""
         return f"SIGKILLed the prolog of job {lease.job_label}"
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode == 0:
+    subprocess.run(["pkill", *THIS_HOST, "-x", "libvirtd"], check=False)
+    while subprocess.run(["pgrep", *THIS_HOST, "-x", "libvirtd"],
+                         capture_output=True).returncode == 0:
         time.sleep(0.2)
     subprocess.run(["bash", str(REPO / "harness/libvirt-up.sh")], check=True,
                    capture_output=True)

@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.chaos import PAYLOAD, inject, queue_in_error, reason, states, virsh
 from benchmarks.common import REPO, report
 from benchmarks.sge_stress import QUEUE, setup, teardown
+from tests.support import THIS_HOST
 from tests.support.sgecell import final_records, pids_matching, sge
 
 TIMED = ("libvirtd-down", "overlay-full")  # node-wide, FAULT_SECONDS long
@@ -97,7 +98,7 @@ class Soak:
 
     def _start_timed(self, kind: str) -> str:
         if kind == "libvirtd-down":
-            subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+            subprocess.run(["pkill", *THIS_HOST, "-x", "libvirtd"], check=False)
             undo, what = self._libvirtd_up, f"libvirtd down for {FAULT_SECONDS} s"
         else:
             free = os.statvfs(self.cfg.overlay_dir)

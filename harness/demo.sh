@@ -19,8 +19,8 @@ bash "$here/harness/install-deps.sh"
 bash "$here/harness/pool-accounts.sh"
 
 started_libvirt=0; started_cell=0
-pgrep -x libvirtd >/dev/null || started_libvirt=1
-pgrep -x sge_qmaster >/dev/null || started_cell=1
+pgrep --ns $$ --nslist pid,mnt -x libvirtd >/dev/null || started_libvirt=1
+pgrep --ns $$ --nslist pid,mnt -x sge_qmaster >/dev/null || started_cell=1
 say "starting libvirtd and a single-host SGE cell"
 bash "$here/harness/libvirt-up.sh"
 bash "$here/harness/sge-cell.sh" up
@@ -196,5 +196,5 @@ vmim spares --retire
 qconf -dq "$queue" >/dev/null
 [ "${CE:-0}" = 1 ] && bash "$here/harness/ce-gram.sh" down
 [ $started_cell = 1 ] && bash "$here/harness/sge-cell.sh" down
-if [ $started_libvirt = 1 ]; then pkill -x libvirtd || true; pkill -x virtlogd || true; fi
+if [ $started_libvirt = 1 ]; then pkill --ns $$ --nslist pid,mnt -x libvirtd || true; pkill --ns $$ --nslist pid,mnt -x virtlogd || true; fi
 echo "demo: done; stopped what the demo started (KEEP=1 keeps it running)"

@@ -22,6 +22,7 @@ APT_PACKAGES=(
   rpm cpio
   slurm-wlm munge libslurm-dev
   time iproute2 procps psmisc python3-venv python3-dev
+  systemd-container  # systemd-nspawn: the shipped units under a real systemd (tests/cell/test_systemd.py)
 )
 
 missing=()

@@ -19,12 +19,12 @@ if grep -q -E '^(user|group) = ' "$conf"; then
   restart=1
 fi
 mkdir -p /run/libvirt
-pgrep -x virtlogd >/dev/null || virtlogd -d
-if [ "$restart" = 1 ] && pgrep -x libvirtd >/dev/null; then
-  pkill -x libvirtd
-  for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.2; done
+pgrep --ns $$ --nslist pid,mnt -x virtlogd >/dev/null || virtlogd -d
+if [ "$restart" = 1 ] && pgrep --ns $$ --nslist pid,mnt -x libvirtd >/dev/null; then
+  pkill --ns $$ --nslist pid,mnt -x libvirtd
+  for _ in $(seq 1 50); do pgrep --ns $$ --nslist pid,mnt -x libvirtd >/dev/null || break; sleep 0.2; done
 fi
-if ! pgrep -x libvirtd >/dev/null; then
+if ! pgrep --ns $$ --nslist pid,mnt -x libvirtd >/dev/null; then
   libvirtd -d
 fi
 for _ in $(seq 1 50); do

@@ -58,7 +58,7 @@ cell_up() {
            $1 == "reporting_params" {print "reporting_params accounting=true reporting=false flush_time=00:00:01 joblog=false sharelog=00:00:00"; next}
            $1 == "load_report_time" {print "load_report_time 00:00:05"; next} {print}' > "$d/global"
   qconf -Mconf "$d/global" >/dev/null; rm -rf "$d"
-  pgrep -x sge_execd >/dev/null || "${daemon_env[@]}" /usr/sbin/sge_execd
+  pgrep --ns $$ --nslist pid,mnt -x sge_execd >/dev/null || "${daemon_env[@]}" /usr/sbin/sge_execd
   for _ in $(seq 1 60); do
     qhost -h "$host" 2>/dev/null | awk 'NR>3 && $4 != "-" {ok=1} END {exit !ok}' && break
     sleep 0.5
@@ -67,9 +67,9 @@ cell_up() {
 }
 
 cell_down() {
-  if pgrep -x sge_execd >/dev/null; then qconf -ke "$host" >/dev/null 2>&1 || pkill -x sge_execd || true; fi
-  if pgrep -x sge_qmaster >/dev/null; then qconf -km >/dev/null 2>&1 || pkill -TERM -x sge_qmaster || true; fi
-  running() { pgrep -x sge_qmaster >/dev/null || pgrep -x sge_execd >/dev/null; }
+  if pgrep --ns $$ --nslist pid,mnt -x sge_execd >/dev/null; then qconf -ke "$host" >/dev/null 2>&1 || pkill --ns $$ --nslist pid,mnt -x sge_execd || true; fi
+  if pgrep --ns $$ --nslist pid,mnt -x sge_qmaster >/dev/null; then qconf -km >/dev/null 2>&1 || pkill --ns $$ --nslist pid,mnt -TERM -x sge_qmaster || true; fi
+  running() { pgrep --ns $$ --nslist pid,mnt -x sge_qmaster >/dev/null || pgrep --ns $$ --nslist pid,mnt -x sge_execd >/dev/null; }
   for _ in $(seq 1 100); do running || break; sleep 0.2; done
   if running; then echo "sge-cell: daemons still running" >&2; exit 1; fi
   echo "sge-cell: cell stopped" >&2

@@ -71,13 +71,13 @@ up() {
   command -v slurmctld >/dev/null || { echo "slurm-cell: slurm-wlm missing; run harness/install-deps.sh" >&2; exit 1; }
   local changed; changed=$(write_conf)
   munge_up
-  if [ -n "$changed" ]; then pkill -x slurmd || true; pkill -x slurmctld || true; sleep 1; fi
+  if [ -n "$changed" ]; then pkill --ns $$ --nslist pid,mnt -x slurmd || true; pkill --ns $$ --nslist pid,mnt -x slurmctld || true; sleep 1; fi
   if ! ctld_up; then
     "${daemon_env[@]}" /usr/sbin/slurmctld
     for _ in $(seq 1 100); do ctld_up && break; sleep 0.1; done
     ctld_up || { echo "slurm-cell: slurmctld did not come up; see /var/log/slurm/slurmctld.log" >&2; exit 1; }
   fi
-  pgrep -x slurmd >/dev/null || "${daemon_env[@]}" /usr/sbin/slurmd
+  pgrep --ns $$ --nslist pid,mnt -x slurmd >/dev/null || "${daemon_env[@]}" /usr/sbin/slurmd
   for _ in $(seq 1 100); do node_idle && break; sleep 0.1; done
   if ! node_idle; then  # drained by an earlier failing hook: the harness' node is ours to resume
     scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
@@ -94,8 +94,8 @@ unhook() {
 }
 
 down() {
-  pkill -x slurmd || true
-  pkill -x slurmctld || true
+  pkill --ns $$ --nslist pid,mnt -x slurmd || true
+  pkill --ns $$ --nslist pid,mnt -x slurmctld || true
   echo "slurm-cell: down"
 }
 

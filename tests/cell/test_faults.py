@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HARNESS, run_script
+from tests.support import HARNESS, THIS_HOST, run_script
 from tests.support.sgecell import (
     JOB,
     SGE_ENV,
@@ -124,7 +124,7 @@ def test_a_prolog_killed_during_boot_reschedules_the_job_which_then_runs(faults)
 
 
 def _signal_libvirtd(sig: str) -> None:
-    subprocess.run(["pkill", f"-{sig}", "-x", "libvirtd"], check=True)
+    subprocess.run(["pkill", *THIS_HOST, f"-{sig}", "-x", "libvirtd"], check=True)
 
 
 def test_an_epilog_killed_during_teardown_is_finished_by_its_wrapper(faults):
@@ -236,7 +236,7 @@ def test_sge_execd_restarted_mid_job(faults):
     faults.run_job("execdrestart", sleep=20)
     faults.wait_started("execdrestart")
     sge("qconf", "-ke", os.uname().nodename)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "sge_execd"]).returncode != 0,
+    wait_for(lambda: subprocess.run(["pgrep", *THIS_HOST, "-x", "sge_execd"]).returncode != 0,
              "sge_execd to stop", timeout=60, interval=0.5)
     up = run_script(str(HARNESS / "sge-cell.sh"), "up")
     assert up.returncode == 0, up.stderr

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 HARNESS = REPO / "harness"
 # VMIM_INTEGRATION=1 (`make test`, CI): an integration test that finds no daemon fails.
 INTEGRATION = os.environ.get("VMIM_INTEGRATION") == "1"
+# pgrep/pkill options that match only this host's daemons: not those of a node the tests run in
+# namespaces of its own (harness/sge-node.sh, tests/cell/test_systemd.py's container)
+THIS_HOST = ("--ns", str(os.getpid()), "--nslist", "pid,mnt")
 
 
 def require(ok: bool, what: str) -> None:

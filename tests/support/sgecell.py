@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tests.support import (
     HARNESS,
+    THIS_HOST,
     import_test_images,
     make_base_dir,
     require,
@@ -225,8 +226,8 @@ def pids_matching(pattern: bytes) -> list[int]:
 def stop_libvirtd(timeout: float = 60) -> None:
     """Kill libvirtd as a fault would, and wait until it is gone (harness/libvirt-up.sh starts
     it again)."""
-    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-    wait_for(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0,
+    subprocess.run(["pkill", *THIS_HOST, "-x", "libvirtd"], check=False)
+    wait_for(lambda: subprocess.run(["pgrep", *THIS_HOST, "-x", "libvirtd"]).returncode != 0,
              "libvirtd to stop", timeout=timeout, interval=0.2)
 
 

@@ -1,7 +1,8 @@
 """The systemd units the packages ship, checked by systemd's own parser (`systemd-analyze
-verify`: syntax, known settings, the ExecStart command found on systemd's PATH). systemd is not
-PID 1 on these machines, so the units' entry points run directly in the cell tests: `agent
---once` after a simulated reboot (tests/cell/test_faults.py), `reconcile` (test_sge.py)."""
+verify`: syntax, known settings, the ExecStart command found on systemd's PATH). Under a real
+systemd (a container, with a power cut and a boot): tests/cell/test_systemd.py; their entry
+points on the host's cell: `agent --once` after a simulated reboot (tests/cell/test_faults.py),
+`reconcile` (test_sge.py)."""
 
 from __future__ import annotations
 
