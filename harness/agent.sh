@@ -10,7 +10,13 @@ config=${2:?usage: agent.sh start|stop CONFIG}
 name=$(basename "$config" .yaml)-$(realpath "$config" | md5sum | cut -c1-8)
 pidfile=/run/vmimagemanager-agent.$name.pid
 log=/var/log/vmimagemanager-agent.$name.log
-running() { [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+# alive and not a zombie: a killed agent stays one until PID 1 reaps it (this sandbox's PID 1
+# does so late), and `kill -0` succeeds on a zombie
+running() {
+  [ -s "$pidfile" ] || return 1
+  local stat; stat=$(ps -o stat= -p "$(cat "$pidfile")" 2>/dev/null) || return 1
+  [[ $stat != Z* ]]
+}
 case $action in
   start)
     if running; then echo "agent for $config already runs (pid $(cat "$pidfile"))"; exit 0; fi
@@ -22,8 +28,8 @@ case $action in
   stop)
     if running; then
       pid=$(cat "$pidfile"); kill -TERM "$pid"
-      for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && { echo "agent.sh: agent $pid did not stop in 120 s" >&2; exit 1; }
+      for _ in $(seq 1 600); do running || break; sleep 0.2; done
+      running && { echo "agent.sh: agent $pid did not stop in 120 s" >&2; exit 1; }
     fi
     rm -f "$pidfile" ;;
   *) echo "usage: agent.sh start|stop CONFIG" >&2; exit 2 ;;
