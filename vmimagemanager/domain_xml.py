@@ -103,6 +103,10 @@ def build_domain_xml(spec: DomainSpec) -> str:
     etree.SubElement(metadata, f"{{{VMIM_NS}}}lease", lease_attributes(
         spec.job_label, spec.image, spec.owner, spec.slot.name, **noted),
         nsmap={"vmim": VMIM_NS})
+    # A VM generation ID device (libvirt picks the value): a VM restored from a memory
+    # snapshot gets a new one, and its kernel reseeds its RNG; a saved VM cannot gain the device
+    # at restore, so every VM has it from its boot
+    _sub(root, "genid")
     _sub(root, "memory", str(spec.shape.memory_mib), unit="MiB")
     _sub(root, "vcpu", str(spec.shape.cores))
     if spec.shared_memory:

@@ -42,6 +42,7 @@ def test_user_network_uses_restricted_loopback_forward():
     assert root.find("devices/serial/source").get("path") == "/var/lib/s/console/s1.log"
     assert [d.find("target").get("dev") for d in root.findall("devices/disk")] == ["vda", "vdb"]
     assert root.find("devices/disk[2]/readonly") is not None
+    assert root.find("genid") is not None and not root.findtext("genid")  # libvirt's value
 
 
 def test_bridge_network_and_disk_boot():

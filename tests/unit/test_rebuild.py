@@ -58,9 +58,10 @@ def test_a_broken_database_is_kept_aside_and_rebuilt_from_the_running_domains(no
     history = (cfg.state_dir / "audit.jsonl").read_text()
     assert "rebuilt the leases database from libvirt" in history
     assert "adopted domain vmim-s1: job 7.0, running, 2 cores and 1024 MiB" in history
-    # and reconcile leaves the adopted VMs alone (s9's is in no configured slot: it goes)
-    assert [a for a in rebuilt.reconcile() if "destroy" in a] == [
-        "destroy domain vmim-s9: no lease holds it"]
+    # and reconcile leaves the adopted VMs alone, and s9's too: it is in no slot of this
+    # configuration (another's on the same libvirtd, as far as this node can tell)
+    assert [a for a in rebuilt.reconcile() if "destroy" in a] == []
+    assert "vmim-s9" in rebuilt.hv.domain_names()
 
 
 def test_without_libvirt_nothing_is_moved_and_the_job_is_retried(node, tmp_path):

@@ -117,8 +117,11 @@ class Reconcile:
         are read, and a prolog takes its lease before it makes any of them, so whatever a
         starting job owns is always explained by a lease read here.
         """
+        # only this configuration's slots: another configuration's VMs on the same libvirtd
+        # (a second node's set-up, the demo beside the tests) are not ours to destroy
+        ours = {slot.domain_name for slot in self.cfg.slots}
         xmls = {name: xml for name in self.hv.domain_names()
-                if (xml := self.hv.domain_xml(name)) is not None}
+                if name in ours and (xml := self.hv.domain_xml(name)) is not None}
         domains = {name: lease_metadata(xml) for name, xml in xmls.items()}
         files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
         contexts = list_contexts(self.cfg.run_dir)
