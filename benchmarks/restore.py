@@ -42,16 +42,6 @@ from vmimagemanager.node.state import admin_key, ensure_admin_key
 INSIDE = ("head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; "
           "cat /proc/sys/kernel/random/boot_id; "
           "ls /sys/bus/acpi/devices | grep -c QEMUVGID || true")
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def qemu_cpu(domain: str) -> float:
-    """CPU-seconds (user + system) of the QEMU process of `domain` so far."""
-    pids = pids_matching(f"guest={domain},".encode())
-    assert len(pids) == 1, (domain, pids)
-    stat = Path(f"/proc/{pids[0]}/stat").read_bytes()
-    fields = stat[stat.rfind(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def restored_xml(saved: str, name: str, overlay: Path, console: Path, port: int) -> str:
@@ -101,7 +91,7 @@ def main() -> None:
         spare = provision_spare(life, "atlas", "atlas", cfg.job_shape("atlas", 1, None))
         cold_s = time.perf_counter() - start
         slot = cfg.slot(spare.slot)
-        cold_cpu = qemu_cpu(slot.domain_name)
+        cold_cpu = life.hv.usage(slot.domain_name)["cpu_seconds"]
         files = lease_files(cfg, slot.name, spare.job_label)
         host_key = console_host_key(files.console)
         key = admin_key(cfg)[0]
@@ -131,7 +121,7 @@ def main() -> None:
             restore_s = time.perf_counter() - start
             restored.append(other.domain_name)
             login_s, (random, clock, boot_id, genid_devices) = inside(port, host_key, key)
-            cpu = qemu_cpu(other.domain_name)
+            cpu = life.hv.usage(other.domain_name)["cpu_seconds"]
             conn.lookupByName(other.domain_name).destroy()  # its UUID is the next one's
             rows.append({"start": f"restore {i + 1}", "wall s": restore_s + login_s,
                          "restore s": restore_s, "first command s": login_s,

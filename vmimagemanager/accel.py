@@ -3,6 +3,7 @@ guest's under it: the node's budget counts that per VM (docs/job-shapes.md)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 # QEMU's resident memory beside its guest's, per VM: TCG keeps a translation buffer that KVM
@@ -29,8 +30,10 @@ def kvm_usable(cpuinfo: str = "/proc/cpuinfo", device: str = "/dev/kvm") -> bool
     return False
 
 
+@functools.cache
 def resolve_domain_type(setting: str) -> str:
-    """'auto' -> 'kvm' where KVM works, else 'qemu' (TCG); explicit settings win."""
+    """'auto' -> 'kvm' where KVM works, else 'qemu' (TCG); explicit settings win. Once per
+    process: a hook parses its configuration (QEMU's overhead) and then boots with it."""
     if setting != "auto":
         return setting
     return "kvm" if kvm_usable() else "qemu"
