@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import agentwake, metrics
+from .agentsnap import SnapshotMaker
 from .audit import record
 from .config import Config
 from .errors import NoFreeSlot, RetryLater, VmimError
@@ -74,11 +75,16 @@ class Agent:
     # boot thread -> the label of the lease it works on (set once allocated, gone when done)
     working: dict[int, str] = field(default_factory=dict)
     working_lock: threading.Lock = field(default_factory=threading.Lock)
+    snapshots: SnapshotMaker | None = None  # snapshot_starts: set by __post_init__
+
+    def __post_init__(self) -> None:
+        if self.life.cfg.snapshot_starts:
+            self.snapshots = SnapshotMaker(self.make_life)
 
     def round(self) -> list[str]:
         """One round; returns what was done, one line each. The node's health is checked
         last, whatever failed before (libvirtd down ends the round early)."""
-        actions = self._collect()
+        actions = self._collect() + (self.snapshots.collect() if self.snapshots else [])
         try:
             actions += self.life.reconcile(abandoned=self.abandoned(self.life.leases.all()))
             actions += self._end_jobs_gone()
@@ -168,7 +174,7 @@ class Agent:
         """Let the boots under way finish (agent --once, shutdown)."""
         for future in list(self.booting):
             future.exception()
-        return self._collect()
+        return self._collect() + (self.snapshots.wait() if self.snapshots else [])
 
     def outdated(self, lease: Lease, idle_of_kind: int, now: float) -> str:
         """Why an idle spare must go ('' if it may stay). `idle_of_kind` counts the idle
@@ -209,19 +215,37 @@ class Agent:
         cfg = self.life.cfg
         free = len(cfg.slots) - len(leases)
         held = [lease.shape for lease in leases]
+        if self.snapshots is not None:  # first: the spares are restored from them
+            def room(shape: Shape) -> bool:
+                nonlocal free, held
+                if (free <= 0 or self._boots() >= self.parallel
+                        or cfg.budget.shortfall(shape, held)):
+                    return False
+                free, held = free - 1, held + [shape]
+                return True
+
+            self.snapshots.start(self.life, self._submit, room)
         for image, shape, wanted in cfg.spares.counts:
             kind = (image, shape)
             if time.monotonic() < self.backoff.get(kind, (0.0, 0.0))[0]:
                 continue
+            if self.snapshots is not None and self.snapshots.busy(kind):
+                continue  # its spares are restored once the snapshot is made
             idle = sum(1 for lease in leases if lease.is_spare and lease.image == image
                        and lease.shape == shape and lease.state is LeaseState.SPARE)
             coming = idle + sum(1 for k in self.booting.values() if k == kind)
-            while (coming < wanted and free > 0 and len(self.booting) < self.parallel
+            while (coming < wanted and free > 0 and self._boots() < self.parallel
                    and not cfg.budget.shortfall(shape, held)):
-                if self.pool is None:
-                    self.pool = ThreadPoolExecutor(self.parallel, "vmim-spare-boot")
-                self.booting[self.pool.submit(self._provision, image, shape)] = kind
+                self.booting[self._submit(lambda i=image, s=shape: self._provision(i, s))] = kind
                 coming, free, held = coming + 1, free - 1, held + [shape]
+
+    def _boots(self) -> int:
+        return len(self.booting) + (len(self.snapshots.making) if self.snapshots else 0)
+
+    def _submit(self, work: Callable[[], object]) -> Future:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.parallel, "vmim-spare-boot")
+        return self.pool.submit(work)
 
     def _provision(self, image: str, shape: Shape) -> Lease:
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")

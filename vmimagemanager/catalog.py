@@ -55,6 +55,8 @@ from .images import (
     content_file_name,
     overlay_backing,
 )
+from .node.snapshots import DISK as SNAPSHOT_DISK
+from .node.snapshots import SNAPSHOTS, remove_of_image
 from .states import LeaseState
 
 if TYPE_CHECKING:
@@ -372,13 +374,15 @@ def remove_image(life: Node, name: str) -> list[str]:
     users = [f"job {lease.job_label} (slot {lease.slot})"
              for lease in life.leases.all() if lease.image == name]
     life.images.remove(name, users)
+    done += remove_of_image(life.cfg, name)  # running VMs restored from them keep their disk
     return done + [f"removed image {name}"]
 
 
 def files_in_use(life: Node) -> set[str]:
     """Golden files that overlays on this node name as their backing file."""
     names = set()
-    for overlay in life.cfg.overlay_dir.glob("*.qcow2"):
+    frozen = (life.cfg.overlay_dir / SNAPSHOTS).glob(f"*/{SNAPSHOT_DISK}")
+    for overlay in (*life.cfg.overlay_dir.glob("*.qcow2"), *frozen):
         backing = overlay_backing(overlay)
         if backing and Path(backing).parent == life.cfg.image_dir:
             names.add(Path(backing).name)

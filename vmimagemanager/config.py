@@ -172,6 +172,9 @@ class Config:
     # sees and can act on; a held job looks pending to them for ever).
     on_boot_failure: str = "hold"
     spares: SparePolicy = SparePolicy()
+    # Start a VM without an idle spare from a memory snapshot of its image and shape, and
+    # restore spares from one too (docs/snapshots.md); the agent makes them.
+    snapshot_starts: bool = False
     metrics_dir: Path | None = None  # node_exporter's textfile directory (metrics.py)
     # Loopback ports a user-network VM's ssh forward may get at boot (ports.py); below Linux's
     # ephemeral range (32768-60999), so outgoing connections do not take them.
@@ -209,6 +212,7 @@ TOP_KEYS = {
     "grid_ca_dir",
     "boot_timeout", "shutdown_timeout", "max_boot_attempts", "slot_defaults", "slots", "vos",
     "unmatched", "shared_paths", "site_root_key", "scratch_dir", "yaim_groups_conf", "spares",
+    "snapshot_starts",
     "on_boot_failure", "metrics_dir", "ssh_ports", "node", "job_defaults", "health",
 }
 DEFAULT_HOST_RESERVE_MIB = 2048
@@ -638,6 +642,8 @@ def parse_config(data: Any, path: str) -> Config:
         grid_ca_dir=c.directory(data.get("grid_ca_dir", "/etc/grid-security/certificates"),
                                 "grid_ca_dir"),
         spares=_parse_spares(c, data.get("spares"), vos, len(slots), budget, per_core),
+        snapshot_starts=c.typed(data.get("snapshot_starts", False), "snapshot_starts", bool,
+                                "true or false"),
         metrics_dir=(c.directory(data["metrics_dir"], "metrics_dir")
                      if data.get("metrics_dir") is not None else None),
         ssh_ports=_parse_port_range(c, data.get("ssh_ports")),

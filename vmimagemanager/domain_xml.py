@@ -6,6 +6,8 @@ lxml, so a strange file name can never inject XML.
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +162,48 @@ def build_domain_xml(spec: DomainSpec) -> str:
     if port is not None:
         _user_network(root, spec.slot.network, port)
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+HOSTFWD_SSH = re.compile(r"hostfwd=tcp:[0-9.]*:\d+-:22")
+
+
+def restored_domain_xml(saved_xml: str, slot: Slot, attributes: dict[str, str],
+                        disks: dict[str, Path], console_log: Path, ssh_port: int) -> str:
+    """The XML a snapshot's saved VM is restored as (node/restore.py): libvirt's own XML of
+    it, made another machine's. The slot's name, a new UUID and a new VM generation ID (the
+    guest kernel reseeds its RNG when it sees it change), `attributes` as its lease
+    metadata, each disk of `disks` (target dev -> file) with its backing chain read from the
+    files again, its console log and ssh forward port (on the slot's listen address); the
+    saved spare's low CPU weight dropped (the VM gets a job's)."""
+    root = etree.fromstring(saved_xml.encode())
+    root.find("name").text = slot.domain_name
+    for tag in ("uuid", "genid"):
+        element = root.find(tag)
+        if element is None:
+            raise ValueError(f"the saved domain's XML has no <{tag}>")
+        element.text = str(uuid.uuid4())
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = _sub(root, "metadata")
+    for old in metadata.findall(f"{{{VMIM_NS}}}lease"):
+        metadata.remove(old)
+    etree.SubElement(metadata, f"{{{VMIM_NS}}}lease",
+                     {**attributes, SSH_PORT_KEY: str(ssh_port)}, nsmap={"vmim": VMIM_NS})
+    for shares in root.findall("cputune/shares"):
+        shares.getparent().remove(shares)
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") not in disks:
+            continue
+        disk.find("source").set("file", str(disks[target.get("dev")]))
+        for chain in disk.findall("backingStore"):
+            disk.remove(chain)
+    for chardev in (*root.iterfind("devices/serial"), *root.iterfind("devices/console")):
+        if chardev.get("type") == "file" and chardev.find("source") is not None:
+            chardev.find("source").set("path", str(console_log))
+    listen = slot.network.listen if isinstance(slot.network, UserNetwork) else "127.0.0.1"
+    for arg in root.iter(f"{{{QEMU_NS}}}arg"):
+        value = arg.get("value", "")
+        if HOSTFWD_SSH.search(value):
+            arg.set("value", HOSTFWD_SSH.sub(f"hostfwd=tcp:{listen}:{ssh_port}-:22", value))
+    return etree.tostring(root, encoding="unicode")

@@ -148,7 +148,8 @@ def _start(cfg: Config, job: Job, interactive: bool, make_life: Callable[[Config
                               f"{exc}")
     life.leases.forget_boot_failures(job.job_id, job.task_id)
     lease, image = started.lease, started.image  # the record start_vm checked, not read again
-    how = f"on spare {started.spare}" if started.spare else "booted"
+    how = (f"on spare {started.spare}" if started.spare else
+           f"restored from snapshot {started.snapshot}" if started.snapshot else "booted")
     log.info("job %s: VM ready in slot %s (VO %s, image %s, %s)", job.label, lease.slot,
              rule.name, rule.image, how)
     return Decision(Outcome.READY, facts={
@@ -157,6 +158,8 @@ def _start(cfg: Config, job: Job, interactive: bool, make_life: Callable[[Config
         "domain": cfg.slot(lease.slot).domain_name, "image": rule.image,
         "image_sha256": image.sha256.get(image.disk, "") if image else "",
         "spare": started.spare,
+        "snapshot": started.snapshot,
+        "snapshot_failed": started.snapshot_failed,
         "vm_seconds": round(sum(life.phase.seconds.values()), 3),
         "phases": {k: round(v, 3) for k, v in life.phase.seconds.items()}})
 

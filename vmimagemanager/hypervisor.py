@@ -84,6 +84,16 @@ class Hypervisor(abc.ABC):
     def attach_device(self, name: str, device_xml: str) -> None:
         """Hot-plug a device into the running domain (a spare's owner home, at bind)."""
 
+    @abc.abstractmethod
+    def save(self, name: str, path: str) -> str:
+        """Save the running domain's memory and device state to `path` (the domain is gone
+        afterwards); returns its XML as the hypervisor gave it just before, the one a restore
+        must describe (secure and migratable)."""
+
+    @abc.abstractmethod
+    def restore(self, path: str) -> None:
+        """Start, running, the domain a saved state's file describes (savefile.write_head)."""
+
 
 class LibvirtHypervisor(Hypervisor):
     """Connects on first use: an epilog with no VM to end never waits for libvirtd."""
@@ -305,4 +315,25 @@ class LibvirtHypervisor(Hypervisor):
         except lv.libvirtError as exc:
             raise self._unavailable(exc) or BootError(
                 f"libvirt refused to set the CPU weight of {name}: {exc.get_error_message()}"
+            ) from None
+
+    def save(self, name: str, path: str) -> str:
+        dom = self._running(name)
+        lv = self._libvirt
+        try:
+            xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_SECURE | lv.VIR_DOMAIN_XML_MIGRATABLE)
+            dom.save(path)
+        except lv.libvirtError as exc:
+            raise self._unavailable(exc) or BootError(
+                f"libvirt could not save {name}: {exc.get_error_message()}") from None
+        return xml
+
+    def restore(self, path: str) -> None:
+        conn = self._conn
+        lv = self._libvirt
+        try:
+            conn.restoreFlags(path, None, lv.VIR_DOMAIN_SAVE_RUNNING)
+        except lv.libvirtError as exc:
+            raise self._unavailable(exc) or BootError(
+                f"libvirt refused to restore the saved state: {exc.get_error_message()}"
             ) from None

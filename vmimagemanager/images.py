@@ -95,6 +95,7 @@ QCOW2_INCOMPAT_KNOWN = 0b11011
 QCOW2_AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 QCOW2_EXT_DATA_FILE = 0x44415441
 QCOW2_EXT_CRYPTO = 0x0537BE77
+QCOW2_EXT_BACKING_FORMAT = 0xE2792ACA
 # The other formats QEMU recognises by their first bytes (its block drivers' probe functions):
 # each is refused by name, and qemu-img is never run on them (a VMDK descriptor names extent
 # files qemu-img would open as root, a FIFO among them blocks it for ever).
@@ -164,10 +165,32 @@ def other_format(head: bytes) -> str | None:
     return None
 
 
-def qcow2_header_problem(fd: int) -> tuple[int, str | None]:
+def qcow2_extensions(fd: int, version: int, cluster_bits: int) -> Iterator[tuple[int, bytes]]:
+    """The header extensions of the qcow2 file on `fd` (in its first cluster): (type, data)."""
+    end = struct.unpack_from(">I", os.pread(fd, 4, 100))[0] if version == 3 else 72
+    cluster = os.pread(fd, 1 << cluster_bits, 0)
+    while end + 8 <= len(cluster):
+        ext, length = struct.unpack_from(">II", cluster, end)
+        if ext == 0:
+            return
+        yield ext, cluster[end + 8:end + 8 + length]
+        end += 8 + ((length + 7) & ~7)
+
+
+def qcow2_backing_format(fd: int) -> str | None:
+    """The backing file's format the qcow2 header on `fd` names (None if none); call after
+    qcow2_header_problem found it sound."""
+    version, cluster_bits = struct.unpack(">I12xI", os.pread(fd, 20, 4))
+    return next((data.decode(errors="replace")
+                 for ext, data in qcow2_extensions(fd, version, cluster_bits)
+                 if ext == QCOW2_EXT_BACKING_FORMAT), None)
+
+
+def qcow2_header_problem(fd: int, allow_backing: bool = False) -> tuple[int, str | None]:
     """Read a qcow2 header (and its extensions, in the first cluster) from `fd`, without QEMU;
     returns (virtual size, what makes it unfit as a golden image or None). Unfit: a backing
-    file, an external data file (the guest would read and write a host file through it),
+    file (unless `allow_backing`: a snapshot's frozen disk, whose caller checks which one),
+    an external data file (the guest would read and write a host file through it),
     encryption, a corrupt flag, a version or an incompatible feature this code does not know."""
     head = os.pread(fd, 104, 0)
     if len(head) < 72 or not head.startswith(QCOW2_MAGIC):
@@ -175,34 +198,27 @@ def qcow2_header_problem(fd: int) -> tuple[int, str | None]:
     version, backing, _, cluster_bits, size, crypt = struct.unpack_from(">IQIIQI", head, 4)
     if version not in (2, 3):
         return size, f"is qcow2 version {version}, which is not supported"
-    if backing:
+    if backing and not allow_backing:
         return size, "names a backing file"
     if crypt:
         return size, "is encrypted"
     if not 9 <= cluster_bits <= 21:
         return size, f"has an invalid cluster size (2^{cluster_bits})"
-    end = 72
     if version == 3:
         if len(head) < 104:
             return size, "is not a qcow2 file (truncated header)"
         incompat, _, autoclear = struct.unpack_from(">QQQ", head, 72)
-        end = struct.unpack_from(">I", head, 100)[0]
         if incompat & QCOW2_INCOMPAT_DATA_FILE or autoclear & QCOW2_AUTOCLEAR_DATA_FILE_RAW:
             return size, "names an external data file (a host file the guest would read)"
         if incompat & QCOW2_INCOMPAT_CORRUPT:
             return size, "is marked corrupt (repair it with qemu-img check -r all)"
         if incompat & ~QCOW2_INCOMPAT_KNOWN:
             return size, f"uses incompatible features {incompat:#x} this version does not know"
-    cluster = os.pread(fd, 1 << cluster_bits, 0)
-    while end + 8 <= len(cluster):
-        ext, length = struct.unpack_from(">II", cluster, end)
-        if ext == 0:
-            break
+    for ext, _data in qcow2_extensions(fd, version, cluster_bits):
         if ext == QCOW2_EXT_DATA_FILE:
             return size, "names an external data file (a host file the guest would read)"
         if ext == QCOW2_EXT_CRYPTO:
             return size, "is encrypted"
-        end += 8 + ((length + 7) & ~7)
     return size, None
 
 
@@ -655,13 +671,15 @@ def golden_size(golden: Path, golden_format: str) -> int:
     return size
 
 
-def prepare_overlay(golden: Path, golden_format: str, overlay: Path) -> None:
+def prepare_overlay(golden: Path, golden_format: str, overlay: Path,
+                    size: int | None = None) -> None:
     """Create a qcow2 overlay backed by the golden image: O(1) in the image's size.
 
     The backing format is explicit (-F) and the golden's header is checked by golden_size
-    first; qemu-img does not even open the golden (-u, the size given): QEMU reads it only at
-    boot, as the checked format."""
-    size = golden_size(golden, golden_format)
+    first (a snapshot's frozen disk by its own check, which gives `size`); qemu-img does not
+    even open the golden (-u, the size given): QEMU reads it only at boot, as the checked
+    format."""
+    size = golden_size(golden, golden_format) if size is None else size
     overlay.parent.mkdir(parents=True, exist_ok=True)
     try:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", golden_format,

@@ -78,15 +78,19 @@ FAMILIES = (
            "Jobs whose epilog ran: status success (exit 0), failure (other exit status), "
            "signal (ended by a signal on the node).", ("vo", "status")),
     Family("vmimagemanager_vm_starts_total", "counter",
-           "VMs a job started in: path boot (booted for it) or spare (a warm spare bound "
-           "to it).", ("image", "path")),
+           "VMs a job started in: path boot (booted for it), spare (a warm spare bound "
+           "to it) or snapshot (restored from its image's memory snapshot).",
+           ("image", "path")),
+    Family("vmimagemanager_snapshot_fallbacks_total", "counter",
+           "Jobs whose start from a memory snapshot failed and whose VM was booted instead "
+           "(the reason is in the audit trail, snapshot_failed).", ("image",)),
     Family("vmimagemanager_boot_failures_total", "counter",
            "VM boots that failed, for jobs and for warm spares.", ("image",)),
     Family("vmimagemanager_reconcile_actions_total", "counter",
            "What reconcile cleaned up: leases released, domains destroyed, files and job "
            "contexts removed.", ("action",)),
     Family("vmimagemanager_prolog_seconds", "histogram",
-           "Wall time of the prolog, by path: boot, spare (a VM started) or none (no VM "
+           "Wall time of the prolog, by path: boot, spare, snapshot (a VM started) or none (no VM "
            "started: native, reject, retry, hold).", ("path",), PROLOG_BUCKETS),
     Family("vmimagemanager_boot_seconds", "histogram",
            "Seconds from starting a domain to its ssh answering, for jobs and warm spares.",
@@ -163,7 +167,10 @@ def fold(totals: dict, event: Mapping) -> None:
             _inc(totals, "vmimagemanager_boot_failures_total", {"image": image})
         path = "none"
         if mode == "vm" and not failed:
-            path = "spare" if event.get("spare") else "boot"
+            path = ("spare" if event.get("spare") else
+                    "snapshot" if event.get("snapshot") else "boot")
+            if event.get("snapshot_failed"):
+                _inc(totals, "vmimagemanager_snapshot_fallbacks_total", {"image": image})
             _inc(totals, "vmimagemanager_vm_starts_total", {"image": image, "path": path})
             booted = boot_seconds(event.get("phases", {}))
             if booted is not None:

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from ..config import config_path
 from ..errors import VmimError
 from ..logsetup import setup_logging
-from . import images, node_setup, report, slots
+from . import images, node_setup, report, slots, snapshots
 from .command import Command, Group
 
 COMMANDS: tuple[Command | Group, ...] = (
     slots.SLOTS, slots.SPARES, slots.AGENT, report.HEALTH, report.HISTORY, report.METRICS,
-    images.IMAGES,
+    images.IMAGES, snapshots.SNAPSHOTS,
     slots.UP, slots.DOWN, slots.KILL, slots.STORE, slots.RECONCILE, report.PRINT_CONFIG,
     node_setup.ADMIN_KEY, node_setup.CONFIG, slots.EXEC, node_setup.SGE, node_setup.SLURM,
 )

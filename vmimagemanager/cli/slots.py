@@ -256,7 +256,7 @@ def exec_in_guest(cfg: Config, args: argparse.Namespace) -> int:
     if lease is None or not life.hv.is_running(slot.domain_name):
         raise VmimError(f"slot {slot.name} has no running VM; start one with "
                         f"'vmimagemanager up {slot.name} --image NAME'")
-    session = connect(life.admin_login(slot, _guest_host_key(cfg, slot.name, lease)))
+    session = connect(life.admin_login(slot, _guest_host_key(life, slot, lease)))
     try:
         command = _guest_command(args)
         return session.run(command, {}, None, stdin_fd=0 if not sys.stdin.isatty() else None)
@@ -264,17 +264,16 @@ def exec_in_guest(cfg: Config, args: argparse.Namespace) -> int:
         session.close()
 
 
-def _guest_host_key(cfg: Config, slot: str, lease: Lease) -> str:
-    """The VM's ssh host key: from the job's context in root's directory, or from an idle
-    spare's console (a spare has no job context)."""
-    # lazy: job contexts and the spares' console reading matter to exec only
+def _guest_host_key(life, slot, lease: Lease) -> str:
+    """The VM's ssh host key: from the job's context in root's directory, or an idle spare's
+    (a spare has no job context)."""
+    # lazy: job contexts and the spares' host keys matter to exec only
     from ..context import read_root_context
-    from ..node.model import lease_files
-    from ..node.spares import spare_host_key
+    from ..node.spares import idle_host_key
 
     if lease.is_spare:
-        return spare_host_key(lease_files(cfg, slot, lease.job_label).console)
-    return read_root_context(cfg.run_dir, lease.job_label).host_key
+        return idle_host_key(life, slot, lease)
+    return read_root_context(life.cfg.run_dir, lease.job_label).host_key
 
 
 def _guest_command(args: argparse.Namespace) -> list[str]:

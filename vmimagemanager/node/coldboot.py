@@ -88,6 +88,16 @@ class ColdBoot:
             self.end_vm(lease.slot, job_label=lease.job_label)
             lease, _ = self._allocate(names, request, shape)
         slot = self.cfg.slot(lease.slot)
+        fell_back = ""
+        if self.cfg.snapshot_starts:
+            restored, fell_back = self._from_snapshot(slot, replace(request, shape=lease.shape),
+                                                      image, uid, gid, shares)
+            if restored is not None:
+                return restored
+            if fell_back:  # that lease was given up: the boot takes a new one
+                with self.phase("lease"):
+                    lease, _ = self._allocate(names, request, shape)
+                slot = self.cfg.slot(lease.slot)
         try:
             context = self._boot(slot, replace(request, shape=lease.shape), image, uid, gid,
                                  shares, boot_timeout)
@@ -100,7 +110,22 @@ class ColdBoot:
                               f"{self.cfg.run_dir}): free space on this node") from None
             raise
         return StartResult(self.leases.transition(slot.name, LeaseState.RUNNING, request.label),
-                           context, image=image)
+                           context, image=image, snapshot_failed=fell_back)
+
+    def _from_snapshot(self, slot: Slot, request: JobRequest, image, uid: int, gid: int,
+                       shares: tuple[GuestShare, ...]) -> tuple[StartResult | None, str]:
+        """The job's VM restored from its image's snapshot (restore.py), or None and why not
+        ('' if there was no snapshot to try: the lease is still the job's)."""
+        # only a node with snapshot starts on
+        from .restore import start_from_snapshot
+        from .snapshots import kind_name
+
+        context, why = start_from_snapshot(self, slot, request, image, uid, gid, shares)
+        if context is None:
+            return None, why
+        lease = self.leases.transition(slot.name, LeaseState.RUNNING, request.label)
+        return StartResult(lease, context, image=image,
+                           snapshot=kind_name(image.name, request.shape)), ""
 
     def shape_of(self, request: JobRequest) -> Shape:
         """The request's VM: its shape, else the VO's default for one core; JobTooBig if the

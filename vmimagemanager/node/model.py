@@ -69,13 +69,16 @@ class PhaseTimer:
 
 @dataclass(frozen=True)
 class StartResult:
-    """A started job's VM: its lease and context, the warm spare it was bound from ('' when it
-    was booted for it) and the image record the start checked (not read a second time)."""
+    """A started job's VM: its lease and context, the warm spare it was bound from or the
+    snapshot it was restored from ('' when it was booted for it) and the image record the
+    start checked (not read a second time)."""
 
     lease: Lease
     context: JobContext
     spare: str = ""
     image: Image | None = None
+    snapshot: str = ""  # the snapshot it was restored from ('' if none)
+    snapshot_failed: str = ""  # why a start from its snapshot failed and the VM was booted
 
 
 @dataclass(frozen=True)

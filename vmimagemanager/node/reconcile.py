@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from ..leases import Lease, is_spare_label
 from ..shape import UNKNOWN, Shape
 from ..states import LeaseState
 from .model import lease_files
+from .snapshots import SNAPSHOTS, unfinished
 
 log = logging.getLogger("vmimagemanager.node")
 
@@ -123,7 +125,8 @@ class Reconcile:
         xmls = {name: xml for name in self.hv.domain_names()
                 if name in ours and (xml := self.hv.domain_xml(name)) is not None}
         domains = {name: lease_metadata(xml) for name, xml in xmls.items()}
-        files = sorted(self.cfg.overlay_dir.iterdir()) if self.cfg.overlay_dir.is_dir() else []
+        files = sorted(p for p in self.cfg.overlay_dir.iterdir() if p.name != SNAPSHOTS
+                       ) if self.cfg.overlay_dir.is_dir() else []
         contexts = list_contexts(self.cfg.run_dir)
         servers = servers_of(self.cfg.run_dir)
         leases = {lease.slot: lease for lease in self.leases.all()}
@@ -166,6 +169,10 @@ class Reconcile:
                 more.append(f"stop the orphan file server of job {label}")
                 if not dry_run:
                     stop_servers_of(self.cfg.run_dir, label)
+        for path in unfinished(self.cfg):  # a snapshot whose making or removal was cut short
+            more.append(f"remove unfinished snapshot directory {path}")
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
         for action in more:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         if not dry_run:

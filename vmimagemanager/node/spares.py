@@ -49,6 +49,7 @@ from .usage import BOUND_AT, IDLE_FIGURES
 
 if TYPE_CHECKING:
     from ..context import JobContext
+    from ..guest import GuestSession
     from ..images import Image
     from . import Node
 
@@ -60,6 +61,7 @@ MOUNT_TRIES, MOUNT_POLL = 250, 0.02
 SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
 WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
 IMAGE_KEY = "image_key"  # in a spare's lease metadata: keysfiles.image_key of what it booted
+HOST_KEY = "host_key"  # in a restored spare's lease metadata: its new host key
 KEYS_FILE_LINE = "vmim-keys-file"  # the bind script's report of where the job's key went
 WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
 
@@ -134,10 +136,39 @@ def run_bind(session, script: str) -> str:
 # -- provision and bind ---------------------------------------------------------------------------
 def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
                     allocated: Callable[[Lease], None] = lambda lease: None) -> Lease:
-    """Boot a spare of `image_name` and `shape` in a free place; returns its lease (`spare`).
-    NoFreeSlot if no place is free or its cores and memory are not: a spare never takes what a
-    job holds. `allocated` learns the lease as soon as it is taken (the agent: which of the
-    leases it holds a boot is working on)."""
+    """Boot a spare of `image_name` and `shape` in a free place, or restore it from the image's
+    snapshot (snapshot_starts: restore.py); returns its lease (`spare`). NoFreeSlot if no
+    place is free or its cores and memory are not: a spare never takes what a job holds.
+    `allocated` learns the lease as soon as it is taken (the agent: which of the leases it
+    holds a boot is working on)."""
+    image, lease = _allocate(life, image_name, vo, shape, allocated)
+    slot = life.cfg.slot(lease.slot)
+    try:
+        if not (life.cfg.snapshot_starts and _restore_spare(life, slot, lease, image)):
+            _boot(life, slot, lease, image)
+    except BaseException as exc:
+        log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
+        life.abandon(slot.name, lease.job_label)
+        raise
+    return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
+
+
+def boot_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease:
+    """Boot a VM as a spare is booted, never restored (a snapshot's: restore.make_snapshot);
+    its lease stays `booting`, nothing binds it."""
+    image, lease = _allocate(life, image_name, vo, shape, lambda lease: None)
+    slot = life.cfg.slot(lease.slot)
+    try:
+        _boot(life, slot, lease, image)
+    except BaseException as exc:
+        log.error("VM %s slot %s: boot failed: %s", lease.job_label, slot.name, exc)
+        life.abandon(slot.name, lease.job_label)
+        raise
+    return lease
+
+
+def _allocate(life: Node, image_name: str, vo: str, shape: Shape,
+              allocated: Callable[[Lease], None]) -> tuple[Image, Lease]:
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
@@ -146,24 +177,52 @@ def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
                                     secrets.token_hex(6), "", image_name, vo, shape=shape,
                                     budget=cfg.budget)
     allocated(lease)
-    slot = cfg.slot(lease.slot)
+    return image, lease
+
+
+def _boot(life: Node, slot: Slot, lease: Lease, image: Image) -> None:
+    cfg = life.cfg
+    shares = resolve_shares(cfg.shared_paths, "root")  # root: the tree shares only
+    admin_path, admin_public = admin_key(cfg)
+    # host and port are the VM's, set by launch: its forward gets its port at boot
+    login = Endpoint(host="", port=0, user="root", key=admin_path, host_key="")
+    kept = kept_login(cfg, lease.job_label)
+    if kept is not None:  # made here, at provision; the bind only reads the path
+        ensure_jobs_dir(cfg.run_dir)
+    life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
+                None, after_start=lambda: _into_background(life, slot, lease.job_label, image),
+                keep_login=kept, shape=lease.shape)
+
+
+def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
+    """Restore the spare from its image's snapshot; False if there is none it may use (the
+    slot is bridged, or none is made yet). An unusable snapshot is removed, and the error
+    raised (the agent tries again: a boot, then)."""
+    from .restore import new_identity, restore_into, snapshot_login
+    from .snapshots import SnapshotUnusable, remove, restorable_slot, usable
+
+    snap = usable(life, image, lease.shape) if restorable_slot(life.cfg, slot.name) else None
+    if snap is None:
+        return False
     try:
-        shares = resolve_shares(cfg.shared_paths, "root")  # root: the tree shares only
-        admin_path, admin_public = admin_key(cfg)
-        # host and port are the VM's, set by launch: its forward gets its port at boot
-        login = Endpoint(host="", port=0, user="root", key=admin_path, host_key="")
-        kept = kept_login(cfg, lease.job_label)
-        if kept is not None:  # made here, at provision; the bind only reads the path
-            ensure_jobs_dir(cfg.run_dir)
-        life.launch(slot, lease.job_label, image, "", {"root": [admin_public]}, shares, login,
-                    None, after_start=lambda: _into_background(life, slot, lease.job_label,
-                                                               image),
-                    keep_login=kept, shape=lease.shape)
-    except BaseException as exc:
-        log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
-        life.abandon(slot.name, lease.job_label)
+        address = restore_into(life, slot, lease.job_label, snap, lease_attributes(
+            lease.job_label, image.name, "", slot.name, **{IMAGE_KEY: snap.image_key}))
+    except SnapshotUnusable:
+        remove(snap)
         raise
-    return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
+    renew, wait, host_key = new_identity(snap, slot)
+    session = snapshot_login(life, snap, address)
+    try:
+        session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=60)
+    finally:
+        session.close()
+    _into_background(life, slot, lease.job_label, image, host_key)
+    kept = kept_login(life.cfg, lease.job_label)
+    if kept is not None:  # for the bind, as a booted spare's: not closed here
+        ensure_jobs_dir(life.cfg.run_dir)
+        connect(Endpoint(*address, "root", admin_key(life.cfg)[0], host_key), timeout=30,
+                keep_in=kept)
+    return True
 
 
 def bind_spare(life: Node, request: JobRequest, uid: int, gid: int,
@@ -199,7 +258,8 @@ def bind_spare(life: Node, request: JobRequest, uid: int, gid: int,
                        context, spare=spare.job_label)
 
 
-def _into_background(life: Node, slot: Slot, label: str, image: Image) -> None:
+def _into_background(life: Node, slot: Slot, label: str, image: Image,
+                     host_key: str = "") -> None:
     """Right after the spare's domain started: note in the lease metadata which image content
     it boots (the bind's keysfiles key) and the weight a job's VM has on this node (bind gives
     it back), then lower the spare's weight to a fraction of it. What the domain's metadata
@@ -208,6 +268,8 @@ def _into_background(life: Node, slot: Slot, label: str, image: Image) -> None:
     weight = life.hv.cpu_weight(name)
     noted = {**kept_attributes(lease_metadata(life.hv.domain_xml(name) or "<domain/>")),
              IMAGE_KEY: image_key(image.sha256)}
+    if host_key:  # a restored spare's, pinned at its restore (its console has none)
+        noted[HOST_KEY] = host_key
     if weight is not None:
         noted[WEIGHT_KEY] = str(weight)
     life.hv.set_lease_metadata(name, lease_element(lease_attributes(
@@ -281,6 +343,14 @@ def kept_login(cfg: Config, label: str) -> Path | None:
     return None if too_long else path
 
 
+def idle_host_key(life: Node, slot: Slot, lease: Lease) -> str:
+    """An idle spare's host key: noted in its domain's metadata if it was restored from a
+    snapshot (pinned then), else the one it printed on its console at its boot."""
+    xml = life.hv.domain_xml(slot.domain_name)
+    noted = lease_metadata(xml).get(HOST_KEY, "") if xml is not None else ""
+    return noted or spare_host_key(lease_files(life.cfg, slot.name, lease.job_label).console)
+
+
 def spare_host_key(console: Path) -> str:
     """The host key the spare printed at its boot (nothing but its own boot wrote there yet)."""
     if not (key := console_host_key(console)):
@@ -310,42 +380,66 @@ def _bind(life: Node, slot: Slot, spare: Lease, request: JobRequest, uid: int, g
     cfg, name = life.cfg, slot.domain_name
     old, new = lease_files(cfg, slot.name, spare.job_label), lease_files(cfg, slot.name,
                                                                           request.label)
-    host_key = spare_host_key(old.console)
     xml = life.hv.domain_xml(name)
     if xml is None:
         raise VmimError(f"the spare's domain {name} is not running")
     spare_meta = lease_metadata(xml)
-    address = life.ssh_address(slot, xml)  # the port its forward got when the spare booted
-    homes = [share for share in shares if served_by_owner(share)]
-    if homes:  # first: the guest finds the new device while the rest of the bind goes on
-        _attach_homes(life, name, request, homes, xml)
+    host_key = spare_meta.get(HOST_KEY) or spare_host_key(old.console)
     _job_weight(life, name, spare_meta)
-    # The domain says which job it serves now, and what it used while idle (not the job's).
+    # The domain says what it used while idle (not the job's).
     idle = life.hv.usage(name)
     if idle is None:
         raise VmimError(f"the spare's domain {name} is not running")
-    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
-        request.label, request.image, request.owner, slot.name, **kept_attributes(spare_meta),
-        spare=spare.job_label, **{BOUND_AT: f"{time.time():.3f}"},
-        **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES})))
     os.replace(old.overlay, new.overlay)  # QEMU keeps its open file; the name is the job's
-    os.replace(old.seed, new.seed)
-    job_key = generate_keypair(f"vmim-job-{request.label}")
-    login = life.admin_login(slot, host_key, address)
+    if old.seed.exists():  # a restored spare has none of its own (the snapshot's)
+        os.replace(old.seed, new.seed)
     kept = kept_login(cfg, spare.job_label)
-    content = spare_meta.get(IMAGE_KEY, "")  # none in a spare booted by an older version
-    keys_file = keysfiles.known(cfg, content, request.owner) if content else None
-    session = (kept and resume(login, kept)) or connect(login, timeout=10)
+    session = (kept and resume(life.admin_login(slot, host_key, life.ssh_address(slot, xml)),
+                               kept))
     try:
-        went_to = run_bind(session, bind_script(request.owner, owner_home(request.owner),
-                                                job_key.public_line,
-                                                [(share.tag, share.path, share.readonly)
-                                                 for share in homes],
-                                                keys_file))
+        return bind_vm(life, slot, request, uid, gid, shares, host_key, xml, session,
+                       {"spare": spare.job_label, BOUND_AT: f"{time.time():.3f}",
+                        **{f"{k}_at_bind": f"{idle[k]:.3f}" for k in IDLE_FIGURES}})
     finally:
-        session.close()
+        if session:
+            session.close()
         if kept is not None:  # its master is gone by now; the directory goes also if unused
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def bind_vm(life: Node, slot: Slot, request: JobRequest, uid: int, gid: int,
+            shares: tuple[GuestShare, ...], host_key: str, xml: str,
+            session: GuestSession | None, noted: dict[str, str],
+            around: tuple[str, str] = ("", "")) -> JobContext:
+    """Bind a running VM that holds only the admin key (a spare, a restored snapshot) to the
+    job: its owner's home attached, its lease metadata the job's (with `noted`), the job's
+    key put in by root's login (`session`, the caller's to close; else one of its own,
+    pinned to `host_key`) between the two scripts `around` (one shell), the job's context
+    written."""
+    cfg, name = life.cfg, slot.domain_name
+    meta = lease_metadata(xml)
+    address = life.ssh_address(slot, xml)  # the port its forward got when it started
+    homes = [share for share in shares if served_by_owner(share)]
+    if homes:  # first: the guest finds the new device while the rest of the bind goes on
+        _attach_homes(life, name, request, homes, xml)
+    life.hv.set_lease_metadata(name, lease_element(lease_attributes(
+        request.label, request.image, request.owner, slot.name, **kept_attributes(meta),
+        **noted)))
+    job_key = generate_keypair(f"vmim-job-{request.label}")
+    content = meta.get(IMAGE_KEY, "")  # none in a spare booted by an older version
+    keys_file = keysfiles.known(cfg, content, request.owner) if content else None
+    script = around[0] + bind_script(request.owner, owner_home(request.owner),
+                                     job_key.public_line,
+                                     [(share.tag, share.path, share.readonly) for share in homes],
+                                     keys_file) + around[1]
+    if session is not None:
+        went_to = run_bind(session, script)
+    else:
+        own = connect(life.admin_login(slot, host_key, address), timeout=10)
+        try:
+            went_to = run_bind(own, script)
+        finally:
+            own.close()
     if content and keys_file is None and keysfiles.usable(went_to):
         try:
             keysfiles.remember(cfg, content, request.owner, went_to)

@@ -1,0 +1,128 @@
+"""The agent's part for memory snapshots (snapshot_starts; docs/snapshots.md).
+
+Each round the agent makes the snapshots that are missing or outdated: one for each image and
+shape it keeps spares of (the spares are then restored from it), and one for each a job found
+none of (snapshots.want). A snapshot is made in a free place, like a spare, with the same
+limits: never more boots at once than the agent's `parallel`, never what a job holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .audit import record
+from .errors import ImageError, NoFreeSlot
+from .keysfiles import image_key
+from .node.snapshots import Snapshot, refused, unwant, usable, wanted
+from .shape import Shape
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger("vmimagemanager.agent")
+
+Kind = tuple[str, Shape]  # image, shape
+BACKOFF_FIRST, BACKOFF_MAX = 60.0, 3600.0  # seconds before a failed kind is tried again
+
+
+@dataclass
+class SnapshotMaker:
+    """`make_life` gives each snapshot's boot a life cycle of its own (as the agent's spares)."""
+
+    make_life: Callable[[], Node]
+    making: dict[Future, Kind] = field(default_factory=dict)
+    backoff: dict[Kind, tuple[float, float]] = field(default_factory=dict)
+
+    def kinds(self, life: Node) -> list[Kind]:
+        """The images and shapes the node should have a usable snapshot of."""
+        found: list[Kind] = []
+        for image, shape, _count in life.cfg.spares.counts:
+            if (image, shape) not in found:
+                found.append((image, shape))
+        for kind in wanted(life.cfg):
+            if kind not in found:
+                found.append(kind)
+        return found
+
+    def missing(self, life: Node) -> list[Kind]:
+        """Kinds without a usable snapshot that may be made now (not being made, not backed
+        off, their image present and not refused)."""
+        out, no_snapshots = [], refused(life.cfg)
+        for image_name, shape in self.kinds(life):
+            kind = (image_name, shape)
+            if kind in self.making.values() or time.monotonic() < self.backoff.get(
+                    kind, (0.0, 0.0))[0]:
+                continue
+            try:
+                image = life.images.get(image_name)
+            except ImageError:
+                unwant(life.cfg, image_name, shape)  # the image is gone
+                continue
+            if image_key(image.sha256) in no_snapshots:
+                continue
+            if usable(life, image, shape) is None:
+                out.append(kind)
+        return out
+
+    def start(self, life: Node, submit: Callable[[Callable[[], Snapshot]], Future],
+              room: Callable[[Shape], bool]) -> None:
+        """Start making the missing snapshots `room` says there is room for (`submit` runs
+        the work on the agent's pool)."""
+        for image, shape in self.missing(life):
+            if not room(shape):
+                return
+            self.making[submit(lambda i=image, s=shape: self._make(i, s))] = (image, shape)
+
+    def busy(self, kind: Kind) -> bool:
+        return kind in self.making.values()
+
+    def _make(self, image: str, shape: Shape) -> Snapshot:
+        from .node.restore import make_snapshot
+
+        life = self.make_life()
+        vo = next((rule.name for rule in life.cfg.vos if rule.image == image), "")
+        try:
+            snap = make_snapshot(life, image, vo, shape)
+        except NoFreeSlot:
+            raise
+        except Exception as exc:
+            record(life.cfg, "snapshot", outcome="failed", image=image, cores=shape.cores,
+                   memory_mib=shape.memory_mib, reason=str(exc))
+            raise
+        else:
+            record(life.cfg, "snapshot", outcome="ready", image=image, cores=shape.cores,
+                   memory_mib=shape.memory_mib, **snap.sizes_mib(),
+                   phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
+            return snap
+        finally:
+            life.leases.close()
+            life.hv.close()
+
+    def collect(self) -> list[str]:
+        actions = []
+        for future in [f for f in self.making if f.done()]:
+            kind = self.making.pop(future)
+            image, shape = kind
+            exc = future.exception()
+            if exc is None:
+                self.backoff.pop(kind, None)
+                sizes = future.result().sizes_mib()
+                actions.append(f"snapshot of {image} ({shape}) made: {sizes['memory_mib']} MiB "
+                               f"of memory, {sizes['disk_mib']} MiB of disk")
+            elif not isinstance(exc, NoFreeSlot):
+                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(kind, (0, 0))[1]),
+                            BACKOFF_MAX)
+                self.backoff[kind] = (time.monotonic() + delay, delay)
+                actions.append(f"snapshot of {image} ({shape}) failed, next try in "
+                               f"{delay:.0f} s: {exc}")
+        return actions
+
+    def wait(self) -> list[str]:
+        for future in list(self.making):
+            future.exception()
+        return self.collect()
