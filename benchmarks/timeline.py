@@ -1,9 +1,10 @@
 """Where a node's time goes, slot by slot: the leases sampled while jobs run, drawn as a PNG.
 
 One row per slot; each job's lease is a bar coloured by its state: preparing + booting (the
-prolog's cold boot), spare and binding (warm spares), running (the payload, from ssh answering
-to the epilog), tearing-down (the detached destroy); white is a free slot. A thin grey line
-marks every minute. The PNG is written with zlib alone (no plotting library on the nodes).
+prolog's cold boot; "restoring" where the caller marks a start from a snapshot), spare and
+binding (warm spares), running (the payload, from ssh answering to the epilog), tearing-down
+(the detached destroy); white is a free slot. A thin grey line marks every minute. The PNG is
+written with zlib alone (no plotting library on the nodes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 COLOURS = {
     "preparing": (240, 160, 40), "booting": (240, 160, 40),  # orange: boot
+    "restoring": (40, 190, 190),                                # teal: from a snapshot
     "spare": (150, 190, 230), "binding": (60, 110, 200),      # light blue / blue: warm spare
     "running": (60, 170, 80),                                   # green: the payload
     "tearing-down": (200, 60, 60), "failed": (120, 0, 120),    # red: teardown; purple: failed

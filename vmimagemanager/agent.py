@@ -79,7 +79,15 @@ class Agent:
 
     def __post_init__(self) -> None:
         if self.life.cfg.snapshot_starts:
-            self.snapshots = SnapshotMaker(self.make_life)
+            self.snapshots = SnapshotMaker(self.make_life, self._working)
+
+    def _working(self, lease: Lease | None) -> None:
+        """Note (or, None: forget) the lease this boot thread works on (`abandoned`)."""
+        with self.working_lock:
+            if lease is None:
+                self.working.pop(threading.get_ident(), None)
+            else:
+                self.working[threading.get_ident()] = lease.job_label
 
     def round(self) -> list[str]:
         """One round; returns what was done, one line each. The node's health is checked

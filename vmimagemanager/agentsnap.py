@@ -9,6 +9,7 @@ limits: never more boots at once than the agent's `parallel`, never what a job h
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -18,10 +19,19 @@ from typing import TYPE_CHECKING
 from .audit import record
 from .errors import ImageError, NoFreeSlot
 from .keysfiles import image_key
-from .node.snapshots import Snapshot, refused, unwant, usable, wanted
+from .node.snapshots import (
+    MAX_PER_IMAGE,
+    Snapshot,
+    all_snapshots,
+    refused,
+    unwant,
+    usable,
+    wanted,
+)
 from .shape import Shape
 
 if TYPE_CHECKING:
+    from .leases import Lease
     from .node import Node
 
 log = logging.getLogger("vmimagemanager.agent")
@@ -35,6 +45,8 @@ class SnapshotMaker:
     """`make_life` gives each snapshot's boot a life cycle of its own (as the agent's spares)."""
 
     make_life: Callable[[], Node]
+    # the agent's: a boot thread learns which lease it works on, and forgets it when done
+    working: Callable[[Lease | None], None] = lambda lease: None
     making: dict[Future, Kind] = field(default_factory=dict)
     backoff: dict[Kind, tuple[float, float]] = field(default_factory=dict)
 
@@ -51,8 +63,16 @@ class SnapshotMaker:
 
     def missing(self, life: Node) -> list[Kind]:
         """Kinds without a usable snapshot that may be made now (not being made, not backed
-        off, their image present and not refused)."""
-        out, no_snapshots = [], refused(life.cfg)
+        off, their image present and not refused). A shape only jobs asked for (any job may
+        ask for any memory) only while its image has fewer than MAX_PER_IMAGE snapshots, and
+        none while overlay_dir would keep less than health.min_free_mib free."""
+        cfg = life.cfg
+        out, no_snapshots = [], refused(cfg)
+        spare_kinds = {(image, shape) for image, shape, _count in cfg.spares.counts}
+        per_image: dict[str, int] = {}
+        for snap in all_snapshots(cfg):
+            per_image[snap.image] = per_image.get(snap.image, 0) + 1
+        free_mib = shutil.disk_usage(cfg.overlay_dir).free / 2**20
         for image_name, shape in self.kinds(life):
             kind = (image_name, shape)
             if kind in self.making.values() or time.monotonic() < self.backoff.get(
@@ -65,8 +85,17 @@ class SnapshotMaker:
                 continue
             if image_key(image.sha256) in no_snapshots:
                 continue
-            if usable(life, image, shape) is None:
-                out.append(kind)
+            if usable(life, image, shape) is not None:
+                continue
+            if kind not in spare_kinds and per_image.get(image_name, 0) >= MAX_PER_IMAGE:
+                continue
+            if free_mib - shape.memory_mib < cfg.health.min_free_mib:
+                log.warning("agent: no snapshot of %s (%s): overlay_dir %s would keep less than "
+                            "health.min_free_mib free", image_name, shape, cfg.overlay_dir)
+                continue
+            per_image[image_name] = per_image.get(image_name, 0) + 1
+            free_mib -= shape.memory_mib
+            out.append(kind)
         return out
 
     def start(self, life: Node, submit: Callable[[Callable[[], Snapshot]], Future],
@@ -87,7 +116,7 @@ class SnapshotMaker:
         life = self.make_life()
         vo = next((rule.name for rule in life.cfg.vos if rule.image == image), "")
         try:
-            snap = make_snapshot(life, image, vo, shape)
+            snap = make_snapshot(life, image, vo, shape, self.working)
         except NoFreeSlot:
             raise
         except Exception as exc:
@@ -100,6 +129,7 @@ class SnapshotMaker:
                    phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
             return snap
         finally:
+            self.working(None)
             life.leases.close()
             life.hv.close()
 

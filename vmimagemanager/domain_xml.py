@@ -167,14 +167,19 @@ def build_domain_xml(spec: DomainSpec) -> str:
 HOSTFWD_SSH = re.compile(r"hostfwd=tcp:[0-9.]*:\d+-:22")
 
 
+# A disk's chain for a restored domain: (file, format, relabel) from the top layer down
+DiskChain = tuple[tuple[Path, str, bool], ...]
+
+
 def restored_domain_xml(saved_xml: str, slot: Slot, attributes: dict[str, str],
-                        disks: dict[str, Path], console_log: Path, ssh_port: int) -> str:
+                        disks: dict[str, DiskChain], console_log: Path, ssh_port: int) -> str:
     """The XML a snapshot's saved VM is restored as (node/restore.py): libvirt's own XML of
     it, made another machine's. The slot's name, a new UUID and a new VM generation ID (the
     guest kernel reseeds its RNG when it sees it change), `attributes` as its lease
-    metadata, each disk of `disks` (target dev -> file) with its backing chain read from the
-    files again, its console log and ssh forward port (on the slot's listen address); the
-    saved spare's low CPU weight dropped (the VM gets a job's)."""
+    metadata, each disk of `disks` (target dev -> its whole chain, so libvirt reads no
+    backing file name from an image; a layer not to relabel is one QEMU may read and not
+    own: libvirt would give it to QEMU's user), its console log and ssh forward port (on the
+    slot's listen address); the saved spare's low CPU weight dropped (the VM gets a job's)."""
     root = etree.fromstring(saved_xml.encode())
     root.find("name").text = slot.domain_name
     for tag in ("uuid", "genid"):
@@ -193,11 +198,8 @@ def restored_domain_xml(saved_xml: str, slot: Slot, attributes: dict[str, str],
         shares.getparent().remove(shares)
     for disk in root.iterfind("devices/disk"):
         target = disk.find("target")
-        if target is None or target.get("dev") not in disks:
-            continue
-        disk.find("source").set("file", str(disks[target.get("dev")]))
-        for chain in disk.findall("backingStore"):
-            disk.remove(chain)
+        if target is not None and target.get("dev") in disks:
+            _chain(disk, disks[target.get("dev")])
     for chardev in (*root.iterfind("devices/serial"), *root.iterfind("devices/console")):
         if chardev.get("type") == "file" and chardev.find("source") is not None:
             chardev.find("source").set("path", str(console_log))
@@ -207,3 +209,28 @@ def restored_domain_xml(saved_xml: str, slot: Slot, attributes: dict[str, str],
         if HOSTFWD_SSH.search(value):
             arg.set("value", HOSTFWD_SSH.sub(f"hostfwd=tcp:{listen}:{ssh_port}-:22", value))
     return etree.tostring(root, encoding="unicode")
+
+
+def _chain(disk: etree._Element, chain: DiskChain) -> None:
+    """Give `disk` the files of `chain`: its own source and driver format, then one
+    <backingStore> each, ended by an empty one (no further backing file)."""
+    for old in disk.findall("backingStore"):
+        disk.remove(old)
+    (top, fmt, relabel), below = chain[0], chain[1:]
+    disk.find("driver").set("type", fmt)
+    _source(disk.find("source"), top, relabel)
+    parent = disk
+    for path, layer_format, layer_relabel in below:
+        store = etree.SubElement(parent, "backingStore", type="file")
+        _sub(store, "format", type=layer_format)
+        _source(_sub(store, "source"), path, layer_relabel)
+        parent = store
+    etree.SubElement(parent, "backingStore")
+
+
+def _source(source: etree._Element, path: Path, relabel: bool) -> None:
+    for old in source.findall("seclabel"):
+        source.remove(old)
+    source.set("file", str(path))
+    if not relabel:
+        _sub(source, "seclabel", model="dac", relabel="no")

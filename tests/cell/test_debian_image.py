@@ -1,8 +1,9 @@
 """A real distribution image through the real cell: Debian 12 with systemd, real cloud-init
 (NoCloud) and OpenSSH, built by examples/guest/build_debian_image.py (mmdebstrap; cached).
 
-One boot for a GRAM-shaped job through the SGE queue and one for `images check`, side by side
-(a real image's boot under TCG is the slow part: it belongs in these two, not in every test).
+One boot for a GRAM-shaped job through the SGE queue, one for `images check`, side by side, and
+one made a snapshot a job is restored from (a real image's boot under TCG is the slow part: it
+belongs in these three, not in every test).
 """
 
 from __future__ import annotations
@@ -78,3 +79,26 @@ def test_a_gram_shaped_job_runs_unchanged_in_the_real_debian_image(debian):
     started = vm_starts(debian.cfg).get(f"{job['job_id']}.0")
     assert started and started["image"] == IMAGE, started
     debian.assert_clean(within=120)
+
+
+def test_a_job_restored_from_the_debian_images_snapshot_starts_in_seconds(debian):
+    """The real image's snapshot (taken after cloud-init's first boot) restores as a machine
+    of its own: systemd, cloud-init and OpenSSH take the renewal (clock, host name,
+    machine-id, a new host key reloaded by sshd) and the job runs."""
+    r = debian.cli("snapshots", "make", IMAGE, timeout=900)
+    assert r.returncode == 0, r.stderr
+    original = debian.config_path.read_text()
+    debian.config_path.write_text(original + "snapshot_starts: true\n")
+    try:
+        job = debian.run_job("debsnap", user="atlas001")
+        record = wait_done(job, timeout=600)[0]
+    finally:
+        debian.config_path.write_text(original)
+    out, err = debian.output("debsnap", "atlas001")
+    assert record["exit_status"] == "0" and "finished" in out, (record, out, err)
+    started = vm_starts(debian.cfg)[f"{job}.0"]
+    assert started["snapshot"].startswith(f"{IMAGE}.") and not started.get("snapshot_failed")
+    assert "guest boot (to host key on console)" not in started["phases"], started
+    r = debian.cli("snapshots", "remove")
+    assert r.returncode == 0 and "removed the snapshot" in r.stdout, r.stdout
+    debian.assert_clean(within=120, keep=("snapshots",))

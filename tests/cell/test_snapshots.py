@@ -28,7 +28,7 @@ from vmimagemanager.errors import GuestError
 from vmimagemanager.guest import Endpoint, connect
 from vmimagemanager.images import ImageStore
 from vmimagemanager.metrics import read_totals
-from vmimagemanager.node.snapshots import STATE, all_snapshots, snapshots_dir
+from vmimagemanager.node.snapshots import all_snapshots, snapshots_dir
 from vmimagemanager.node.state import admin_key
 from vmimagemanager.savefile import stream_offset
 
@@ -95,9 +95,10 @@ def test_a_job_without_a_snapshot_boots_and_the_agent_makes_one(snap_cell):
     assert row["usable"] and row["image"] == "atlas" and row["memory_mib"] > 10, row
     # its files are root's: the saved memory (it holds the guest's old host key) root's only
     (snap,) = all_snapshots(cell.cfg)
-    state = (snap.path / STATE).stat()
+    state = snap.state.stat()
     assert (state.st_uid, stat.S_IMODE(state.st_mode)) == (0, 0o600)
     assert stat.S_IMODE(snap.path.stat().st_mode) == 0o711
+    assert stat.S_IMODE((snap.path / "private").stat().st_mode) == 0o700
     assert cell.domains() == []  # a snapshot costs no running VM
     cell.assert_clean(within=30, keep=KEEP)
 
@@ -129,8 +130,12 @@ def test_two_jobs_restored_from_one_snapshot_are_machines_of_their_own(snap_cell
                        "clock": int(r.stdout.strip()), "window": (before, after),
                        "old_key_refused": _host_key_refused(ctx["host"], ctx["port"], cell.cfg,
                                                             snap.host_key)}
+    # while VMs run on it, what later restores read is still root's (libvirt relabelled none)
+    owners = {path.name: (path.stat().st_uid, stat.S_IMODE(path.stat().st_mode))
+              for path in (snap.path / "disk.qcow2", snap.path / "seed.iso", snap.state)}
     for job in jobs.values():
         wait_done(job)
+    assert owners == {"disk.qcow2": (0, 0o640), "seed.iso": (0, 0o640), "state": (0, 0o600)}
     one, two = facts["atlas001"], facts["atlas002"]
     assert one["slot"] != two["slot"]
     # each pinned its own new host key; the snapshot's is refused by both
@@ -162,7 +167,7 @@ def test_a_corrupt_snapshot_is_removed_and_the_job_boots(snap_cell):
     cell = snap_cell
     ensure_snapshot(cell)
     (snap,) = all_snapshots(cell.cfg)
-    fd = os.open(snap.path / STATE, os.O_RDWR)
+    fd = os.open(snap.state, os.O_RDWR)
     try:  # QEMU's stream is not where the header says any more
         os.pwrite(fd, b"\0" * 4, stream_offset(fd))
     finally:

@@ -19,6 +19,7 @@ import secrets
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,10 +40,13 @@ from ..images import prepare_overlay
 from ..keysfiles import image_key
 from ..savefile import SaveFileError, stream_offset, write_head
 from ..seed import generate_keypair
+from ..shape import Shape
 from ..states import LeaseState
 from .model import JobRequest, lease_files
 from .snapshots import (
     DISK,
+    PRIVATE,
+    REMOVE_AFTER,
     SEED,
     STATE,
     Snapshot,
@@ -51,6 +55,8 @@ from .snapshots import (
     kind_name,
     locked,
     new_directory,
+    note_failure,
+    note_success,
     publish,
     recipe,
     refuse,
@@ -66,14 +72,16 @@ if TYPE_CHECKING:
     from ..context import JobContext
     from ..guest import GuestSession
     from ..images import Image
+    from ..leases import Lease
     from ..shares import GuestShare
     from . import Node
 
 log = logging.getLogger("vmimagemanager.snapshots")
 
 RESEED_MESSAGE = "crng reseeded due to virtual machine fork"  # Linux >= 5.18, random.c
-RESEED_TRIES, POLL = 300, 0.01  # up to 3 s for the kernel's reseed, and for sshd's reload
+RESEED_TRIES, POLL = 150, 0.02  # up to 3 s for the kernel's reseed, and for sshd's reload
 VMGENID_DRIVER = "/sys/bus/acpi/drivers/vmgenid"
+GUEST_TIMEOUT = 60  # seconds for each question to a guest being made a snapshot
 # what the snapshot's guest says of its sshd (its configuration is the image's): the host key
 # files, one of them ed25519, and where the listener's pid is
 SSHD_FACTS = ('sshd=$(command -v sshd || echo /usr/sbin/sshd); "$sshd" -T -C '
@@ -119,13 +127,16 @@ def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: 
         *(f"rm -f {q(path)} {q(path + '.pub')}" for path in snap.host_key_files),
         f"cat > {q(ed25519)} <<'VMIM_HOST_KEY'\n{host_key.decode().strip()}\nVMIM_HOST_KEY",
         f"printf '%s\\n' {q(host_key_line)} > {q(ed25519 + '.pub')}",
-        "listening() { awk '$4==\"0A\" && $2 ~ /:0016$/ {print $10}' /proc/net/tcp "
-        "/proc/net/tcp6 2>/dev/null | sort | tr '\\n' ' '; }",
-        f'before=$(listening); kill -HUP "$(cat {q(snap.sshd_pidfile)})"',
+        # the inodes of the sockets listening on port 22, read with shell builtins only (no
+        # process to start on the guest's CPU while sshd restarts on it)
+        "listening() { l=; for f in /proc/net/tcp /proc/net/tcp6; do [ -r $f ] || continue; "
+        "while read -r _ a _ st _ _ _ _ _ ino _; do case $a:$st in *:0016:0A) l=\"$l $ino\";; "
+        "esac; done < $f; done; }",
+        f'listening; before=$l; kill -HUP "$(cat {q(snap.sshd_pidfile)})"',
         "umask 022",
     ]
     # run last (a bind's script may come in between): sshd's restart goes on meanwhile
-    wait = (f'i=0; until now=$(listening); [ -n "$now" ] && [ "$now" != "$before" ]; do '
+    wait = (f'i=0; until listening; [ -n "$l" ] && [ "$l" != "$before" ]; do '
             f"i=$((i+1)); [ $i -lt {RESEED_TRIES} ] || {{ "
             f"{fail.format('sshd did not listen again with its new host key')}; }}; "
             f"sleep {POLL}; done")
@@ -178,36 +189,46 @@ def snapshot_login(life: Node, snap: Snapshot, address: tuple[str, int]) -> Gues
 
 def _restore_on_a_port(life: Node, slot: Slot, net: UserNetwork, snap: Snapshot,
                        attributes: dict[str, str], overlay: Path, console: Path) -> int:
-    """Restore with a forward port free at this moment (as a cold start does: ports.py)."""
+    """Restore with a forward port free at this moment (as a cold start does: ports.py).
+    SnapshotUnusable if the save file is not as made, or libvirt refused the snapshot
+    REMOVE_AFTER times in a row (once may be the node's trouble, not the snapshot's)."""
     from ..domain_xml import restored_domain_xml  # lxml: only where a domain is made
 
+    # the frozen disk, its golden disk and the seed are root's, readable by QEMU's group:
+    # libvirt must not make them QEMU's (QEMU could then rewrite what every restore reads)
+    disks = {"vda": ((overlay, "qcow2", True), (snap.path / DISK, "qcow2", False),
+                     (Path(snap.golden), snap.golden_format, False)),
+             "vdb": ((snap.path / SEED, "raw", False),)}
     lost: set[int] = set()
     for _attempt in range(ports.START_ATTEMPTS):
         port = ports.choose(net.listen, net.ssh_port, life.cfg.ssh_ports, frozenset(lost))
-        xml = restored_domain_xml(snap.domain_xml, slot, attributes,
-                                  {"vda": overlay, "vdb": snap.path / SEED}, console, port)
+        xml = restored_domain_xml(snap.domain_xml, slot, attributes, disks, console, port)
         try:
             with life.phase("restore"), locked(snap) as fd:
                 write_head(fd, xml)
-                life.hv.restore(str(snap.path / STATE))
+                life.hv.restore(str(snap.state))
         except SaveFileError as exc:
             raise SnapshotUnusable(str(exc)) from None
         except BootError as exc:
             if ports.lost_race(str(exc), net.listen, port):
                 lost.add(port)
                 continue
-            raise SnapshotUnusable(str(exc)) from None
+            if note_failure(snap):
+                raise SnapshotUnusable(f"{exc} ({REMOVE_AFTER} times in a row)") from None
+            raise
+        note_success(snap)
         return port
     raise NoFreePort(f"slot {slot.name}: the restored VM's ssh forward lost the race for "
                      f"{len(lost)} ports on {net.listen}; the job is retried later")
 
 
-def make_snapshot(life: Node, image_name: str, vo: str, shape) -> Snapshot:
-    """Boot a spare of the image and shape, check its kernel can be told of a restore, save
-    it and freeze its disk; the snapshot replaces any older one of its kind. The slot is free
-    again afterwards. VmimError if the image cannot have one (recorded: not tried again
-    for that image content)."""
-    from .spares import boot_spare, kept_login, spare_host_key
+def make_snapshot(life: Node, image_name: str, vo: str, shape: Shape,
+                  allocated: Callable[[Lease], None] = lambda lease: None) -> Snapshot:
+    """Boot a VM of the image and shape as a spare is booted, check its kernel can be told
+    of a restore, save it and freeze its disk; the snapshot replaces any older one of its
+    kind. The slot is free again afterwards. VmimError if the image cannot have one
+    (recorded: not tried again for that image content)."""
+    from .spares import SNAPSHOT_TASK, boot_spare
 
     cfg = life.cfg
     image = life.images.get(image_name)
@@ -215,36 +236,16 @@ def make_snapshot(life: Node, image_name: str, vo: str, shape) -> Snapshot:
     content = image_key(image.sha256)
     if why := refused(cfg).get(content):
         raise VmimError(f"no snapshot of image {image_name}: {why}")
-    lease = boot_spare(life, image_name, vo, shape)
+    lease = boot_spare(life, image_name, vo, shape, f"{SNAPSHOT_TASK}{secrets.token_hex(4)}",
+                       allocated)
     slot = cfg.slot(lease.slot)
-    files = lease_files(cfg, slot.name, lease.job_label)
-    made = new_directory(cfg, image_name, shape)
+    made: Path | None = None
     try:
-        host_key = spare_host_key(files.console)
-        login = Endpoint(*life.ssh_address(slot), "root", admin_key(cfg)[0], host_key)
-        kept = kept_login(cfg, lease.job_label)
-        session = (kept and resume(login, kept)) or connect(login, timeout=30)
-        try:
-            driver = session.check_call(f"[ -d {VMGENID_DRIVER} ] && echo yes || echo no")
-            facts = session.check_call(SSHD_FACTS)
-        finally:
-            session.close()  # no connection of the node's is saved with the VM
-        try:
-            if driver.strip() != "yes":
-                raise VmimError("its kernel has no VM generation ID driver (Linux >= 5.18, "
-                                "CONFIG_VMGENID): a restored guest would not reseed its RNG; "
-                                "its VMs boot")
-            key_files, pidfile = sshd_facts(facts)
-        except VmimError as exc:
-            refuse(cfg, content, str(exc))
-            raise VmimError(f"no snapshot of image {image_name}: {exc}") from None
+        key_files, pidfile, host_key = _ask_guest(life, slot, lease, content, image_name)
+        made = new_directory(cfg, image_name, shape)
         with life.phase("save"):
-            xml = life.hv.save(slot.domain_name, str(made / STATE))
-        os.chmod(made / STATE, 0o600)
-        os.replace(files.overlay, made / DISK)
-        os.chmod(made / DISK, 0o644)
-        os.replace(files.seed, made / SEED)
-        os.chmod(made / SEED, 0o644)
+            xml = life.hv.save(slot.domain_name, str(made / PRIVATE / "saved"))
+        _freeze(life, slot, lease, made)
         snap = Snapshot(image=image_name, cores=shape.cores, memory_mib=shape.memory_mib,
                         image_key=content, recipe=recipe(cfg), host_key=host_key,
                         host_key_files=key_files, sshd_pidfile=pidfile, domain_xml=xml,
@@ -257,7 +258,7 @@ def make_snapshot(life: Node, image_name: str, vo: str, shape) -> Snapshot:
         life.abandon(slot.name, lease.job_label)
         raise
     finally:
-        if made.exists():
+        if made is not None and made.exists():
             shutil.rmtree(made, ignore_errors=True)
     life.end_vm(slot.name, job_label=lease.job_label)
     log.info("snapshot of %s (%s) made in slot %s: %s", image_name, shape, slot.name,
@@ -265,11 +266,65 @@ def make_snapshot(life: Node, image_name: str, vo: str, shape) -> Snapshot:
     return published
 
 
+def _ask_guest(life: Node, slot: Slot, lease: Lease, content: str, image_name: str
+               ) -> tuple[tuple[str, ...], str, str]:
+    """Over root's login to the booted VM: can its kernel be told of a restore, and what its
+    sshd's host key files and pid file are; (those, its host key). The login ends here: no
+    connection of the node's is saved with the VM."""
+    from .spares import kept_login, spare_host_key
+
+    cfg = life.cfg
+    host_key = spare_host_key(lease_files(cfg, slot.name, lease.job_label).console)
+    login = Endpoint(*life.ssh_address(slot), "root", admin_key(cfg)[0], host_key)
+    kept = kept_login(cfg, lease.job_label)
+    session = (kept and resume(login, kept)) or connect(login, timeout=30)
+    try:  # the image answers: bounded in time
+        driver = session.check_call(f"[ -d {VMGENID_DRIVER} ] && echo yes || echo no",
+                                    timeout=GUEST_TIMEOUT)
+        facts = session.check_call(SSHD_FACTS, timeout=GUEST_TIMEOUT)
+    finally:
+        session.close()
+    try:
+        if driver.strip() != "yes":
+            raise VmimError("its kernel has no VM generation ID driver (Linux >= 5.18, "
+                            "CONFIG_VMGENID): a restored guest would not reseed its RNG; "
+                            "its VMs boot")
+        key_files, pidfile = sshd_facts(facts)
+    except VmimError as exc:
+        refuse(cfg, content, str(exc))
+        raise VmimError(f"no snapshot of image {image_name}: {exc}") from None
+    return key_files, pidfile, host_key
+
+
+def _freeze(life: Node, slot: Slot, lease: Lease, made: Path) -> None:
+    """The saved VM's files into the snapshot's directory: its state copied into a file of
+    root's own (QEMU wrote the saved one through a descriptor it or a child of its may still
+    hold), its overlay and seed root's, readable by QEMU's group only."""
+    files = lease_files(life.cfg, slot.name, lease.job_label)
+    saved = made / PRIVATE / "saved"
+    with open(saved, "rb", opener=_no_follow) as source:
+        fd = os.open(made / PRIVATE / STATE, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                     os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as target:
+            shutil.copyfileobj(source, target, 1 << 20)
+    saved.unlink()
+    ids = life.qemu_ids()
+    group = ids[1] if ids is not None else 0
+    for name, path in ((DISK, files.overlay), (SEED, files.seed)):
+        os.replace(path, made / name)
+        os.chown(made / name, 0, group, follow_symlinks=False)
+        os.chmod(made / name, 0o640)
+
+
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
 def _check_made(snap: Snapshot) -> None:
     """What QEMU left behind is what a restore expects (VmimError if not)."""
     try:
         frozen_disk_size(snap)
-        fd = os.open(snap.path / STATE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(snap.state, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             stream_offset(fd)
         finally:
@@ -284,42 +339,51 @@ def start_from_snapshot(life: Node, slot: Slot, request: JobRequest, image: Imag
     """The job's VM restored from its image's snapshot and bound, in the slot its lease
     (`preparing`) holds: (its context, ''). (None, '') if there is no snapshot it may use
     (the agent is asked for one): the lease is untouched, the VM boots in it. (None, why) if
-    the start from the snapshot failed: the lease is given up and nothing of that start is
-    left (an unusable snapshot is removed); the caller boots the VM in a new lease."""
-    from .spares import IMAGE_KEY, bind_vm
-
+    the start from the snapshot failed, whatever the error: the lease is given up and
+    nothing of that start is left (an unusable snapshot is removed); the caller boots the VM
+    in a new lease. Only a RetryLater (the node's passing trouble) is raised."""
     cfg = life.cfg
-    snap = usable(life, image, request.shape) if restorable_slot(cfg, slot.name) else None
-    if snap is None:
-        if restorable_slot(cfg, slot.name) and want(cfg, image.name, request.shape):
-            poke(cfg)
-        return None, ""
+    snap = None
     try:
-        address = restore_into(life, slot, request.label, snap, lease_attributes(
-            request.label, image.name, request.owner, slot.name,
-            **{IMAGE_KEY: snap.image_key}))
-        xml = life.hv.domain_xml(slot.domain_name)
-        if xml is None:
-            raise VmimError("the restored VM stopped")
-        renew, wait, host_key = new_identity(snap, slot)
-        session = snapshot_login(life, snap, address)
-        try:
-            with life.phase("bind"):
-                context = bind_vm(life, slot, request, uid, gid, shares, host_key, xml,
-                                  session, {"snapshot": kind_name(image.name, snap.shape)},
-                                  around=(renew, wait))
-        finally:
-            session.close()
+        snap = usable(life, image, request.shape) if restorable_slot(cfg, slot.name) else None
+        if snap is None:
+            if restorable_slot(cfg, slot.name) and want(cfg, image.name, request.shape):
+                poke(cfg)
+            return None, ""
+        context = _restore_and_bind(life, slot, request, image, uid, gid, shares, snap)
     except RetryLater:
         life.abandon(slot.name, request.label)
         raise
     except SnapshotUnusable as exc:
         remove(snap)
         why = f"the snapshot of {image.name} ({snap.shape}) is unusable and was removed: {exc}"
-    except (VmimError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure: the job's VM boots instead
         why = f"starting from the snapshot of {image.name} failed: {exc}"
+    except BaseException:
+        life.abandon(slot.name, request.label)
+        raise
     else:
         return context, ""
     log.warning("job %s slot %s: %s; booting its VM instead", request.label, slot.name, why)
     life.abandon(slot.name, request.label)
     return None, why
+
+
+def _restore_and_bind(life: Node, slot: Slot, request: JobRequest, image: Image, uid: int,
+                      gid: int, shares: tuple[GuestShare, ...], snap: Snapshot) -> JobContext:
+    from .spares import IMAGE_KEY, bind_vm
+
+    address = restore_into(life, slot, request.label, snap, lease_attributes(
+        request.label, image.name, request.owner, slot.name, **{IMAGE_KEY: snap.image_key}))
+    xml = life.hv.domain_xml(slot.domain_name)
+    if xml is None:
+        raise VmimError("the restored VM stopped")
+    renew, wait, host_key = new_identity(snap, slot)
+    session = snapshot_login(life, snap, address)
+    try:
+        with life.phase("bind"):
+            return bind_vm(life, slot, request, uid, gid, shares, host_key, xml, session,
+                           {"snapshot": kind_name(image.name, snap.shape)},
+                           around=(renew, wait))
+    finally:
+        session.close()

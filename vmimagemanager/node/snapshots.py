@@ -7,12 +7,14 @@ into a new domain of its own (restore.py): a new per-job overlay on top of the f
 its own name, UUID and VM generation ID, then a new host key, machine-id, host name and clock
 before the same bind as a spare's.
 
-Everything of a snapshot lives in one root-made directory under overlay_dir/snapshots: the
-saved state (0600; libvirtd reads it, never QEMU by name), the frozen disk and the seed the VM
-booted with (QEMU reads them through libvirt), and record.json (0600), written last: a
-directory without a readable record is not a snapshot. A record names what the snapshot was
-made from (the image's content, and `recipe`: the node's settings a VM is built with); one
-whose image or recipe changed is removed before it could be used.
+Everything of a snapshot lives in one root-made directory under overlay_dir/snapshots (0711):
+the frozen disk and the seed the VM booted with (root's, 0640 with QEMU's group: QEMU reads
+them, libvirt is told not to relabel them), and private/ (0700): the saved state (a copy root
+made after the save, so no QEMU holds it open; libvirt hands restores a descriptor, and while
+it relabels the file for one no other QEMU can reach it by name), the lock and record.json,
+written last: a directory without a readable record is not a snapshot. A record names what the
+snapshot was made from (the image's content, and `recipe`: the node's settings a VM is built
+with); one whose image or recipe changed is removed before it could be used.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING
 from ..accel import resolve_domain_type
 from ..config import Config, UserNetwork
 from ..errors import ImageError, VmimError
-from ..files import read_private_json, write_private_file
+from ..files import read_private_json, replace_private_file, write_private_file
 from ..images import QCOW2_MAGIC, qcow2_backing_format, qcow2_header_problem
 from ..keysfiles import image_key
 from ..leases import process_start
@@ -48,7 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("vmimagemanager.snapshots")
 
 SNAPSHOTS = "snapshots"  # in overlay_dir
-RECORD, STATE, DISK, SEED, LOCK = "record.json", "state", "disk.qcow2", "seed.iso", "lock"
+DISK, SEED, PRIVATE = "disk.qcow2", "seed.iso", "private"  # in a snapshot's directory
+RECORD, STATE, LOCK = "record.json", "state", "lock"  # in its private/
+MAX_PER_IMAGE = 4  # snapshots of one image (of shapes jobs asked for; spares' shapes always)
+FAILURES = "failures"  # in private/: restores in a row libvirt refused
+REMOVE_AFTER = 3
 # images whose kernel cannot be told it was restored: no snapshot is made of them (restore.py)
 REFUSED = "refused.json"
 
@@ -79,12 +86,16 @@ class Snapshot:
     def path(self) -> Path:
         return Path(self.directory)
 
+    @property
+    def state(self) -> Path:
+        return self.path / PRIVATE / STATE
+
     def sizes_mib(self) -> dict[str, float]:
         """What it takes on disk: the saved memory and the frozen disk's own blocks."""
         out = {}
-        for key, name in (("memory_mib", STATE), ("disk_mib", DISK)):
+        for key, path in (("memory_mib", self.state), ("disk_mib", self.path / DISK)):
             try:
-                out[key] = round(os.stat(self.path / name).st_blocks * 512 / 2**20, 1)
+                out[key] = round(os.stat(path).st_blocks * 512 / 2**20, 1)
             except OSError:
                 out[key] = 0.0
         return out
@@ -116,7 +127,7 @@ def read(cfg: Config, image: str, shape: Shape) -> Snapshot | None:
 
 
 def _read_record(directory: Path) -> Snapshot | None:
-    data = read_private_json(directory / RECORD)
+    data = read_private_json(directory / PRIVATE / RECORD)
     try:
         return Snapshot(**{**data, "host_key_files": tuple(data.get("host_key_files", ())),
                            "directory": str(directory)})
@@ -139,7 +150,8 @@ def why_unusable(cfg: Config, snap: Snapshot, image: Image) -> str:
         return f"image {image.name} changed after the snapshot was made"
     if snap.recipe != recipe(cfg):
         return "the node's VM settings (accelerator, shares or admin key) changed since"
-    missing = [name for name in (STATE, DISK, SEED) if not (snap.path / name).is_file()]
+    missing = [path.name for path in (snap.state, snap.path / DISK, snap.path / SEED)
+               if not path.is_file()]
     if missing:
         return f"its {', '.join(missing)} is missing"
     return ""
@@ -158,6 +170,9 @@ def usable(life: Node, image: Image, shape: Shape) -> Snapshot | None:
     return snap
 
 
+MAX_BACKING_NAME = 1023  # QEMU's own limit for a backing file name
+
+
 def frozen_disk_size(snap: Snapshot) -> int:
     """The frozen disk's virtual size, read from its own header (not through a link), which
     must name exactly the image's disk as its backing file and nothing else: QEMU wrote this
@@ -172,7 +187,9 @@ def frozen_disk_size(snap: Snapshot) -> int:
         if len(head) < 20 or not head.startswith(QCOW2_MAGIC):
             raise ImageError(f"snapshot disk {path} is not a qcow2 file")
         offset, length = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
-        named = os.pread(fd, length, offset).decode(errors="replace") if offset else ""
+        if not offset or not 0 < length <= MAX_BACKING_NAME:
+            raise ImageError(f"snapshot disk {path} names no backing file of a sane length")
+        named = os.pread(fd, length, offset).decode(errors="replace")
         if named != snap.golden:
             raise ImageError(f"snapshot disk {path} names backing file {named!r}, not the "
                              f"image's {snap.golden}")
@@ -189,13 +206,24 @@ def frozen_disk_size(snap: Snapshot) -> int:
 @contextmanager
 def locked(snap: Snapshot) -> Iterator[int]:
     """The saved state open for a restore's rewrite of its head (savefile.write_head), with
-    the snapshot's lock held: one restore of it at a time, and no replacement meanwhile."""
-    lock = os.open(snap.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o600)
+    the snapshot's lock held: one restore of it at a time, and no replacement meanwhile.
+    SnapshotUnusable if the state is not the root-owned regular file root made (one link);
+    VmimError if the snapshot was replaced while this waited for the lock."""
+    private = snap.path / PRIVATE
+    lock = os.open(private / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        fd = os.open(snap.path / STATE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        now = _read_record(snap.path)
+        if now is None or now.created != snap.created:
+            raise VmimError("the snapshot was replaced or removed meanwhile")
         try:
+            fd = os.open(snap.state, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SnapshotUnusable(f"its saved state cannot be opened ({exc.strerror})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != 0 or st.st_nlink != 1:
+                raise SnapshotUnusable("its saved state is not the root-owned file root made")
             yield fd
         finally:
             os.close(fd)
@@ -205,23 +233,42 @@ def locked(snap: Snapshot) -> Iterator[int]:
 
 def remove(snap: Snapshot) -> None:
     """Remove a snapshot (VMs restored from it keep their open frozen disk)."""
-    _retire(snap.path)
+    _retire(snap.path, snap.created)
 
 
-def _retire(directory: Path) -> None:
+def _retire(directory: Path, created: float | None = None) -> None:
     """Rename the directory aside under its lock (a restore holding it finishes first), then
-    delete it."""
-    if not directory.exists():
+    delete it; if it is still the snapshot made at `created` (None: whatever is there). Gone
+    already (another process removed it): nothing to do."""
+    try:
+        lock = os.open(directory / PRIVATE / LOCK,
+                       os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileNotFoundError:
         return
     aside = directory.with_name(f".{directory.name}.gone-{os.getpid()}-{time.monotonic_ns()}")
-    lock = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        now = _read_record(directory)
+        if created is not None and (now is None or now.created != created):
+            return  # replaced by a newer one meanwhile, or removed
         os.rename(directory, aside)
+    except FileNotFoundError:
+        return
     finally:
         os.close(lock)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def note_failure(snap: Snapshot) -> bool:
+    """Count a restore libvirt refused; True once REMOVE_AFTER came in a row (remove it)."""
+    path = snap.path / PRIVATE / FAILURES
+    count = int(read_private_json(path).get("count", 0)) + 1
+    replace_private_file(path, json.dumps({"count": count}).encode())
+    return count >= REMOVE_AFTER
+
+
+def note_success(snap: Snapshot) -> None:
+    (snap.path / PRIVATE / FAILURES).unlink(missing_ok=True)
 
 
 def remove_of_image(cfg: Config, image: str) -> list[str]:
@@ -233,12 +280,16 @@ def remove_of_image(cfg: Config, image: str) -> list[str]:
 
 
 def new_directory(cfg: Config, image: str, shape: Shape) -> Path:
-    """A fresh directory a snapshot is made in, renamed into place by `publish`."""
+    """A fresh directory a snapshot is made in (and its private/), renamed into place by
+    `publish`. Modes set after mkdir: a umask does not narrow them."""
     base = snapshots_dir(cfg)
-    base.mkdir(mode=0o711, exist_ok=True)
+    base.mkdir(exist_ok=True)
     os.chmod(base, 0o711)
     path = base / f".{kind_name(image, shape)}.new-{os.getpid()}-{time.monotonic_ns()}"
-    path.mkdir(mode=0o711)
+    path.mkdir()
+    os.chmod(path, 0o711)
+    (path / PRIVATE).mkdir()
+    os.chmod(path / PRIVATE, 0o700)
     return path
 
 
@@ -247,10 +298,11 @@ def publish(cfg: Config, made: Path, snap: Snapshot) -> Snapshot:
     the same image and shape."""
     target = snapshots_dir(cfg) / kind_name(snap.image, snap.shape)
     record = {k: v for k, v in asdict(snap).items() if k != "directory"}
-    write_private_file(made / RECORD, json.dumps(record).encode())
+    write_private_file(made / PRIVATE / RECORD, json.dumps(record).encode())
     _retire(target)
     os.rename(made, target)
-    return Snapshot(**{**record, "directory": str(target)})
+    return Snapshot(**{**record, "host_key_files": tuple(snap.host_key_files),
+                       "directory": str(target)})
 
 
 WANTED = "wanted"  # in snapshots/: a file per image and shape a job found no snapshot of
@@ -308,8 +360,6 @@ def refused(cfg: Config) -> dict[str, str]:
 
 
 def refuse(cfg: Config, content: str, why: str) -> None:
-    from ..files import replace_private_file
-
     noted = {**refused(cfg), content: why}
     snapshots_dir(cfg).mkdir(mode=0o711, exist_ok=True)
     replace_private_file(snapshots_dir(cfg) / REFUSED, json.dumps(noted).encode())

@@ -59,11 +59,13 @@ log = logging.getLogger("vmimagemanager.spares")
 # new device a few tenths of a second after the attach (docs/warm-spares.md)
 MOUNT_TRIES, MOUNT_POLL = 250, 0.02
 SPARE_WEIGHT_DIVISOR = 16  # a spare's CPU weight is the job VM's weight divided by this
+SNAPSHOT_TASK = "snap"  # the task ids of VMs booted to become snapshots (restore.py)
 WEIGHT_KEY = "cpu_weight"  # in a spare's lease metadata: the weight a job's VM has on this node
 IMAGE_KEY = "image_key"  # in a spare's lease metadata: keysfiles.image_key of what it booted
 HOST_KEY = "host_key"  # in a restored spare's lease metadata: its new host key
 KEYS_FILE_LINE = "vmim-keys-file"  # the bind script's report of where the job's key went
 WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
+RENEW_TIMEOUT = 60  # seconds for a restored spare's renew script
 
 
 def bind_script(user: str, home: str, public_key: str,
@@ -143,9 +145,21 @@ def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
     holds a boot is working on)."""
     image, lease = _allocate(life, image_name, vo, shape, allocated)
     slot = life.cfg.slot(lease.slot)
+    if life.cfg.snapshot_starts:
+        try:
+            if _restore_spare(life, slot, lease, image):
+                return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
+        except Exception as exc:  # noqa: BLE001 - the spare is booted instead
+            log.warning("spare %s slot %s: restoring it from the snapshot failed (%s); booting "
+                        "it instead", lease.job_label, slot.name, exc)
+            life.abandon(slot.name, lease.job_label)
+            image, lease = _allocate(life, image_name, vo, shape, allocated)
+            slot = life.cfg.slot(lease.slot)
+        except BaseException:
+            life.abandon(slot.name, lease.job_label)
+            raise
     try:
-        if not (life.cfg.snapshot_starts and _restore_spare(life, slot, lease, image)):
-            _boot(life, slot, lease, image)
+        _boot(life, slot, lease, image)
     except BaseException as exc:
         log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
@@ -153,10 +167,11 @@ def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
     return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
 
 
-def boot_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease:
-    """Boot a VM as a spare is booted, never restored (a snapshot's: restore.make_snapshot);
-    its lease stays `booting`, nothing binds it."""
-    image, lease = _allocate(life, image_name, vo, shape, lambda lease: None)
+def boot_spare(life: Node, image_name: str, vo: str, shape: Shape, task: str,
+               allocated: Callable[[Lease], None] = lambda lease: None) -> Lease:
+    """Boot a VM as a spare is booted, never restored, under the task id `task` (a
+    snapshot's: restore.make_snapshot); its lease stays `booting`, nothing binds it."""
+    image, lease = _allocate(life, image_name, vo, shape, allocated, task)
     slot = life.cfg.slot(lease.slot)
     try:
         _boot(life, slot, lease, image)
@@ -168,14 +183,14 @@ def boot_spare(life: Node, image_name: str, vo: str, shape: Shape) -> Lease:
 
 
 def _allocate(life: Node, image_name: str, vo: str, shape: Shape,
-              allocated: Callable[[Lease], None]) -> tuple[Image, Lease]:
+              allocated: Callable[[Lease], None], task: str = "") -> tuple[Image, Lease]:
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
     life.hv.connect()
     lease, _ = life.leases.allocate([s.name for s in cfg.slots], SPARE_JOB_ID,
-                                    secrets.token_hex(6), "", image_name, vo, shape=shape,
-                                    budget=cfg.budget)
+                                    task or secrets.token_hex(6), "", image_name, vo,
+                                    shape=shape, budget=cfg.budget)
     allocated(lease)
     return image, lease
 
@@ -213,7 +228,7 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     renew, wait, host_key = new_identity(snap, slot)
     session = snapshot_login(life, snap, address)
     try:
-        session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=60)
+        session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=RENEW_TIMEOUT)
     finally:
         session.close()
     _into_background(life, slot, lease.job_label, image, host_key)
@@ -291,10 +306,11 @@ def _job_weight(life: Node, name: str, meta: dict[str, str]) -> None:
 
 def _booting_spares(life: Node, image: str, shape: Shape | None) -> list[Lease]:
     """Spares of `image` and `shape` the agent is booting (its process alive, within
-    boot_timeout), oldest first."""
+    boot_timeout), oldest first; not a VM booted to become a snapshot."""
     now = time.time()
     return sorted((lease for lease in life.leases.all()
                    if lease.is_spare and lease.image == image
+                   and not lease.task_id.startswith(SNAPSHOT_TASK)  # never a job's
                    and (shape is None or lease.shape == shape)
                    and lease.state in (LeaseState.PREPARING, LeaseState.BOOTING)
                    and lease.holder_alive() and now < lease.created + life.cfg.boot_timeout),
