@@ -40,6 +40,7 @@ echo "random $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')"
 echo "machine $(cat /etc/machine-id)"
 echo "host $(hostname)"
 echo "home $(stat -c %d "$HOME") $(stat -c %d /)"
+echo "tree $(cat TREE/marker)"
 sleep ${SLEEP:-0}
 echo done
 """
@@ -48,15 +49,25 @@ KEEP = ("snapshots",)  # what assert_clean may find in overlay_dir
 
 @pytest.fixture(scope="module")
 def snap_cell(libvirt_system, guest_images):
-    Path(PROBE).write_text(PROBE_SCRIPT)
-    os.chmod(PROBE, 0o755)
     metrics = Path(tempfile.mkdtemp(prefix="vmim-snap-metrics-", dir="/var/tmp"))
+    # a read-only tree over 9p: QEMU refuses to save a VM with it mounted, so a snapshot's VM
+    # unmounts it before the save and each restore mounts it again
+    tree = Path(tempfile.mkdtemp(prefix="vmim-snap-tree-", dir="/var/tmp"))
+    os.chmod(tree, 0o755)
+    (tree / "marker").write_text("from the tree\n")
+    os.chmod(tree / "marker", 0o644)
+    Path(PROBE).write_text(PROBE_SCRIPT.replace("TREE", str(tree)))
+    os.chmod(PROBE, 0o755)
     cell = open_vm_cell(QUEUE, "vmim-snap-", guest_images, slots=2, queue_slots=2,
                         extra={"snapshot_starts": True, "health": {"back_after": 0},
-                               "metrics_dir": str(metrics)})
+                               "metrics_dir": str(metrics), "shared_paths": [
+                                   {"path": "/home", "mode": "hypervisor"},
+                                   {"path": str(tree), "mode": "hypervisor", "scope": "tree",
+                                    "readonly": True}]})
     yield cell
     close_vm_cell(cell)
     shutil.rmtree(metrics, ignore_errors=True)
+    shutil.rmtree(tree, ignore_errors=True)
 
 
 def probe(cell, name: str, user: str = "atlas001", sleep: int = 0) -> str:
@@ -93,6 +104,9 @@ def test_a_job_without_a_snapshot_boots_and_the_agent_makes_one(snap_cell):
     assert any("snapshot of atlas (1 core and 256 MiB) made" in line for line in lines), lines
     (row,) = snapshot_rows(cell)
     assert row["usable"] and row["image"] == "atlas" and row["memory_mib"] > 10, row
+    images = {r["name"]: r for r in json.loads(cell.cli("images", "list", "--json").stdout)}
+    assert images["atlas"]["snapshots"] == ["atlas.1c256m"], images
+    assert images["atlas"]["snapshots_mib"] >= row["memory_mib"] and not images["cms"]["snapshots"]
     # its files are root's: the saved memory (it holds the guest's old host key) root's only
     (snap,) = all_snapshots(cell.cfg)
     state = snap.state.stat()
@@ -147,9 +161,10 @@ def test_two_jobs_restored_from_one_snapshot_are_machines_of_their_own(snap_cell
     assert out1["random"] != out2["random"] and len(out1["random"]) == 64
     assert out1["machine"] != out2["machine"] and len(out1["machine"]) == 32
     assert out1["host"] != out2["host"]
-    for out in (out1, out2):  # the owner's home, hot-plugged at the bind
+    for out in (out1, out2):  # the owner's home, hot-plugged at the bind; the tree again
         home_dev, root_dev = out["home"].split()
         assert home_dev != root_dev, out
+        assert out["tree"] == "from the tree", out
     starts = vm_starts(cell.cfg)
     for job in jobs.values():
         start = starts[f"{job}.0"]

@@ -201,7 +201,8 @@ def test_the_renew_script_quotes_what_the_guest_said(tmp_path):
     hostile = "/etc/ssh/k'$(touch /tmp/vmim-pwned)'ed25519 key"
     snap = snapshot(tmp_path, host_key_files=(hostile, "/etc/ssh/ssh_host_rsa_key"),
                     sshd_pidfile="/run/x;reboot")
-    body, wait, line = new_identity(snap, Slot("s1", 1, 256, UserNetwork(2201)))
+    cfg = testdriver.node_config(tmp_path)
+    body, wait, line = new_identity(cfg, snap, Slot("s1", 1, 256, UserNetwork(2201)))
     assert line.startswith("ssh-ed25519 ") and len(line.split()) == 2
     assert subprocess.run(["sh", "-n"], input=(body + wait).encode()).returncode == 0
     removals = [shlex.split(s) for s in body.splitlines()
@@ -217,7 +218,8 @@ def test_the_renew_script_quotes_what_the_guest_said(tmp_path):
 
 def test_two_renew_scripts_never_share_a_secret(tmp_path):
     snap, slot = snapshot(tmp_path), Slot("s1", 1, 256, UserNetwork(2201))
-    (one, _, key1), (two, _, key2) = new_identity(snap, slot), new_identity(snap, slot)
+    cfg = testdriver.node_config(tmp_path)
+    (one, _, key1), (two, _, key2) = new_identity(cfg, snap, slot), new_identity(cfg, snap, slot)
     assert key1 != key2
     # the bytes mixed into the guest's RNG and its machine-id are new each time
     secrets_of = [[line for line in script.splitlines()
@@ -226,8 +228,10 @@ def test_two_renew_scripts_never_share_a_secret(tmp_path):
     assert len(secrets_of[0]) == 2 and not set(secrets_of[0]) & set(secrets_of[1])
 
 
-def test_the_renew_script_sets_the_clock_to_the_hosts(tmp_path):
-    body, _wait = renew_script(snapshot(tmp_path), "s1", b"KEY", "ssh-ed25519 AAAA")
+def test_the_renew_script_sets_the_clock_and_mounts_the_trees_again(tmp_path):
+    body, _wait = renew_script(snapshot(tmp_path), "s1", b"KEY", "ssh-ed25519 AAAA",
+                               [("v1_opt_sw", "/opt/sw", "trans=virtio,ro")])
+    assert "mkdir -p /opt/sw; mount -t 9p -o trans=virtio,ro v1_opt_sw /opt/sw" in body
     (clock,) = [line for line in body.splitlines() if line.startswith("date ")]
     assert abs(int(clock.split("@")[1].split()[0]) - time.time()) < 5
 

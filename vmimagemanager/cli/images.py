@@ -57,17 +57,29 @@ def import_image(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def list_images(cfg: Config, args: argparse.Namespace) -> int:
+    # lazy: the snapshot store brings the node's modules
+    from ..node.snapshots import all_snapshots, kind_name
+
+    snapshots: dict[str, list] = {}
+    for snap in all_snapshots(cfg):
+        snapshots.setdefault(snap.image, []).append(snap)
     rows = []
     for image in _store(cfg).list():
         size = (cfg.image_dir / image.disk).stat().st_size
+        its = snapshots.get(image.name, [])
+        sizes = [snap.sizes_mib() for snap in its]
         rows.append({"name": image.name, "format": image.format,
                      "size_mib": size >> 20, "boot": "kernel" if image.kernel else "disk",
                      "sha256": image.sha256.get(image.disk, "")[:16],
                      "catalog": image.catalog,
                      "imported": time.strftime("%Y-%m-%d %H:%M",
-                                               time.localtime(image.imported_at))})
+                                               time.localtime(image.imported_at)),
+                     "snapshots": [kind_name(snap.image, snap.shape) for snap in its],
+                     "snapshots_mib": round(sum(s["memory_mib"] + s["disk_mib"]
+                                                for s in sizes), 1)})
     print(json.dumps(rows, indent=2) if args.json else
-          table(rows, ["name", "format", "size_mib", "boot", "sha256", "imported"]))
+          table(rows, ["name", "format", "size_mib", "boot", "sha256", "imported",
+                       "snapshots_mib"]))
     return 0
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .. import ports
 from ..agentwake import poke
-from ..config import Slot, UserNetwork
+from ..config import Config, Slot, UserNetwork
 from ..domain_meta import lease_attributes
 from ..errors import (
     BootError,
@@ -41,6 +41,7 @@ from ..keysfiles import image_key
 from ..savefile import SaveFileError, stream_offset, write_head
 from ..seed import generate_keypair
 from ..shape import Shape
+from ..shares import NINEP_OPTIONS, resolve_shares, served_by_owner
 from ..states import LeaseState
 from .model import JobRequest, lease_files
 from .snapshots import (
@@ -101,14 +102,24 @@ def sshd_facts(output: str) -> tuple[tuple[str, ...], str]:
     return keys, pidfile
 
 
-def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: str
-                 ) -> tuple[str, str]:
+def tree_mounts(cfg: Config) -> list[tuple[str, str, str]]:
+    """(tag, path, options) of each read-only tree QEMU exports over 9p: unmounted in a
+    snapshot's VM before its save (QEMU refuses to save a VM with a 9p export mounted: "Migration
+    is disabled when VirtFS export path ... is mounted") and mounted again by each restore."""
+    return [(share.tag, share.path, NINEP_OPTIONS + (",ro" if share.readonly else ""))
+            for share in resolve_shares(cfg.shared_paths, "root")
+            if share.mode == "hypervisor" and not served_by_owner(share)]
+
+
+def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: str,
+                 mounts: list[tuple[str, str, str]] = ()) -> tuple[str, str]:
     """The root shell script that makes a restored guest a machine of its own: the clock set
     to the host's, bytes of the host's mixed into its RNG, and a wait (3 s at most; exit 3
-    with a line on stderr) for its kernel to reseed on the new VM generation ID; a new host
-    name and machine-id; the node's new ed25519 host key in place of every host key the
-    snapshot had (other types removed: only the pinned one is wanted), loaded by sshd at once
-    (SIGHUP restarts the listener; this login, a child of the old one, stays)."""
+    with a line on stderr) for its kernel to reseed on the new VM generation ID; the tree
+    shares (`mounts`, tree_mounts) mounted again; a new host name and machine-id; the node's
+    new ed25519 host key in place of every host key the snapshot had (other types removed:
+    only the pinned one is wanted), loaded by sshd at once (SIGHUP restarts the listener;
+    this login, a child of the old one, stays)."""
     q = shlex.quote
     ed25519 = next(path for path in snap.host_key_files if "ed25519" in path.rsplit("/", 1)[-1])
     fail = 'echo "vmim-renew: {}" >&2; exit 3'
@@ -119,6 +130,8 @@ def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: 
         f"i=0; until dmesg | grep -q {q(RESEED_MESSAGE)}; do i=$((i+1)); "
         f"[ $i -lt {RESEED_TRIES} ] || {{ {fail.format('the kernel did not reseed its RNG')}"
         f"; }}; sleep {POLL}; done",
+        *(f"mkdir -p {q(path)}; mount -t 9p -o {q(options)} {q(tag)} {q(path)}"
+          for tag, path, options in mounts),
         f"printf '%s\\n' {q(hostname)} > /proc/sys/kernel/hostname",
         f"if [ -f /etc/hostname ]; then printf '%s\\n' {q(hostname)} > /etc/hostname; fi",
         "rm -f /etc/machine-id",  # a new file (0444), not the image's mode or a link
@@ -143,12 +156,13 @@ def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: 
     return "\n".join(lines) + "\n", wait + "\n"
 
 
-def new_identity(snap: Snapshot, slot: Slot) -> tuple[str, str, str]:
+def new_identity(cfg: Config, snap: Snapshot, slot: Slot) -> tuple[str, str, str]:
     """The renew script for a VM restored from `snap` into `slot` (its body, and its wait
     for sshd, which must end the same shell), and the host key the VM gets."""
     pair = generate_keypair(f"root@{slot.guest_hostname}")
     line = " ".join(pair.public_line.split()[:2])
-    body, wait = renew_script(snap, slot.guest_hostname, pair.private_openssh, line)
+    body, wait = renew_script(snap, slot.guest_hostname, pair.private_openssh, line,
+                              tree_mounts(cfg))
     return body, wait, line
 
 
@@ -282,6 +296,9 @@ def _ask_guest(life: Node, slot: Slot, lease: Lease, content: str, image_name: s
         driver = session.check_call(f"[ -d {VMGENID_DRIVER} ] && echo yes || echo no",
                                     timeout=GUEST_TIMEOUT)
         facts = session.check_call(SSHD_FACTS, timeout=GUEST_TIMEOUT)
+        trees = [shlex.quote(path) for _tag, path, _options in tree_mounts(cfg)]
+        if trees:  # mounted again by each restore
+            session.check_call(f"umount {' '.join(trees)}", timeout=GUEST_TIMEOUT)
     finally:
         session.close()
     try:
@@ -378,7 +395,7 @@ def _restore_and_bind(life: Node, slot: Slot, request: JobRequest, image: Image,
     xml = life.hv.domain_xml(slot.domain_name)
     if xml is None:
         raise VmimError("the restored VM stopped")
-    renew, wait, host_key = new_identity(snap, slot)
+    renew, wait, host_key = new_identity(life.cfg, snap, slot)
     session = snapshot_login(life, snap, address)
     try:
         with life.phase("bind"):

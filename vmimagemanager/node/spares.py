@@ -225,7 +225,7 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     except SnapshotUnusable:
         remove(snap)
         raise
-    renew, wait, host_key = new_identity(snap, slot)
+    renew, wait, host_key = new_identity(life.cfg, snap, slot)
     session = snapshot_login(life, snap, address)
     try:
         session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=RENEW_TIMEOUT)
