@@ -27,10 +27,12 @@ bench: deps
 	$(PY) -m benchmarks.shared_home
 
 # Through the real SGE cell: start latency (3 jobs), the 100-job stress run (~7 min, TCG; writes
-# results/stress-timeline.png), the chaos run, and warm spares against the cold path in one run.
+# results/stress-timeline.png), the chaos run, warm spares against the cold path in one run, and
+# the three start paths (cold, snapshot, spare) side by side.
 bench-sge: deps
 	bash harness/libvirt-up.sh
 	$(PY) -m benchmarks.sge_stress latency --jobs 3
 	$(PY) -m benchmarks.sge_stress stress --jobs 100 --slots 2
 	$(PY) -m benchmarks.chaos --jobs 100 --slots 2 --seed 11
 	$(PY) -m benchmarks.spares --jobs 100 --latency-jobs 3 --job-slots 2 --spares 2 --payloads 0,5
+	$(PY) -m benchmarks.start_paths --latency-jobs 5 --jobs 100

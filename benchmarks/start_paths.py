@@ -15,7 +15,8 @@ cms, kept by the agent, started and stopped with harness/agent.sh).
            then from snapshots: throughput, wrong results, double leases, leftovers, running
            VMs once done, and a timeline PNG each (restore in its own colour).
 Usage: python -m benchmarks.start_paths [--latency-jobs 3] [--jobs 100] [--job-slots 2]
-                                       [--no-stress]    (from the tree's top)
+                                       [--stress 'cold boot,snapshot'] [--latency-paths ...]
+                                       (from the tree's top)
 """
 
 from __future__ import annotations
@@ -31,36 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import REPO, build_images, report
-from benchmarks.sge_stress import PAYLOAD, QUEUE, cpu_ticks, finished, leftovers, run_jobs, submit
-from benchmarks.spares import agent, wait_spares
+from benchmarks.common import REPO, report
+from benchmarks.sge_stress import QUEUE, cpu_ticks, finished, leftovers, run_jobs, submit
+from benchmarks.spares import agent, setup, wait_spares
 from benchmarks.timeline import write_png
-from tests.support import import_test_images, make_base_dir, write_config
-from tests.support.sgecell import SGE_ENV, sge
+from tests.support.sgecell import sge
 
 PATHS = {"cold boot": {}, "snapshot": {"snapshot_starts": True},
          "warm spare": {"spares": {"vos": {"atlas": 1, "cms": 1}, "interval": 1}}}
-
-
-def setup(job_slots: int):
-    from vmimagemanager.config import load_config
-
-    for script in ("libvirt-up.sh", "pool-accounts.sh"):
-        subprocess.run(["bash", str(REPO / "harness" / script)], check=True)
-    subprocess.run(["bash", str(REPO / "harness/sge-cell.sh"), "up"], check=True)
-    base = make_base_dir("vmim-bench-")
-    path = write_config(base, job_slots + 2, prefix=f"bp{os.getpid()}s",
-                        extra={"boot_timeout": 180})
-    cfg = load_config(str(path))
-    import_test_images(cfg, build_images(), names=("atlas", "cms"))
-    cli = str(Path(sys.executable).parent / "vmimagemanager")
-    subprocess.run([cli, "--config", str(path), "sge", "install-queue", "--queue", QUEUE,
-                    "--slots", str(job_slots), "--wrapper-dir", str(base / "libexec")],
-                   check=True, env={**os.environ, **SGE_ENV})
-    script = base / "payload.sh"
-    script.write_text(PAYLOAD)
-    os.chmod(script, 0o755)
-    return base, path, cfg, cli, script
 
 
 def switch(path: Path, base_data: dict, name: str) -> None:
@@ -130,7 +109,7 @@ def stress(cfg, script: Path, name: str, jobs: int, timeout: float) -> dict:
     write_png(png, segments)
     left = leftovers(cfg)
     left["overlays"] -= 1 if (cfg.overlay_dir / "snapshots").exists() else 0
-    return {"path": name, **result, "wrong": len(result["wrong"]),
+    return {"path": name, **result, "wrong": len(result["wrong"]), "wrong jobs": result["wrong"],
             "jobs restored": len(restored & {seg["job"] for seg in segments}),
             **{f"leftover {k}": v for k, v in left.items()}}
 
@@ -141,25 +120,28 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--job-slots", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--no-stress", action="store_true")
+    parser.add_argument("--stress", default="cold boot,snapshot",
+                        help="the paths of the stress run, comma-separated ('' for none)")
+    parser.add_argument("--latency-paths", default=",".join(PATHS))
     args = parser.parse_args()
-    base, path, cfg, cli, script = setup(args.job_slots)
-    base_data = yaml.safe_load(path.read_text())
+    base, path, cfg, cli, script = setup(args.job_slots, 1, False)  # spares' places too
+    base_data = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "spares"}
     lat, runs, made = [], [], {}
     try:
-        switch(path, base_data, "cold boot")
-        lat += latency(cfg, script, path, cli, "cold boot", args.latency_jobs)
-        switch(path, base_data, "snapshot")
-        made = make_snapshots(cli, path)
-        lat += latency(cfg, script, path, cli, "snapshot", args.latency_jobs)
-        switch(path, base_data, "warm spare")
-        agent("start", path, cli)
-        lat += latency(cfg, script, path, cli, "warm spare", args.latency_jobs)
-        agent("stop", path, cli)
-        if not args.no_stress:
-            for name in ("cold boot", "snapshot"):
-                switch(path, base_data, name)
-                runs.append(stress(cfg, script, name, args.jobs, args.timeout))
+        for name in [p for p in args.latency_paths.split(",") if p]:
+            switch(path, base_data, name)
+            if name == "snapshot":
+                made = make_snapshots(cli, path)
+            if name == "warm spare":
+                agent("start", path, cli)
+            lat += latency(cfg, script, path, cli, name, args.latency_jobs)
+            if name == "warm spare":
+                agent("stop", path, cli)
+        for name in [p for p in args.stress.split(",") if p]:
+            switch(path, base_data, name)
+            if name == "snapshot" and not made:
+                made = make_snapshots(cli, path)
+            runs.append(stress(cfg, script, name, args.jobs, args.timeout))
     finally:
         subprocess.run(["bash", str(REPO / "harness/agent.sh"), "stop", str(path)],
                        capture_output=True)
@@ -172,9 +154,11 @@ def main() -> None:
         return statistics.median(r[key] for r in lat if r["path"] == name)
 
     keys = ["prolog s", "qsub -> first output s", "VM's QEMU CPU s", "node CPU s per job"]
-    summary = {f"{key}, {name} (median)": median(name, key) for name in PATHS for key in keys}
-    summary["node CPU per job, snapshot / cold"] = (median("snapshot", "node CPU s per job")
-                                                    / median("cold boot", "node CPU s per job"))
+    measured = [name for name in PATHS if any(r["path"] == name for r in lat)]
+    summary = {f"{key}, {name} (median)": median(name, key) for name in measured for key in keys}
+    if {"snapshot", "cold boot"} <= set(measured):
+        summary["node CPU per job, snapshot / cold"] = (
+            median("snapshot", "node CPU s per job") / median("cold boot", "node CPU s per job"))
     if len(runs) == 2:
         summary["stress throughput snapshot / cold"] = runs[1]["jobs/min"] / runs[0]["jobs/min"]
     report("start_paths", lat, ["path", "job", *keys],

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import agentwake, metrics
-from .agentsnap import SnapshotMaker
+from .agentsnap import SnapshotMaker, back_off
 from .audit import record
 from .config import Config
 from .errors import NoFreeSlot, RetryLater, VmimError
@@ -297,9 +297,7 @@ class Agent:
             elif isinstance(exc, NoFreeSlot):
                 pass  # a job took the last slot first: jobs come first
             else:
-                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(kind, (0, 0))[1]),
-                            BACKOFF_MAX)
-                self.backoff[kind] = (time.monotonic() + delay, delay)
+                delay = back_off(self.backoff, kind, BACKOFF_FIRST, BACKOFF_MAX)
                 actions.append(f"spare of {image} ({shape}) failed, next try in {delay:.0f} s: "
                                f"{exc}")
         return actions

@@ -40,6 +40,15 @@ Kind = tuple[str, Shape]  # image, shape
 BACKOFF_FIRST, BACKOFF_MAX = 60.0, 3600.0  # seconds before a failed kind is tried again
 
 
+def back_off(backoff: dict[Kind, tuple[float, float]], kind: Kind, first: float,
+             most: float) -> float:
+    """Note in `backoff` that `kind` failed again: its next try after twice the last delay
+    (at least `first`, at most `most`); that delay."""
+    delay = min(max(first, 2 * backoff.get(kind, (0, 0))[1]), most)
+    backoff[kind] = (time.monotonic() + delay, delay)
+    return delay
+
+
 @dataclass
 class SnapshotMaker:
     """`make_life` gives each snapshot's boot a life cycle of its own (as the agent's spares)."""
@@ -145,9 +154,7 @@ class SnapshotMaker:
                 actions.append(f"snapshot of {image} ({shape}) made: {sizes['memory_mib']} MiB "
                                f"of memory, {sizes['disk_mib']} MiB of disk")
             elif not isinstance(exc, NoFreeSlot):
-                delay = min(max(BACKOFF_FIRST, 2 * self.backoff.get(kind, (0, 0))[1]),
-                            BACKOFF_MAX)
-                self.backoff[kind] = (time.monotonic() + delay, delay)
+                delay = back_off(self.backoff, kind, BACKOFF_FIRST, BACKOFF_MAX)
                 actions.append(f"snapshot of {image} ({shape}) failed, next try in "
                                f"{delay:.0f} s: {exc}")
         return actions

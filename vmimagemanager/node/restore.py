@@ -140,16 +140,20 @@ def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: 
         *(f"rm -f {q(path)} {q(path + '.pub')}" for path in snap.host_key_files),
         f"cat > {q(ed25519)} <<'VMIM_HOST_KEY'\n{host_key.decode().strip()}\nVMIM_HOST_KEY",
         f"printf '%s\\n' {q(host_key_line)} > {q(ed25519 + '.pub')}",
-        # the inodes of the sockets listening on port 22, read with shell builtins only (no
-        # process to start on the guest's CPU while sshd restarts on it)
-        "listening() { l=; for f in /proc/net/tcp /proc/net/tcp6; do [ -r $f ] || continue; "
-        "while read -r _ a _ st _ _ _ _ _ ino _; do case $a:$st in *:0016:0A) l=\"$l $ino\";; "
-        "esac; done < $f; done; }",
-        f'listening; before=$l; kill -HUP "$(cat {q(snap.sshd_pidfile)})"',
+        # the inodes of the sockets listening on port 22 and how many, read with shell
+        # builtins only (no process to start on the guest's CPU while sshd restarts on it)
+        "listening() { l=; n=0; for f in /proc/net/tcp /proc/net/tcp6; do [ -r $f ] || "
+        "continue; while read -r _ a _ st _ _ _ _ _ ino _; do case $a:$st in *:0016:0A) "
+        "l=\"$l $ino\"; n=$((n+1));; esac; done < $f; done; }",
+        # sshd listens again on all it listened on (IPv4 and IPv6 are bound one after the
+        # other: one new socket is not yet the one a job's login comes to), no old one left
+        "renewed() { listening; [ $n -ge $nb ] || return 1; for i in $l; do "
+        "case \" $before \" in *\" $i \"*) return 1;; esac; done; }",
+        f'listening; before=$l; nb=$n; kill -HUP "$(cat {q(snap.sshd_pidfile)})"',
         "umask 022",
     ]
     # run last (a bind's script may come in between): sshd's restart goes on meanwhile
-    wait = (f'i=0; until listening; [ -n "$l" ] && [ "$l" != "$before" ]; do '
+    wait = (f'i=0; until renewed; do '
             f"i=$((i+1)); [ $i -lt {RESEED_TRIES} ] || {{ "
             f"{fail.format('sshd did not listen again with its new host key')}; }}; "
             f"sleep {POLL}; done")

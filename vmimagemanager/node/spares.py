@@ -158,12 +158,7 @@ def provision_spare(life: Node, image_name: str, vo: str, shape: Shape,
         except BaseException:
             life.abandon(slot.name, lease.job_label)
             raise
-    try:
-        _boot(life, slot, lease, image)
-    except BaseException as exc:
-        log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
-        life.abandon(slot.name, lease.job_label)
-        raise
+    _boot_or_abandon(life, slot, lease, image)
     return life.leases.transition(slot.name, LeaseState.SPARE, lease.job_label)
 
 
@@ -172,14 +167,17 @@ def boot_spare(life: Node, image_name: str, vo: str, shape: Shape, task: str,
     """Boot a VM as a spare is booted, never restored, under the task id `task` (a
     snapshot's: restore.make_snapshot); its lease stays `booting`, nothing binds it."""
     image, lease = _allocate(life, image_name, vo, shape, allocated, task)
-    slot = life.cfg.slot(lease.slot)
+    _boot_or_abandon(life, life.cfg.slot(lease.slot), lease, image)
+    return lease
+
+
+def _boot_or_abandon(life: Node, slot: Slot, lease: Lease, image: Image) -> None:
     try:
         _boot(life, slot, lease, image)
     except BaseException as exc:
-        log.error("VM %s slot %s: boot failed: %s", lease.job_label, slot.name, exc)
+        log.error("spare %s slot %s: provisioning failed: %s", lease.job_label, slot.name, exc)
         life.abandon(slot.name, lease.job_label)
         raise
-    return lease
 
 
 def _allocate(life: Node, image_name: str, vo: str, shape: Shape,
