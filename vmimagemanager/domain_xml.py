@@ -203,11 +203,17 @@ def restored_domain_xml(saved_xml: str, slot: Slot, attributes: dict[str, str],
     for chardev in (*root.iterfind("devices/serial"), *root.iterfind("devices/console")):
         if chardev.get("type") == "file" and chardev.find("source") is not None:
             chardev.find("source").set("path", str(console_log))
-    listen = slot.network.listen if isinstance(slot.network, UserNetwork) else "127.0.0.1"
+    if not isinstance(slot.network, UserNetwork) or root.find("devices/interface") is not None:
+        raise ValueError("only a VM behind a user-network forward is restored")
+    forwards = 0
     for arg in root.iter(f"{{{QEMU_NS}}}arg"):
         value = arg.get("value", "")
         if HOSTFWD_SSH.search(value):
-            arg.set("value", HOSTFWD_SSH.sub(f"hostfwd=tcp:{listen}:{ssh_port}-:22", value))
+            arg.set("value", HOSTFWD_SSH.sub(
+                f"hostfwd=tcp:{slot.network.listen}:{ssh_port}-:22", value))
+            forwards += 1
+    if forwards != 1:
+        raise ValueError(f"the saved domain's XML has {forwards} ssh forwards, not one")
     return etree.tostring(root, encoding="unicode")
 
 

@@ -384,3 +384,63 @@ def test_a_failed_start_from_a_snapshot_gives_the_lease_up_and_says_why(tmp_path
                                image, 5001, 5000, ()) == (None, "")
     assert [lease.job_label for lease in life.leases.all()] == ["43.0"]
     assert wanted(cfg) == [("atlas", shape)]
+
+
+def test_the_wait_for_sshd_needs_every_socket_new_and_keeps_its_count(tmp_path):
+    """sshd binds IPv4 and IPv6 one after the other after its restart: one new socket is not
+    yet sshd back (a job's login came in between, in a stress run). The functions run in
+    busybox sh on files laid out as /proc/net/tcp{,6}."""
+    body, wait = renew_script(snapshot(tmp_path), "s1", b"KEY", "ssh-ed25519 AAAA")
+    functions = "\n".join(line for line in body.splitlines()
+                          if line.startswith(("listening()", "renewed()")))
+    tcp, tcp6 = tmp_path / "tcp", tmp_path / "tcp6"
+    functions = functions.replace("/proc/net/tcp /proc/net/tcp6", f"{tcp} {tcp6}")
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  " \
+           "timeout inode\n"
+
+    def sockets(v4: str, v6: str) -> str:
+        def line(inode: str, address: str) -> str:
+            return (f"   0: {address}:0016 00000000:0000 0A 00000000:00000000 00:00000000 "
+                    f"00000000     0        0 {inode} 1 0000000000000000 100 0 0 10 0\n")
+        return (f"cat > {tcp} <<'E'\n{head}{line(v4, '00000000') if v4 else ''}E\n"
+                f"cat > {tcp6} <<'E'\n{head}{line(v6, '0' * 32) if v6 else ''}E\n")
+
+    script = "\n".join([
+        functions, sockets("111", "222"), "listening; before=$l; nb=$n; i=7",
+        sockets("", "333"), "renewed && echo early || echo waits; echo i=$i",
+        sockets("444", "222"), "renewed && echo early || echo waits",
+        sockets("444", "333"), "renewed && echo back || echo waits",
+    ])
+    out = subprocess.run(["busybox", "sh", "-c", script], capture_output=True, text=True)
+    assert out.stdout.split() == ["waits", "i=7", "waits", "back"], (out.stdout, out.stderr)
+
+
+def test_only_a_vm_behind_one_user_network_forward_is_restored():
+    from vmimagemanager.config import BridgeNetwork
+
+    bridged = Slot("s4", 1, 256, BridgeNetwork("br0", "52:54:00:aa:bb:cc", "wn-vm4"))
+    with pytest.raises(ValueError, match="user-network"):
+        restored_domain_xml(saved_xml(), bridged, {}, {}, Path("/c"), 31237)
+    root = etree.fromstring(saved_xml().encode())
+    for commandline in root.findall(f"{{{QEMU_NS}}}commandline"):
+        root.remove(commandline)
+    with pytest.raises(ValueError, match="0 ssh forwards"):
+        restored_domain_xml(etree.tostring(root, encoding="unicode"),
+                            Slot("s5", 1, 256, UserNetwork(2205)), {}, {}, Path("/c"), 31238)
+
+
+def test_a_snapshot_that_keeps_failing_is_removed_and_a_success_clears_the_count(node,
+                                                                                  tmp_path):
+    from vmimagemanager.node.restore import count_failure
+    from vmimagemanager.node.snapshots import note_success
+
+    snap = made(node, tmp_path)
+    image = FakeImage("atlas", {"atlas.qcow2": "aa"}, 0)
+    count_failure(snap, image, VmimError("renew failed"))
+    note_success(snap)
+    for _ in range(2):
+        assert "removed" not in count_failure(snap, image, VmimError("renew failed"))
+    assert read(node, "atlas", Shape(1, 256)) is not None
+    why = count_failure(snap, image, VmimError("renew failed"))
+    assert "failed 3 starts in a row and was removed" in why, why
+    assert read(node, "atlas", Shape(1, 256)) is None

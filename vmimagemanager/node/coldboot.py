@@ -20,7 +20,16 @@ from ..context import (
     write_context,
 )
 from ..domain_meta import forwarded_port
-from ..errors import BootError, ConfigError, JobTooBig, LeaseError, NoFreePort, NoSpace, VmimError
+from ..errors import (
+    BootError,
+    ConfigError,
+    JobTooBig,
+    LeaseError,
+    NoFreePort,
+    NoFreeSlot,
+    NoSpace,
+    VmimError,
+)
 from ..guest import Endpoint, wait_for_host_key, wait_for_ssh
 from ..homeserver import (
     SERVER_OWN_MIB,
@@ -96,7 +105,11 @@ class ColdBoot:
                 return restored
             if fell_back:  # that lease was given up: the boot takes a new one
                 with self.phase("lease"):
-                    lease, _ = self._allocate(names, request, shape)
+                    lease, created = self._allocate(names, request, shape)
+                if not created:  # its teardown did not finish: reconcile will
+                    raise NoFreeSlot(f"job {request.label}: the lease of its failed start "
+                                     f"from a snapshot in slot {lease.slot} is still being "
+                                     "given up; the job is retried later")
                 slot = self.cfg.slot(lease.slot)
         try:
             context = self._boot(slot, replace(request, shape=lease.shape), image, uid, gid,

@@ -29,6 +29,7 @@ from ..config import Config, Slot, UserNetwork
 from ..domain_meta import lease_attributes
 from ..errors import (
     BootError,
+    HypervisorUnavailable,
     ImageError,
     LeaseError,
     NoFreePort,
@@ -90,15 +91,19 @@ SSHD_FACTS = ('sshd=$(command -v sshd || echo /usr/sbin/sshd); "$sshd" -T -C '
               'tolower($1)=="pidfile" {print tolower($1), $2}\'')
 
 
+class UnfitImage(VmimError):
+    """What the image's guest said makes a snapshot of it unusable (not tried again)."""
+
+
 def sshd_facts(output: str) -> tuple[tuple[str, ...], str]:
-    """(host key files, pid file) from SSHD_FACTS' output; VmimError if no host key file is
+    """(host key files, pid file) from SSHD_FACTS' output; UnfitImage if no host key file is
     an ed25519 one (the node makes the restored VM's key, ed25519, and pins it)."""
     pairs = [line.split(maxsplit=1) for line in output.splitlines() if " " in line]
     keys = tuple(path for key, path in pairs if key == "hostkey")
     pidfile = next((path for key, path in pairs if key == "pidfile"), "/run/sshd.pid")
     if not any("ed25519" in path.rsplit("/", 1)[-1] for path in keys):
-        raise VmimError("its sshd has no ed25519 HostKey file: a restored VM could not be "
-                        "given a host key of the node's making; its VMs boot")
+        raise UnfitImage("its sshd has no ed25519 HostKey file: a restored VM could not be "
+                         "given a host key of the node's making")
     return keys, pidfile
 
 
@@ -147,8 +152,8 @@ def renew_script(snap: Snapshot, hostname: str, host_key: bytes, host_key_line: 
         "l=\"$l $ino\"; n=$((n+1));; esac; done < $f; done; }",
         # sshd listens again on all it listened on (IPv4 and IPv6 are bound one after the
         # other: one new socket is not yet the one a job's login comes to), no old one left
-        "renewed() { listening; [ $n -ge $nb ] || return 1; for i in $l; do "
-        "case \" $before \" in *\" $i \"*) return 1;; esac; done; }",
+        "renewed() { listening; [ $n -ge $nb ] || return 1; for s in $l; do "
+        "case \" $before \" in *\" $s \"*) return 1;; esac; done; }",
         f'listening; before=$l; nb=$n; kill -HUP "$(cat {q(snap.sshd_pidfile)})"',
         "umask 022",
     ]
@@ -208,8 +213,7 @@ def snapshot_login(life: Node, snap: Snapshot, address: tuple[str, int]) -> Gues
 def _restore_on_a_port(life: Node, slot: Slot, net: UserNetwork, snap: Snapshot,
                        attributes: dict[str, str], overlay: Path, console: Path) -> int:
     """Restore with a forward port free at this moment (as a cold start does: ports.py).
-    SnapshotUnusable if the save file is not as made, or libvirt refused the snapshot
-    REMOVE_AFTER times in a row (once may be the node's trouble, not the snapshot's)."""
+    SnapshotUnusable if the save file is not as made; BootError if libvirt refused."""
     from ..domain_xml import restored_domain_xml  # lxml: only where a domain is made
 
     # the frozen disk, its golden disk and the seed are root's, readable by QEMU's group:
@@ -231,10 +235,7 @@ def _restore_on_a_port(life: Node, slot: Slot, net: UserNetwork, snap: Snapshot,
             if ports.lost_race(str(exc), net.listen, port):
                 lost.add(port)
                 continue
-            if note_failure(snap):
-                raise SnapshotUnusable(f"{exc} ({REMOVE_AFTER} times in a row)") from None
-            raise
-        note_success(snap)
+            raise  # counted by the caller (note_failure): once may be the node's trouble
         return port
     raise NoFreePort(f"slot {slot.name}: the restored VM's ssh forward lost the race for "
                      f"{len(lost)} ports on {net.listen}; the job is retried later")
@@ -296,24 +297,30 @@ def _ask_guest(life: Node, slot: Slot, lease: Lease, content: str, image_name: s
     login = Endpoint(*life.ssh_address(slot), "root", admin_key(cfg)[0], host_key)
     kept = kept_login(cfg, lease.job_label)
     session = (kept and resume(login, kept)) or connect(login, timeout=30)
+    key_files, pidfile, problem = (), "", ""
     try:  # the image answers: bounded in time
-        driver = session.check_call(f"[ -d {VMGENID_DRIVER} ] && echo yes || echo no",
-                                    timeout=GUEST_TIMEOUT)
-        facts = session.check_call(SSHD_FACTS, timeout=GUEST_TIMEOUT)
+        if session.check_call(f"[ -d {VMGENID_DRIVER} ] && echo yes || echo no",
+                              timeout=GUEST_TIMEOUT).strip() != "yes":
+            problem = ("its kernel has no VM generation ID driver (Linux >= 5.18, "
+                       "CONFIG_VMGENID): a restored guest would not reseed its RNG")
+        else:
+            key_files, pidfile = sshd_facts(session.check_call(SSHD_FACTS,
+                                                               timeout=GUEST_TIMEOUT))
+            if session.check_call(f"[ -s {shlex.quote(pidfile)} ] && command -v dmesg "
+                                  ">/dev/null && echo yes || echo no",
+                                  timeout=GUEST_TIMEOUT).strip() != "yes":
+                problem = (f"its sshd writes no pid file ({pidfile}) or it has no dmesg: a "
+                           "restored guest's sshd could not be given its new host key")
         trees = [shlex.quote(path) for _tag, path, _options in tree_mounts(cfg)]
-        if trees:  # mounted again by each restore
+        if trees and not problem:  # mounted again by each restore
             session.check_call(f"umount {' '.join(trees)}", timeout=GUEST_TIMEOUT)
+    except UnfitImage as exc:
+        problem = str(exc)
     finally:
         session.close()
-    try:
-        if driver.strip() != "yes":
-            raise VmimError("its kernel has no VM generation ID driver (Linux >= 5.18, "
-                            "CONFIG_VMGENID): a restored guest would not reseed its RNG; "
-                            "its VMs boot")
-        key_files, pidfile = sshd_facts(facts)
-    except VmimError as exc:
-        refuse(cfg, content, str(exc))
-        raise VmimError(f"no snapshot of image {image_name}: {exc}") from None
+    if problem:
+        refuse(cfg, content, f"{problem}; its VMs boot")
+        raise VmimError(f"no snapshot of image {image_name}: {problem}; its VMs boot")
     return key_files, pidfile, host_key
 
 
@@ -372,22 +379,64 @@ def start_from_snapshot(life: Node, slot: Slot, request: JobRequest, image: Imag
                 poke(cfg)
             return None, ""
         context = _restore_and_bind(life, slot, request, image, uid, gid, shares, snap)
-    except RetryLater:
-        life.abandon(slot.name, request.label)
-        raise
+    except RetryLater as exc:
+        if not _node_trouble(life, exc):
+            why = count_failure(snap, image, exc)
+        else:  # libvirtd gone, no port, the lease database busy: a boot would fail alike
+            life.abandon(slot.name, request.label)
+            raise
     except SnapshotUnusable as exc:
-        remove(snap)
-        why = f"the snapshot of {image.name} ({snap.shape}) is unusable and was removed: {exc}"
+        why = count_failure(snap, image, exc, unusable=True)
     except Exception as exc:  # noqa: BLE001 - any failure: the job's VM boots instead
-        why = f"starting from the snapshot of {image.name} failed: {exc}"
+        why = count_failure(snap, image, exc)
     except BaseException:
         life.abandon(slot.name, request.label)
         raise
     else:
+        _succeeded(snap)
         return context, ""
     log.warning("job %s slot %s: %s; booting its VM instead", request.label, slot.name, why)
     life.abandon(slot.name, request.label)
     return None, why
+
+
+def _node_trouble(life: Node, exc: RetryLater) -> bool:
+    """Is `exc` the node's passing trouble (the job is retried later) rather than the
+    snapshot's? libvirt reports some of a restore's own failures as a system error, which
+    reads as libvirtd gone: it is gone only if it does not answer now."""
+    if not isinstance(exc, HypervisorUnavailable):
+        return True
+    try:
+        life.hv.connect()
+    except HypervisorUnavailable:
+        return True
+    return False
+
+
+def _succeeded(snap: Snapshot) -> None:
+    try:
+        note_success(snap)
+    except OSError as error:  # the count stays: a later success clears it
+        log.warning("snapshot of %s (%s): cannot clear its failure count: %s", snap.image,
+                    snap.shape, error)
+
+
+def count_failure(snap: Snapshot | None, image: Image, exc: BaseException,
+                   unusable: bool = False) -> str:
+    """Why the start from `snap` failed; the snapshot removed if it is unusable or failed
+    REMOVE_AFTER times in a row (a removal that fails is only logged: the job boots)."""
+    why = f"starting from the snapshot of {image.name} failed: {exc}"
+    if snap is None:
+        return why
+    try:
+        if unusable or note_failure(snap):
+            remove(snap)
+            how = "is unusable" if unusable else f"failed {REMOVE_AFTER} starts in a row"
+            why = f"the snapshot of {image.name} ({snap.shape}) {how} and was removed: {exc}"
+    except OSError as error:
+        log.error("snapshot of %s (%s): cannot note or remove it: %s", image.name, snap.shape,
+                  error)
+    return why
 
 
 def _restore_and_bind(life: Node, slot: Slot, request: JobRequest, image: Image, uid: int,

@@ -311,8 +311,12 @@ WANTED = "wanted"  # in snapshots/: a file per image and shape a job found no sn
 def want(cfg: Config, image: str, shape: Shape) -> bool:
     """Note that a job of `image` and `shape` found no snapshot: the agent makes one. True
     the first time (the agent is to be woken)."""
-    directory = snapshots_dir(cfg) / WANTED
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    base = snapshots_dir(cfg)
+    if not base.is_dir():
+        base.mkdir(exist_ok=True)
+        os.chmod(base, 0o711)
+    directory = base / WANTED
+    directory.mkdir(mode=0o700, exist_ok=True)
     try:
         write_private_file(directory / kind_name(image, shape), json.dumps(
             {"image": image, "cores": shape.cores, "memory_mib": shape.memory_mib}).encode())

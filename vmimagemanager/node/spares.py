@@ -66,6 +66,7 @@ HOST_KEY = "host_key"  # in a restored spare's lease metadata: its new host key
 KEYS_FILE_LINE = "vmim-keys-file"  # the bind script's report of where the job's key went
 WAIT_POLL = 0.2  # seconds between looks at a booting spare a job waits for
 RENEW_TIMEOUT = 60  # seconds for a restored spare's renew script
+BIND_TIMEOUT = 120  # seconds for a bind script (the image runs it: bounded)
 
 
 def bind_script(user: str, home: str, public_key: str,
@@ -124,7 +125,7 @@ def bind_script(user: str, home: str, public_key: str,
 def run_bind(session, script: str) -> str:
     """Run the bind script; the file the job's key went to (its KEYS_FILE_LINE)."""
     try:
-        out = session.check_call("sh -s", stdin=script.encode())
+        out = session.check_call("sh -s", stdin=script.encode(), timeout=BIND_TIMEOUT)
     except GuestError as exc:
         raise VmimError(f"binding the spare failed: {exc}") from None
     prefix = f"{KEYS_FILE_LINE} "
@@ -166,7 +167,13 @@ def boot_spare(life: Node, image_name: str, vo: str, shape: Shape, task: str,
                allocated: Callable[[Lease], None] = lambda lease: None) -> Lease:
     """Boot a VM as a spare is booted, never restored, under the task id `task` (a
     snapshot's: restore.make_snapshot); its lease stays `booting`, nothing binds it."""
-    image, lease = _allocate(life, image_name, vo, shape, allocated, task)
+    from .snapshots import restorable_slot
+
+    places = [s.name for s in life.cfg.slots if restorable_slot(life.cfg, s.name)]
+    if not places:
+        raise VmimError("no user-network slot on this node: VMs in bridged slots are never "
+                        "restored from snapshots, so none is made")
+    image, lease = _allocate(life, image_name, vo, shape, allocated, task, places)
     _boot_or_abandon(life, life.cfg.slot(lease.slot), lease, image)
     return lease
 
@@ -181,12 +188,13 @@ def _boot_or_abandon(life: Node, slot: Slot, lease: Lease, image: Image) -> None
 
 
 def _allocate(life: Node, image_name: str, vo: str, shape: Shape,
-              allocated: Callable[[Lease], None], task: str = "") -> tuple[Image, Lease]:
+              allocated: Callable[[Lease], None], task: str = "",
+              places: list[str] | None = None) -> tuple[Image, Lease]:
     cfg = life.cfg
     image = life.images.get(image_name)
     life.images.check_unchanged(image)
     life.hv.connect()
-    lease, _ = life.leases.allocate([s.name for s in cfg.slots], SPARE_JOB_ID,
+    lease, _ = life.leases.allocate(places or [s.name for s in cfg.slots], SPARE_JOB_ID,
                                     task or secrets.token_hex(6), "", image_name, vo,
                                     shape=shape, budget=cfg.budget)
     allocated(lease)
@@ -211,8 +219,8 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     """Restore the spare from its image's snapshot; False if there is none it may use (the
     slot is bridged, or none is made yet). An unusable snapshot is removed, and the error
     raised (the agent tries again: a boot, then)."""
-    from .restore import new_identity, restore_into, snapshot_login
-    from .snapshots import SnapshotUnusable, remove, restorable_slot, usable
+    from .restore import count_failure, new_identity, restore_into, snapshot_login
+    from .snapshots import SnapshotUnusable, note_success, restorable_slot, usable
 
     snap = usable(life, image, lease.shape) if restorable_slot(life.cfg, slot.name) else None
     if snap is None:
@@ -220,15 +228,16 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     try:
         address = restore_into(life, slot, lease.job_label, snap, lease_attributes(
             lease.job_label, image.name, "", slot.name, **{IMAGE_KEY: snap.image_key}))
-    except SnapshotUnusable:
-        remove(snap)
+        renew, wait, host_key = new_identity(life.cfg, snap, slot)
+        session = snapshot_login(life, snap, address)
+        try:
+            session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=RENEW_TIMEOUT)
+        finally:
+            session.close()
+    except Exception as exc:
+        count_failure(snap, image, exc, unusable=isinstance(exc, SnapshotUnusable))
         raise
-    renew, wait, host_key = new_identity(life.cfg, snap, slot)
-    session = snapshot_login(life, snap, address)
-    try:
-        session.check_call("sh -s", stdin=(renew + wait).encode(), timeout=RENEW_TIMEOUT)
-    finally:
-        session.close()
+    note_success(snap)
     _into_background(life, slot, lease.job_label, image, host_key)
     kept = kept_login(life.cfg, lease.job_label)
     if kept is not None:  # for the bind, as a booted spare's: not closed here
