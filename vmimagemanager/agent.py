@@ -2,10 +2,11 @@
 
 Each round: reconcile (the periodic self-healing), replace idle spares that are outdated (image
 re-imported, changed or removed, older than spares.max_age, more than configured), then boot
-spares into free slots until each image has its count. It only ever touches leases in the
-`spare` state (re-read inside the lease store's write transaction) and the ones it is booting
-itself, so a slot a job holds is never touched. Jobs never depend on it: without a spare the
-prolog boots a VM itself (the cold path).
+spares into free slots until each image has its count; with snapshot_starts, first the memory
+snapshots missing (agentsnap.py), from which the spares are then restored. It only ever touches
+leases in the `spare` state (re-read inside the lease store's write transaction) and the ones
+it is booting itself, so a slot a job holds is never touched. Jobs never depend on it: without
+a spare the prolog boots a VM itself (the cold path).
 """
 
 from __future__ import annotations
@@ -258,14 +259,8 @@ class Agent:
     def _provision(self, image: str, shape: Shape) -> Lease:
         vo = next((rule.name for rule in self.life.cfg.vos if rule.image == image), "")
         life = self.make_life()
-        thread = threading.get_ident()
-
-        def allocated(lease: Lease) -> None:
-            with self.working_lock:
-                self.working[thread] = lease.job_label
-
         try:
-            lease = provision_spare(life, image, vo, shape, allocated)
+            lease = provision_spare(life, image, vo, shape, self._working)
         except NoFreeSlot:
             raise
         except Exception as exc:
@@ -279,8 +274,7 @@ class Agent:
                    phases={k: round(v, 3) for k, v in life.phase.seconds.items()})
             return lease
         finally:
-            with self.working_lock:
-                self.working.pop(thread, None)
+            self._working(None)
             life.leases.close()
             life.hv.close()
 

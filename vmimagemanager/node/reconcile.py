@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..audit import record
 from ..config import DOMAIN_PREFIX, domain_name
@@ -25,7 +26,6 @@ from ..leases import Lease, is_spare_label
 from ..shape import UNKNOWN, Shape
 from ..states import LeaseState
 from .model import lease_files
-from .snapshots import SNAPSHOTS, unfinished
 
 log = logging.getLogger("vmimagemanager.node")
 
@@ -119,6 +119,9 @@ class Reconcile:
         are read, and a prolog takes its lease before it makes any of them, so whatever a
         starting job owns is always explained by a lease read here.
         """
+        # lazy: every hook opens the node, which holds this module; only a reconcile needs it
+        from .snapshots import SNAPSHOTS
+
         # only this configuration's slots: another configuration's VMs on the same libvirtd
         # (a second node's set-up, the demo beside the tests) are not ours to destroy
         ours = {slot.domain_name for slot in self.cfg.slots}
@@ -143,16 +146,7 @@ class Reconcile:
                 more.append(f"destroy domain {name}: no lease holds it")
                 if not dry_run:
                     self.hv.destroy(name)
-        live_files = set()
-        for lease in leases.values():  # a released lease's files went with it (or will)
-            f = lease_files(self.cfg, lease.slot, lease.job_label)
-            live_files |= {f.overlay.name, f.seed.name}
-            live_files |= {p.name for p in self._spare_files(lease.slot, lease)}
-        for path in files:
-            if path.name not in live_files:
-                more.append(f"remove orphan file {path}")
-                if not dry_run:
-                    path.unlink(missing_ok=True)
+        more += self._orphan_files(files, leases, dry_run)
         labels = {lease.job_label for lease in leases.values()}
         # A spare being bound has its job's label already, while the bind still uses the login
         # the agent kept in the spare's own directory: those wait until no bind is under way.
@@ -169,16 +163,35 @@ class Reconcile:
                 more.append(f"stop the orphan file server of job {label}")
                 if not dry_run:
                     stop_servers_of(self.cfg.run_dir, label)
-        for path in unfinished(self.cfg):  # a snapshot whose making or removal was cut short
-            more.append(f"remove unfinished snapshot directory {path}")
-            if not dry_run:
-                shutil.rmtree(path, ignore_errors=True)
         for action in more:
             log.info("reconcile%s: %s", " (dry run)" if dry_run else "", action)
         if not dry_run:
             for action in actions + more:
                 record(self.cfg, "reconcile", action=action)
         return actions + more
+
+    def _orphan_files(self, files: list[Path], leases: dict[str, Lease],
+                      dry_run: bool) -> list[str]:
+        """Remove the files in overlay_dir (`files`, listed before the leases were read) that
+        no lease names, and the snapshot directories a process was making or removing when
+        it died."""
+        from .snapshots import unfinished  # lazy: see reconcile
+
+        done, live = [], set()
+        for lease in leases.values():  # a released lease's files went with it (or will)
+            f = lease_files(self.cfg, lease.slot, lease.job_label)
+            live |= {f.overlay.name, f.seed.name}
+            live |= {p.name for p in self._spare_files(lease.slot, lease)}
+        for path in files:
+            if path.name not in live:
+                done.append(f"remove orphan file {path}")
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+        for path in unfinished(self.cfg):
+            done.append(f"remove unfinished snapshot directory {path}")
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+        return done
 
     def _context_orphaned(self, label: str) -> bool:
         """A VM job's context without a lease is an orphan. A native or reject job has no

@@ -393,7 +393,7 @@ def start_from_snapshot(life: Node, slot: Slot, request: JobRequest, image: Imag
         life.abandon(slot.name, request.label)
         raise
     else:
-        _succeeded(snap)
+        succeeded(snap)
         return context, ""
     log.warning("job %s slot %s: %s; booting its VM instead", request.label, slot.name, why)
     life.abandon(slot.name, request.label)
@@ -413,7 +413,7 @@ def _node_trouble(life: Node, exc: RetryLater) -> bool:
     return False
 
 
-def _succeeded(snap: Snapshot) -> None:
+def succeeded(snap: Snapshot) -> None:
     try:
         note_success(snap)
     except OSError as error:  # the count stays: a later success clears it

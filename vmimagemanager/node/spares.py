@@ -219,8 +219,8 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     """Restore the spare from its image's snapshot; False if there is none it may use (the
     slot is bridged, or none is made yet). An unusable snapshot is removed, and the error
     raised (the agent tries again: a boot, then)."""
-    from .restore import count_failure, new_identity, restore_into, snapshot_login
-    from .snapshots import SnapshotUnusable, note_success, restorable_slot, usable
+    from .restore import count_failure, new_identity, restore_into, snapshot_login, succeeded
+    from .snapshots import SnapshotUnusable, restorable_slot, usable
 
     snap = usable(life, image, lease.shape) if restorable_slot(life.cfg, slot.name) else None
     if snap is None:
@@ -237,7 +237,7 @@ def _restore_spare(life: Node, slot: Slot, lease: Lease, image: Image) -> bool:
     except Exception as exc:
         count_failure(snap, image, exc, unusable=isinstance(exc, SnapshotUnusable))
         raise
-    note_success(snap)
+    succeeded(snap)
     _into_background(life, slot, lease.job_label, image, host_key)
     kept = kept_login(life.cfg, lease.job_label)
     if kept is not None:  # for the bind, as a booted spare's: not closed here
